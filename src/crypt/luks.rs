@@ -1,0 +1,305 @@
+//! The blocking libcryptsetup calls behind [`super`]'s front door. Every function
+//! makes its own context and drops it before returning.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use libcryptsetup_rs::consts::flags::{CryptActivate, CryptDeactivate, CryptPbkdf, CryptVolumeKey};
+use libcryptsetup_rs::consts::vals::{CryptKdf, CryptStatusInfo, EncryptionFormat};
+use libcryptsetup_rs::{
+    CryptDevice, CryptInit, CryptParamsLuks2, CryptParamsLuks2Ref, CryptPbkdfType, Either,
+    LibcryptErr, TokenInput,
+};
+
+use super::{
+    CIPHER, CIPHER_MODE, Closed, Error, FormatOptions, HeaderInfo, INTEGRITY_ALGORITHM,
+    INTEGRITY_KEY_BYTES, Integrity, KeyId, MapperName, MappingStatus, OpenOptions, Opened,
+    PBKDF_ITERATIONS, Result, SECTOR_SIZE, TOKEN_TYPE, Token, VOLUME_KEY_BYTES,
+};
+use crate::kms::DataKey;
+
+/// LUKS2 holds at most this many tokens.
+const MAX_TOKENS: u32 = 32;
+
+/// Maps a libcryptsetup error to ours, keeping the errno when there is one.
+fn lib(op: &'static str, target: impl std::fmt::Display) -> impl FnOnce(LibcryptErr) -> Error {
+    let target = target.to_string();
+    move |err| match err {
+        LibcryptErr::IOError(source) => Error::Io { op, target, source },
+        other => Error::Libcrypt {
+            op,
+            target,
+            message: other.to_string(),
+        },
+    }
+}
+
+fn errno_of(err: &LibcryptErr) -> Option<i32> {
+    match err {
+        LibcryptErr::IOError(e) => e.raw_os_error(),
+        _ => None,
+    }
+}
+
+fn pbkdf() -> CryptPbkdfType {
+    CryptPbkdfType {
+        type_: CryptKdf::Pbkdf2,
+        hash: Some("sha256".to_string()),
+        time_ms: 0,
+        iterations: PBKDF_ITERATIONS,
+        max_memory_kb: 0,
+        parallel_threads: 0,
+        flags: CryptPbkdf::NO_BENCHMARK,
+    }
+}
+
+/// A context on `device` with its LUKS2 header loaded.
+fn load_luks2(device: &Path) -> Result<CryptDevice> {
+    let target = device.display();
+    let mut cd = CryptInit::init(device).map_err(lib("open device", &target))?;
+    cd.context_handle()
+        .load::<CryptParamsLuks2Ref<'_>>(Some(EncryptionFormat::Luks2), None)
+        .map_err(|err| match errno_of(&err) {
+            Some(libc::EINVAL) | Some(libc::ENOENT) => Error::NotLuks2 {
+                device: device.to_path_buf(),
+            },
+            _ => lib("load LUKS2 header", &target)(err),
+        })?;
+    Ok(cd)
+}
+
+pub fn format(device: &Path, key: &DataKey, opts: &FormatOptions) -> Result<()> {
+    let target = device.display();
+    if key.is_empty() {
+        return Err(Error::KeyLength {
+            expected: crate::kms::DEFAULT_KEY_LEN,
+            found: 0,
+        });
+    }
+    let mut cd = CryptInit::init(device).map_err(lib("open device", &target))?;
+    let (integrity, volume_key_bytes) = match opts.integrity {
+        Integrity::None => (None, VOLUME_KEY_BYTES),
+        Integrity::HmacSha256 { .. } => (
+            Some(INTEGRITY_ALGORITHM.to_string()),
+            VOLUME_KEY_BYTES + INTEGRITY_KEY_BYTES,
+        ),
+    };
+    let params = CryptParamsLuks2 {
+        pbkdf: Some(pbkdf()),
+        integrity,
+        integrity_params: None,
+        data_alignment: 0,
+        data_device: None,
+        sector_size: SECTOR_SIZE,
+        label: None,
+        subsystem: None,
+    };
+    let mut params_ref: CryptParamsLuks2Ref<'_> =
+        (&params).try_into().map_err(lib("format", &target))?;
+    // A random volume key from the kernel RNG: libcryptsetup generates it when
+    // given only its length.
+    cd.context_handle()
+        .format(
+            EncryptionFormat::Luks2,
+            (CIPHER, CIPHER_MODE),
+            Some(opts.key_id.uuid()),
+            Either::Right(volume_key_bytes),
+            Some(&mut params_ref),
+        )
+        .map_err(lib("format", &target))?;
+    let keyslot = cd
+        .keyslot_handle()
+        .add_by_key(None, None, key.expose(), CryptVolumeKey::empty())
+        .map_err(lib("add keyslot", &target))?;
+
+    let mut flags = CryptActivate::empty();
+    if opts.bypass_workqueues {
+        flags |= CryptActivate::NO_READ_WORKQUEUE | CryptActivate::NO_WRITE_WORKQUEUE;
+    }
+    if opts.integrity == (Integrity::HmacSha256 { journal: false }) {
+        flags |= CryptActivate::NO_JOURNAL;
+    }
+    if !flags.is_empty() {
+        cd.luks2_flag_handle::<CryptActivate>()
+            .persistent_flags_set(flags)
+            .map_err(lib("set persistent flags", &target))?;
+    }
+
+    // The token goes last: a header without it is a format that did not finish.
+    let token = serde_json::json!({
+        "type": TOKEN_TYPE,
+        "keyslots": [keyslot.to_string()],
+        "key_id": opts.token.key_id,
+        "key_version": opts.token.key_version,
+        "kms": opts.token.kms,
+    });
+    cd.token_handle()
+        .json_set(TokenInput::AddToken(&token))
+        .map_err(lib("write token", &target))?;
+    Ok(())
+}
+
+pub fn read_header(device: &Path) -> Result<HeaderInfo> {
+    let mut cd = load_luks2(device)?;
+    let target = device.display();
+    let uuid = cd
+        .status_handle()
+        .get_uuid()
+        .map_err(lib("read UUID", &target))?;
+    let key_id = KeyId::parse(&uuid.hyphenated().to_string())?;
+    let mut token = None;
+    for slot in 0..MAX_TOKENS {
+        // An empty token slot is an error from libcryptsetup; skip it.
+        let Ok(json) = cd.token_handle().json_get(slot) else {
+            continue;
+        };
+        if json.get("type").and_then(|t| t.as_str()) != Some(TOKEN_TYPE) {
+            continue;
+        }
+        let parsed: Token = serde_json::from_value(json).map_err(|e| Error::BadToken {
+            device: device.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        if token.replace(parsed).is_some() {
+            return Err(Error::BadToken {
+                device: device.to_path_buf(),
+                reason: "more than one cryptdisk token".to_string(),
+            });
+        }
+    }
+    Ok(HeaderInfo { key_id, token })
+}
+
+pub fn verify_key(device: &Path, key: &DataKey) -> Result<()> {
+    let mut cd = load_luks2(device)?;
+    cd.activate_handle()
+        .activate_by_passphrase(None, None, key.expose(), CryptActivate::empty())
+        .map_err(|err| wrong_key_or(device, "check key", err))?;
+    Ok(())
+}
+
+fn wrong_key_or(device: &Path, op: &'static str, err: LibcryptErr) -> Error {
+    if errno_of(&err) == Some(libc::EPERM) {
+        Error::WrongKey {
+            device: device.to_path_buf(),
+        }
+    } else {
+        lib(op, device.display())(err)
+    }
+}
+
+pub fn open(device: &Path, name: &MapperName, key: &DataKey, opts: &OpenOptions) -> Result<Opened> {
+    if let Some(existing) = status(name)? {
+        return if same_device(&existing.device, device)? {
+            Ok(Opened::AlreadyOpen)
+        } else {
+            Err(Error::MappingConflict {
+                name: name.clone(),
+                expected: device.to_path_buf(),
+                found: existing.device,
+            })
+        };
+    }
+    let mut cd = load_luks2(device)?;
+    // Persistent flags from the header (workqueue bypass, no journal) are added
+    // by libcryptsetup itself.
+    let mut flags = CryptActivate::empty();
+    if opts.allow_discards {
+        flags |= CryptActivate::ALLOW_DISCARDS;
+    }
+    if opts.read_only {
+        flags |= CryptActivate::READONLY;
+    }
+    match cd.activate_handle().activate_by_passphrase(
+        Some(name.as_str()),
+        None,
+        key.expose(),
+        flags,
+    ) {
+        Ok(_) => Ok(Opened::Activated),
+        // Another opener won a race: same outcome if it is our device.
+        Err(err) if errno_of(&err) == Some(libc::EEXIST) => {
+            drop(cd);
+            open(device, name, key, opts)
+        }
+        Err(err) => Err(wrong_key_or(device, "activate", err)),
+    }
+}
+
+pub fn close(name: &MapperName) -> Result<Closed> {
+    if !is_active(name)? {
+        return Ok(Closed::WasAbsent);
+    }
+    let mut cd = CryptInit::init_by_name_and_header(name.as_str(), None)
+        .map_err(lib("find mapping", name))?;
+    match cd
+        .activate_handle()
+        .deactivate(name.as_str(), CryptDeactivate::empty())
+    {
+        Ok(()) => Ok(Closed::Deactivated),
+        Err(err) if errno_of(&err) == Some(libc::EBUSY) => Err(Error::Busy { name: name.clone() }),
+        Err(err) if errno_of(&err) == Some(libc::ENODEV) => Ok(Closed::WasAbsent),
+        Err(err) => Err(lib("deactivate", name)(err)),
+    }
+}
+
+fn is_active(name: &MapperName) -> Result<bool> {
+    let state = libcryptsetup_rs::status(None, name.as_str()).map_err(lib("status", name))?;
+    Ok(matches!(
+        state,
+        CryptStatusInfo::Active | CryptStatusInfo::Busy
+    ))
+}
+
+pub fn status(name: &MapperName) -> Result<Option<MappingStatus>> {
+    if !is_active(name)? {
+        return Ok(None);
+    }
+    let mut cd = CryptInit::init_by_name_and_header(name.as_str(), None)
+        .map_err(lib("find mapping", name))?;
+    let device = cd
+        .status_handle()
+        .get_device_path()
+        .map_err(lib("read device", name))?
+        .to_path_buf();
+    let cipher = format!(
+        "{}-{}",
+        cd.status_handle()
+            .get_cipher()
+            .map_err(lib("read cipher", name))?,
+        cd.status_handle()
+            .get_cipher_mode()
+            .map_err(lib("read cipher mode", name))?
+    );
+    let active = cd
+        .runtime_handle(name.as_str())
+        .get_active_device()
+        .map_err(lib("read mapping", name))?;
+    let flags = active.flags;
+    let integrity_device = PathBuf::from(format!("/dev/mapper/{}_dif", name.as_str()));
+    Ok(Some(MappingStatus {
+        device,
+        size_bytes: active.size * 512,
+        cipher,
+        read_only: flags.contains(CryptActivate::READONLY),
+        bypass_workqueues: flags
+            .contains(CryptActivate::NO_READ_WORKQUEUE | CryptActivate::NO_WRITE_WORKQUEUE),
+        allow_discards: flags.contains(CryptActivate::ALLOW_DISCARDS),
+        integrity: integrity_device.exists(),
+    }))
+}
+
+/// Whether two paths name the same block device (by device number), so that
+/// `/dev/vda` and a symlink to it compare equal.
+fn same_device(a: &Path, b: &Path) -> Result<bool> {
+    let rdev = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.rdev())
+            .map_err(|source| Error::Io {
+                op: "stat",
+                target: p.display().to_string(),
+                source,
+            })
+    };
+    Ok(rdev(a)? == rdev(b)?)
+}

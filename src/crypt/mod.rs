@@ -1,0 +1,318 @@
+//! The only module that touches libcryptsetup (DESIGN.md §4, §6).
+//!
+//! A small front door over private blocking code: [`format`], [`open`], [`close`],
+//! [`status`] and [`read_header`]. Each call runs on tokio's blocking pool with a
+//! fresh libcryptsetup context, checks what is already true before acting (so a
+//! retry after a crash finishes the work), and takes key bytes only as a
+//! [`DataKey`], which is wiped on drop and has no `Debug`.
+
+mod blank;
+mod log;
+mod luks;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+pub use blank::{BlankDevice, probe_blank};
+
+use crate::kms::DataKey;
+
+/// Bytes the LUKS2 header (metadata and keyslot areas) occupies at the start of a
+/// device; data starts after it.
+pub const LUKS2_HEADER_BYTES: u64 = 16 * 1024 * 1024;
+/// Encryption sector size: 4K I/O units, fewer crypto operations per byte.
+pub const SECTOR_SIZE: u32 = 4096;
+/// Cipher and mode of every volume.
+pub const CIPHER: &str = "aes";
+pub const CIPHER_MODE: &str = "xts-plain64";
+/// XTS with two AES-256 keys.
+pub const VOLUME_KEY_BYTES: usize = 64;
+/// The integrity algorithm of integrity volumes, as dm-integrity names it.
+pub const INTEGRITY_ALGORITHM: &str = "hmac(sha256)";
+/// hmac(sha256) takes a 256-bit key, appended to the volume key.
+pub const INTEGRITY_KEY_BYTES: usize = 32;
+/// The passphrase is a random 256-bit key, so stretching adds nothing: pbkdf2 at
+/// the minimum iterations libcryptsetup accepts, without its benchmark.
+pub const PBKDF_ITERATIONS: u32 = 1000;
+/// Type of the LUKS2 token that records where the key comes from.
+pub const TOKEN_TYPE: &str = "cryptdisk";
+
+/// Name of a device-mapper mapping this driver owns: `cryptdisk-<hash>`, derived
+/// from the volume id so that every node computes the same one, and short enough
+/// for device-mapper's 127-character limit whatever the volume id.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct MapperName(String);
+
+impl MapperName {
+    pub const PREFIX: &'static str = "cryptdisk-";
+
+    pub fn for_volume(volume_id: &str) -> Self {
+        let digest = Sha256::digest(volume_id.as_bytes());
+        MapperName(format!("{}{}", Self::PREFIX, &hex::encode(digest)[..32]))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The device node of the mapping when it is open.
+    pub fn device_path(&self) -> PathBuf {
+        Path::new("/dev/mapper").join(&self.0)
+    }
+}
+
+impl fmt::Display for MapperName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for MapperName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MapperName({})", self.0)
+    }
+}
+
+/// The id the KMS derives a volume's key from: the LUKS2 header UUID, lower case.
+/// A clone or a restored snapshot carries the same header and so the same key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KeyId(String);
+
+impl KeyId {
+    pub fn new_random() -> Self {
+        KeyId(Uuid::new_v4().hyphenated().to_string())
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        let uuid = Uuid::try_parse(s).map_err(|_| Error::BadKeyId(s.to_string()))?;
+        Ok(KeyId(uuid.hyphenated().to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn uuid(&self) -> Uuid {
+        Uuid::try_parse(&self.0).expect("KeyId holds a parsed UUID")
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the `cryptdisk` token in a LUKS2 header records.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Token {
+    pub key_id: String,
+    /// Version of the master secret the keyslot's key was derived from.
+    pub key_version: u32,
+    /// Which KMS (cluster) the key comes from.
+    pub kms: String,
+}
+
+/// Integrity protection of a volume's sectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Integrity {
+    /// Plain dm-crypt.
+    None,
+    /// aes-xts-plain64 with hmac(sha256) tags through dm-integrity. Without the
+    /// journal a torn write reads back as an I/O error rather than garbage.
+    HmacSha256 { journal: bool },
+}
+
+/// How a volume is formatted.
+#[derive(Clone, Debug)]
+pub struct FormatOptions {
+    pub key_id: KeyId,
+    pub token: Token,
+    pub integrity: Integrity,
+    /// Bypass dm-crypt's read and write workqueues (stored in the header).
+    pub bypass_workqueues: bool,
+}
+
+/// Per-open options that are not stored in the header.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    pub allow_discards: bool,
+    pub read_only: bool,
+}
+
+/// What [`open`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opened {
+    Activated,
+    AlreadyOpen,
+}
+
+/// What [`close`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closed {
+    Deactivated,
+    WasAbsent,
+}
+
+/// An open mapping, as device-mapper reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappingStatus {
+    /// The block device under the mapping.
+    pub device: PathBuf,
+    /// Size of the mapped device in bytes.
+    pub size_bytes: u64,
+    pub cipher: String,
+    pub read_only: bool,
+    pub bypass_workqueues: bool,
+    pub allow_discards: bool,
+    /// Whether a dm-integrity device sits under the mapping.
+    pub integrity: bool,
+}
+
+/// What the LUKS2 header of a device says, read without any key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderInfo {
+    pub key_id: KeyId,
+    /// `None` when the header has no `cryptdisk` token: a format that did not
+    /// finish, or a header another tool wrote.
+    pub token: Option<Token>,
+}
+
+/// Failures of crypt operations; each says what was expected and what was found.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{device}: {reason}")]
+    NotBlank { device: PathBuf, reason: String },
+    #[error("{device} holds no LUKS2 header")]
+    NotLuks2 { device: PathBuf },
+    #[error("the key does not open any keyslot of {device}")]
+    WrongKey { device: PathBuf },
+    #[error("mapping {name} is open on {found}, not on {expected}")]
+    MappingConflict {
+        name: MapperName,
+        expected: PathBuf,
+        found: PathBuf,
+    },
+    #[error("mapping {name} is in use and cannot be closed")]
+    Busy { name: MapperName },
+    #[error("{0:?} is not a UUID")]
+    BadKeyId(String),
+    #[error("the cryptdisk token of {device} is malformed: {reason}")]
+    BadToken { device: PathBuf, reason: String },
+    #[error("key is {found} bytes; expected {expected}")]
+    KeyLength { expected: usize, found: usize },
+    #[error("{op} on {target}: {source}")]
+    Io {
+        op: &'static str,
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("{op} on {target}: libcryptsetup: {message}")]
+    Libcrypt {
+        op: &'static str,
+        target: String,
+        message: String,
+    },
+    #[error("crypt worker stopped: {0}")]
+    Worker(String),
+}
+
+impl Error {
+    /// The errno libcryptsetup reported, when it reported one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    log::route_to_tracing();
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Worker(e.to_string()))?
+}
+
+/// Formats a blank device as LUKS2 with our parameters, a keyslot for `key`, our
+/// persistent activation flags and, last, the `cryptdisk` token, so that a header
+/// without the token marks a format that did not finish.
+pub async fn format(device: BlankDevice, key: &DataKey, opts: &FormatOptions) -> Result<()> {
+    let key = key.clone();
+    let opts = opts.clone();
+    blocking(move || luks::format(device.path(), &key, &opts)).await
+}
+
+/// Reads the LUKS2 header of `device` without any key.
+pub async fn read_header(device: &Path) -> Result<HeaderInfo> {
+    let device = device.to_path_buf();
+    blocking(move || luks::read_header(&device)).await
+}
+
+/// Checks that `key` opens a keyslot of `device`, without activating anything.
+pub async fn verify_key(device: &Path, key: &DataKey) -> Result<()> {
+    let device = device.to_path_buf();
+    let key = key.clone();
+    blocking(move || luks::verify_key(&device, &key)).await
+}
+
+/// Opens `device` as `/dev/mapper/<name>`, or finds it already open on it.
+pub async fn open(
+    device: &Path,
+    name: &MapperName,
+    key: &DataKey,
+    opts: &OpenOptions,
+) -> Result<Opened> {
+    let (device, name, key, opts) = (
+        device.to_path_buf(),
+        name.clone(),
+        key.clone(),
+        opts.clone(),
+    );
+    blocking(move || luks::open(&device, &name, &key, &opts)).await
+}
+
+/// Closes the mapping and any integrity device under it; an absent mapping is no
+/// error.
+pub async fn close(name: &MapperName) -> Result<Closed> {
+    let name = name.clone();
+    blocking(move || luks::close(&name)).await
+}
+
+/// Reports the mapping, or `None` when it is not open.
+pub async fn status(name: &MapperName) -> Result<Option<MappingStatus>> {
+    let name = name.clone();
+    blocking(move || luks::status(&name)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapper_name_is_stable_short_and_distinct() {
+        let a = MapperName::for_volume("local:default:pvc-1");
+        assert_eq!(a, MapperName::for_volume("local:default:pvc-1"));
+        assert_ne!(a, MapperName::for_volume("local:default:pvc-2"));
+        assert!(a.as_str().starts_with("cryptdisk-"));
+        assert_eq!(a.as_str().len(), "cryptdisk-".len() + 32);
+        let long = MapperName::for_volume(&"x".repeat(10_000));
+        assert!(long.as_str().len() <= 127);
+        assert_eq!(a.device_path(), Path::new("/dev/mapper").join(a.as_str()));
+    }
+
+    #[test]
+    fn key_id_is_a_lower_case_uuid() {
+        let id = KeyId::parse("3F0E1D2C-0000-4000-8000-00000000000A").unwrap();
+        assert_eq!(id.as_str(), "3f0e1d2c-0000-4000-8000-00000000000a");
+        assert!(KeyId::parse("not-a-uuid").is_err());
+        assert!(KeyId::parse("").is_err());
+        let random = KeyId::new_random();
+        assert_eq!(KeyId::parse(random.as_str()).unwrap(), random);
+    }
+}

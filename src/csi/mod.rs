@@ -1,0 +1,3 @@
+//! The CSI services, one file each.
+
+pub mod identity;

@@ -1,0 +1,195 @@
+//! The cluster KMS's gRPC service: derives data keys from the master secret.
+
+use std::path::Path;
+
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use super::{KEY_LEN_RANGE, MIN_MASTER_SECRET_LEN, derive_data_key};
+use crate::proto::kms::api_server::Api;
+use crate::proto::kms::{GetDataKeyRequest, GetDataKeyResponse};
+
+/// Longest data key id accepted; ours are 36-character UUIDs.
+pub const MAX_KEY_ID_LEN: usize = 256;
+
+/// The master secret and salt every key is derived from. No `Debug`.
+pub struct MasterSecret {
+    secret: Zeroizing<Vec<u8>>,
+    salt: Zeroizing<Vec<u8>>,
+}
+
+/// Why a master secret could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: mode {mode:o} lets others read the secret; make it readable by its owner only (chmod 600 or 400)"
+    )]
+    Permissions { path: String, mode: u32 },
+    #[error("{path}: {found} bytes; a {what} needs at least {min} random bytes")]
+    TooShort {
+        path: String,
+        what: &'static str,
+        found: usize,
+        min: usize,
+    },
+}
+
+impl MasterSecret {
+    pub fn new(secret: Zeroizing<Vec<u8>>, salt: Zeroizing<Vec<u8>>) -> Self {
+        MasterSecret { secret, salt }
+    }
+
+    /// Reads the secret and salt from files that only their owner may read.
+    pub fn from_files(secret: &Path, salt: &Path) -> Result<Self, SecretError> {
+        Ok(MasterSecret {
+            secret: read_secret_file(secret, "master secret")?,
+            salt: read_secret_file(salt, "salt")?,
+        })
+    }
+
+    /// A fresh random secret and salt, for `dev`.
+    pub fn generate() -> Self {
+        use rand_core::{OsRng, RngCore};
+        let mut secret = Zeroizing::new(vec![0u8; MIN_MASTER_SECRET_LEN]);
+        let mut salt = Zeroizing::new(vec![0u8; 32]);
+        OsRng.fill_bytes(&mut secret);
+        OsRng.fill_bytes(&mut salt);
+        MasterSecret { secret, salt }
+    }
+
+    pub fn derive(&self, id: &str, len: usize) -> Result<super::DataKey, super::DeriveError> {
+        derive_data_key(&self.secret, &self.salt, id, len)
+    }
+}
+
+fn read_secret_file(path: &Path, what: &'static str) -> Result<Zeroizing<Vec<u8>>, SecretError> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display().to_string();
+    let read_err = |source| SecretError::Read {
+        path: shown.clone(),
+        source,
+    };
+    // Kubernetes mounts Secrets through symlinks; the mode that matters is the target's.
+    let mode = std::fs::metadata(path).map_err(read_err)?.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(SecretError::Permissions { path: shown, mode });
+    }
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(read_err)?);
+    if bytes.len() < MIN_MASTER_SECRET_LEN {
+        return Err(SecretError::TooShort {
+            path: shown,
+            what,
+            found: bytes.len(),
+            min: MIN_MASTER_SECRET_LEN,
+        });
+    }
+    Ok(bytes)
+}
+
+pub struct KmsService {
+    master: MasterSecret,
+}
+
+impl KmsService {
+    pub fn new(master: MasterSecret) -> Self {
+        KmsService { master }
+    }
+}
+
+#[tonic::async_trait]
+impl Api for KmsService {
+    async fn get_data_key(
+        &self,
+        request: Request<GetDataKeyRequest>,
+    ) -> Result<Response<GetDataKeyResponse>, Status> {
+        let req = request.into_inner();
+        if req.data_key_id.is_empty() || req.data_key_id.len() > MAX_KEY_ID_LEN {
+            return Err(Status::invalid_argument(format!(
+                "data_key_id must be 1..={MAX_KEY_ID_LEN} bytes; got {}",
+                req.data_key_id.len()
+            )));
+        }
+        let len = req.length as usize;
+        if !KEY_LEN_RANGE.contains(&len) {
+            return Err(Status::invalid_argument(format!(
+                "length must be {}..={} bytes; got {len}",
+                KEY_LEN_RANGE.start(),
+                KEY_LEN_RANGE.end()
+            )));
+        }
+        let key = self
+            .master
+            .derive(&req.data_key_id, len)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(key_id = %req.data_key_id, length = len, "served data key");
+        Ok(Response::new(GetDataKeyResponse {
+            data_key: key.expose().to_vec(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    #[test]
+    fn secret_files_must_be_private_and_long_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = write(dir.path(), "secret", &[1; 32], 0o600);
+        let salt = write(dir.path(), "salt", &[2; 32], 0o400);
+        assert!(MasterSecret::from_files(&good, &salt).is_ok());
+        let open = write(dir.path(), "open", &[1; 32], 0o640);
+        assert!(matches!(
+            MasterSecret::from_files(&open, &salt),
+            Err(SecretError::Permissions { mode: 0o640, .. })
+        ));
+        let short = write(dir.path(), "short", &[1; 31], 0o600);
+        assert!(matches!(
+            MasterSecret::from_files(&short, &salt),
+            Err(SecretError::TooShort { found: 31, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn get_data_key_validates_and_derives() {
+        let svc = KmsService::new(MasterSecret::new(
+            Zeroizing::new(vec![1; 32]),
+            Zeroizing::new(vec![2; 32]),
+        ));
+        let call = |id: &str, length: u32| {
+            svc.get_data_key(Request::new(GetDataKeyRequest {
+                data_key_id: id.to_string(),
+                length,
+            }))
+        };
+        let key = call("abc", 32).await.unwrap().into_inner().data_key;
+        assert_eq!(
+            key,
+            derive_data_key(&[1; 32], &[2; 32], "abc", 32)
+                .unwrap()
+                .expose()
+        );
+        for (id, len) in [("", 32), ("abc", 15), ("abc", 65), ("abc", 0)] {
+            let err = call(id, len).await.err().unwrap();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{id:?} {len}");
+        }
+        let long = "x".repeat(MAX_KEY_ID_LEN + 1);
+        assert_eq!(
+            call(&long, 32).await.err().unwrap().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+}

@@ -1,0 +1,16 @@
+//! cryptdisk-csi: a Kubernetes CSI driver that encrypts every volume it serves with
+//! dm-crypt (LUKS2), with per-volume keys that a cluster KMS derives.
+//!
+//! - [`crypt`] owns every libcryptsetup call.
+//! - [`kms`] derives data keys and serves them.
+//! - [`csi`] holds the CSI services, one file each.
+//! - [`server`] serves gRPC on unix sockets; [`config`] parses what comes from flags.
+
+pub mod client;
+pub mod config;
+pub mod crypt;
+pub mod csi;
+pub mod kms;
+pub mod logging;
+pub mod proto;
+pub mod server;

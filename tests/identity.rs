@@ -1,0 +1,211 @@
+//! The real binary serving CSI Identity over a unix socket: info, capabilities,
+//! probe, socket handling and graceful shutdown.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cryptdisk_csi::client;
+use cryptdisk_csi::config::Endpoint;
+use cryptdisk_csi::proto::csi::identity_client::IdentityClient;
+use cryptdisk_csi::proto::csi::plugin_capability;
+use cryptdisk_csi::proto::csi::{GetPluginCapabilitiesRequest, GetPluginInfoRequest, ProbeRequest};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cryptdisk-csi");
+
+struct Plugin {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Plugin {
+    fn start(mode: &str, socket: &Path, extra: &[&str]) -> Plugin {
+        let child = Command::new(BIN)
+            .arg(mode)
+            .arg(format!("--endpoint=unix://{}", socket.display()))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cryptdisk-csi");
+        let plugin = Plugin {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        plugin.wait_for_socket();
+        plugin
+    }
+
+    fn wait_for_socket(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "socket {} never accepted",
+                self.socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::Unix(self.socket.clone())
+    }
+
+    fn terminate(mut self) -> std::process::Output {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// Multi-threaded so that the client's connection task keeps answering the
+// server's shutdown handshake (GOAWAY, ping) while this thread waits for the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_over_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let plugin = Plugin::start("controller", &socket, &["--driver-name=test.cryptdisk.io"]);
+    let channel = client::connect(&plugin.endpoint(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut identity = IdentityClient::new(channel);
+
+    let info = identity
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "test.cryptdisk.io");
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+
+    let caps = identity
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    let services: Vec<i32> = caps
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(plugin_capability::Type::Service(s)) => Some(s.r#type),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        services,
+        vec![plugin_capability::service::Type::ControllerService as i32]
+    );
+
+    let probe = identity.probe(ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(true));
+
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "socket mode");
+
+    // SIGTERM with the client's connection still open: a prompt, clean exit.
+    let started = Instant::now();
+    let out = plugin.terminate();
+    assert!(out.status.success(), "exit after SIGTERM: {:?}", out.status);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?} with an idle client connection",
+        started.elapsed()
+    );
+    drop(identity);
+    assert!(!socket.exists(), "socket file left behind after shutdown");
+}
+
+#[tokio::test]
+async fn a_live_socket_is_not_taken_over_and_a_stale_one_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let first = Plugin::start("node", &socket, &["--node-id=n1"]);
+
+    let second = Command::new(BIN)
+        .args(["node", "--node-id=n1"])
+        .arg(format!("--endpoint=unix://{}", socket.display()))
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("another server is listening"), "{stderr}");
+    // The first server still answers.
+    let channel = client::connect(&first.endpoint(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    IdentityClient::new(channel)
+        .probe(ProbeRequest {})
+        .await
+        .unwrap();
+
+    // A killed server leaves a stale socket file; the next start replaces it.
+    drop(first);
+    assert!(socket.exists());
+    let third = Plugin::start("node", &socket, &["--node-id=n1"]);
+    let channel = client::connect(&third.endpoint(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    IdentityClient::new(channel)
+        .probe(ProbeRequest {})
+        .await
+        .unwrap();
+}
+
+#[test]
+fn bad_flags_get_clear_errors() {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["node", "--endpoint=/no/scheme.sock"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("expected unix:///path/to/socket"), "{err}");
+    let (code, err) = run(&["controller", "--driver-name=-bad-"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("at most 63 characters"), "{err}");
+    let (code, err) = run(&["--log-level=loud", "node"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("log level"), "{err}");
+}
+
+#[test]
+fn every_flag_reads_its_environment_variable() {
+    let out = Command::new(BIN).args(["node", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "CRYPTDISK_ENDPOINT",
+        "CRYPTDISK_DRIVER_NAME",
+        "CRYPTDISK_NODE_ID",
+        "CRYPTDISK_LOG_FORMAT",
+        "CRYPTDISK_LOG_LEVEL",
+    ] {
+        assert!(
+            help.contains(var),
+            "node --help does not name {var}:\n{help}"
+        );
+    }
+    // And the variable is honoured: a bad endpoint from the environment is refused.
+    let out = Command::new(BIN)
+        .arg("node")
+        .env("CRYPTDISK_ENDPOINT", "bogus")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"bogus\""));
+}
