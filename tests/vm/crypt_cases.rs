@@ -215,7 +215,8 @@ async fn open_twice(ctx: &mut Ctx) -> CaseResult {
         !st.integrity && !st.allow_discards && !st.read_only,
         "{st:?}"
     );
-    let expected = 256 * 1024 * 1024 - crypt::LUKS2_HEADER_BYTES;
+    let disk_size = check!(File::open(&disk).and_then(|mut f| f.seek(SeekFrom::End(0))));
+    let expected = disk_size - crypt::LUKS2_HEADER_BYTES;
     ensure!(
         st.size_bytes == expected,
         "size {} != {expected}",
@@ -265,6 +266,22 @@ async fn conflict(ctx: &mut Ctx) -> CaseResult {
 async fn integrity_round_trip(ctx: &mut Ctx) -> CaseResult {
     let disk = ctx.disk()?;
     let (_, key) = format(&disk, Integrity::HmacSha256 { journal: false }).await?;
+    let json = check!(crypt::header::read_json(&disk));
+    let integrity = &json["segments"]["0"]["integrity"]["type"];
+    ensure!(integrity == "hmac(sha256)", "segment integrity {integrity}");
+    ensure!(
+        json["keyslots"]["0"]["key_size"] == 96,
+        "key size: {}",
+        json["keyslots"]["0"]
+    );
+    let flags = json["config"]["flags"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        flags.contains(&"no-journal".into()),
+        "persistent flags {flags:?}"
+    );
     let name = MapperName::for_volume("vm:integrity");
     check!(crypt::open(&disk, &name, &key, &OpenOptions::default()).await);
     let st = check!(crypt::status(&name).await).ok_or("status: not open")?;

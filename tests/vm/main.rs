@@ -16,7 +16,7 @@ use std::time::Instant;
 
 /// Blank disks attached to the VM, and their size.
 const DISKS: usize = 8;
-const DISK_SIZE: &str = "256M";
+const DISK_SIZE: &str = "128M";
 
 pub type CaseResult = Result<(), String>;
 pub type CaseFuture<'a> = Pin<Box<dyn Future<Output = CaseResult> + 'a>>;
