@@ -171,6 +171,7 @@ pub fn read_header(device: &Path) -> Result<HeaderInfo> {
 }
 
 pub fn verify_key(device: &Path, key: &DataKey) -> Result<()> {
+    super::header::read_validated(device)?;
     let mut cd = load_luks2(device)?;
     cd.activate_handle()
         .activate_by_passphrase(None, None, key.expose(), CryptActivate::empty())
@@ -200,6 +201,8 @@ pub fn open(device: &Path, name: &MapperName, key: &DataKey, opts: &OpenOptions)
             })
         };
     }
+    // Nothing the header says is trusted before it passes our whitelist.
+    super::header::read_validated(device)?;
     let mut cd = load_luks2(device)?;
     // Persistent flags from the header (workqueue bypass, no journal) are added
     // by libcryptsetup itself.

@@ -266,7 +266,7 @@ async fn conflict(ctx: &mut Ctx) -> CaseResult {
 async fn integrity_round_trip(ctx: &mut Ctx) -> CaseResult {
     let disk = ctx.disk()?;
     let (_, key) = format(&disk, Integrity::HmacSha256 { journal: false }).await?;
-    let json = check!(crypt::header::read_json(&disk));
+    let json = check!(crypt::header::read_validated(&disk));
     let integrity = &json["segments"]["0"]["integrity"]["type"];
     ensure!(integrity == "hmac(sha256)", "segment integrity {integrity}");
     ensure!(
