@@ -93,6 +93,7 @@ async fn main() -> Result<()> {
                     key_id: key_id.to_string(),
                     key_version: 1,
                     kms: "demo".into(),
+                    content: None,
                 },
                 integrity: Integrity::None,
                 bypass_workqueues: true,

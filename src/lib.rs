@@ -6,11 +6,15 @@
 //! - [`csi`] holds the CSI services, one file each.
 //! - [`server`] serves gRPC on unix sockets; [`config`] parses what comes from flags.
 
+pub mod backend;
 pub mod client;
 pub mod config;
 pub mod crypt;
 pub mod csi;
+pub mod error;
 pub mod kms;
 pub mod logging;
+pub mod mount;
 pub mod proto;
 pub mod server;
+pub mod volume;

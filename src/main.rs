@@ -1,14 +1,23 @@
 //! The `cryptdisk-csi` binary: one subcommand per process of the system.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+use cryptdisk_csi::backend::LocalBackend;
 use cryptdisk_csi::config::{DriverName, Endpoint};
+use cryptdisk_csi::csi::controller::ControllerService;
 use cryptdisk_csi::csi::identity::{IdentityService, Services};
+use cryptdisk_csi::csi::node::{NodeConfig, NodeService, TOPOLOGY_NODE};
+use cryptdisk_csi::kms::client::GrpcKeySource;
 use cryptdisk_csi::kms::server::{KmsService, MasterSecret};
+use cryptdisk_csi::kms::{KeySource, LocalKeySource};
 use cryptdisk_csi::logging::{self, LogFormat};
+use cryptdisk_csi::proto::csi::controller_server::ControllerServer;
 use cryptdisk_csi::proto::csi::identity_server::IdentityServer;
+use cryptdisk_csi::proto::csi::node_server::NodeServer;
 use cryptdisk_csi::proto::kms::api_server::ApiServer;
 use cryptdisk_csi::server;
 use tonic::transport::Server;
@@ -48,13 +57,15 @@ struct Cli {
 enum Command {
     /// Serve CSI Identity and Controller (runs as a Deployment beside the
     /// provisioner, attacher, resizer and snapshotter sidecars).
-    Controller(CsiArgs),
+    Controller(ControllerArgs),
     /// Serve CSI Identity and Node (runs as a privileged DaemonSet on every node).
     Node(NodeArgs),
     /// Serve the cluster KMS, which derives each volume's key from a master secret.
     Kms(KmsArgs),
-    /// Everything in one process on one machine: for trying the driver and for tests.
-    Dev(NodeArgs),
+    /// Everything in one process on one machine: Identity, Controller and Node on
+    /// one socket, the local backend and an embedded KMS. For trying the driver
+    /// and for tests.
+    Dev(DevArgs),
 }
 
 #[derive(Args)]
@@ -78,14 +89,88 @@ struct CsiArgs {
 }
 
 #[derive(Args)]
-struct NodeArgs {
+struct LocalArgs {
+    /// Directory of the local backend: disk images, snapshots and their index.
+    #[arg(long, default_value = "/var/lib/cryptdisk", env = "CRYPTDISK_DATA_DIR")]
+    data_dir: PathBuf,
+
+    /// Most bytes the local backend's disks and snapshots may take together
+    /// (default: the free space of the data directory's filesystem).
+    #[arg(long, env = "CRYPTDISK_CAPACITY_BYTES")]
+    capacity_bytes: Option<u64>,
+}
+
+#[derive(Args)]
+struct ControllerArgs {
     #[command(flatten)]
     csi: CsiArgs,
 
+    /// The disk backend: local (sparse image files on this machine).
+    #[arg(long, default_value = "local", env = "CRYPTDISK_BACKEND")]
+    backend: String,
+
+    #[command(flatten)]
+    local: LocalArgs,
+
+    /// The node the local backend's disks live on (default: the host name).
+    #[arg(long, env = "CRYPTDISK_LOCAL_NODE")]
+    local_node: Option<String>,
+}
+
+#[derive(Args)]
+struct NodeIdArgs {
     /// This node's id as the controller knows it (for Kubernetes, the node name).
     /// Defaults to the host name.
     #[arg(long, env = "CRYPTDISK_NODE_ID")]
     node_id: Option<String>,
+
+    /// Most volumes this node accepts (0: no limit).
+    #[arg(long, default_value_t = 0, env = "CRYPTDISK_MAX_VOLUMES")]
+    max_volumes: i64,
+
+    /// Format and open operations that may run at once; more wait their turn.
+    #[arg(long, default_value_t = 4, env = "CRYPTDISK_MAX_PARALLEL_WORK")]
+    max_parallel_work: usize,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    #[command(flatten)]
+    csi: CsiArgs,
+
+    #[command(flatten)]
+    node: NodeIdArgs,
+
+    /// The cluster KMS: tcp://IP:PORT or unix:///path.
+    #[arg(long, env = "CRYPTDISK_KMS")]
+    kms: Endpoint,
+
+    /// Serve local-backend volumes whose images live in this directory (only on
+    /// the machine that holds them).
+    #[arg(long, env = "CRYPTDISK_LOCAL_DATA_DIR")]
+    local_data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    #[command(flatten)]
+    csi: CsiArgs,
+
+    #[command(flatten)]
+    node: NodeIdArgs,
+
+    #[command(flatten)]
+    local: LocalArgs,
+
+    /// Master secret of the embedded KMS (at least 32 random bytes, mode 0600).
+    /// Default: <data-dir>/kms/master.key, generated on first start and kept.
+    #[arg(long, env = "CRYPTDISK_MASTER_SECRET_FILE", requires = "salt_file")]
+    master_secret_file: Option<PathBuf>,
+
+    /// HKDF salt of the embedded KMS (at least 32 random bytes, mode 0600).
+    /// Default: <data-dir>/kms/salt, generated on first start and kept.
+    #[arg(long, env = "CRYPTDISK_SALT_FILE", requires = "master_secret_file")]
+    salt_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -141,29 +226,71 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Controller(args) => {
-            serve_csi(
-                args,
-                Services {
-                    controller: true,
-                    node: false,
-                },
-            )
-            .await
+            let controller = controller_service(&args.backend, &args.local, args.local_node)?;
+            serve_csi(args.csi, Some(controller), None).await
         }
-        Command::Node(args) | Command::Dev(args) => {
-            let node_id = resolve_node_id(args.node_id)?;
-            tracing::info!(%node_id, "node plugin");
-            serve_csi(
-                args.csi,
-                Services {
-                    controller: false,
-                    node: true,
-                },
-            )
-            .await
+        Command::Node(args) => {
+            let keys = Arc::new(GrpcKeySource::new(&args.kms)?);
+            let node = node_service(args.node, args.local_data_dir, keys)?;
+            serve_csi(args.csi, None, Some(node)).await
+        }
+        Command::Dev(args) => {
+            let node_id = resolve_node_id(args.node.node_id.clone())?;
+            let master = match (&args.master_secret_file, &args.salt_file) {
+                (Some(secret), Some(salt)) => MasterSecret::from_files(secret, salt)?,
+                _ => MasterSecret::load_or_generate(&args.local.data_dir.join("kms"))?,
+            };
+            let keys = Arc::new(LocalKeySource::new(master, "embedded"));
+            let controller = controller_service("local", &args.local, Some(node_id.clone()))?;
+            let node_args = NodeIdArgs {
+                node_id: Some(node_id),
+                ..args.node
+            };
+            let node = node_service(node_args, Some(args.local.data_dir.clone()), keys)?;
+            serve_csi(args.csi, Some(controller), Some(node)).await
         }
         Command::Kms(args) => serve_kms(args).await,
     }
+}
+
+fn controller_service(
+    backend: &str,
+    local: &LocalArgs,
+    local_node: Option<String>,
+) -> Result<ControllerService, Box<dyn std::error::Error>> {
+    match backend {
+        "local" => {
+            let node = resolve_node_id(local_node)?;
+            let backend = LocalBackend::open(&local.data_dir, &node, local.capacity_bytes)?;
+            Ok(ControllerService::new(Arc::new(backend), Some(vec![node])))
+        }
+        other => {
+            Err(format!("--backend {other:?}: this build serves only the local backend").into())
+        }
+    }
+}
+
+fn node_service(
+    args: NodeIdArgs,
+    local_data_dir: Option<PathBuf>,
+    keys: Arc<dyn KeySource>,
+) -> Result<NodeService, Box<dyn std::error::Error>> {
+    let node_id = resolve_node_id(args.node_id)?;
+    let mut topology = BTreeMap::new();
+    if local_data_dir.is_some() {
+        topology.insert(TOPOLOGY_NODE.to_string(), node_id.clone());
+    }
+    tracing::info!(%node_id, "node plugin");
+    Ok(NodeService::new(
+        NodeConfig {
+            node_id,
+            local_data_dir,
+            topology,
+            max_volumes: args.max_volumes,
+            max_parallel_work: args.max_parallel_work,
+        },
+        keys,
+    ))
 }
 
 fn resolve_node_id(given: Option<String>) -> Result<String, Box<dyn std::error::Error>> {
@@ -176,10 +303,21 @@ fn resolve_node_id(given: Option<String>) -> Result<String, Box<dyn std::error::
     }
 }
 
-async fn serve_csi(args: CsiArgs, services: Services) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve_csi(
+    args: CsiArgs,
+    controller: Option<ControllerService>,
+    node: Option<NodeService>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let services = Services {
+        controller: controller.is_some(),
+        node: node.is_some(),
+    };
     let identity = IdentityService::new(args.driver_name.clone(), services);
-    tracing::info!(driver = %args.driver_name, version = env!("CARGO_PKG_VERSION"), "starting");
-    let router = Server::builder().add_service(IdentityServer::new(identity));
+    tracing::info!(driver = %args.driver_name, version = env!("CARGO_PKG_VERSION"), ?services, "starting");
+    let router = Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_optional_service(controller.map(ControllerServer::new))
+        .add_optional_service(node.map(NodeServer::new));
     server::serve(router, &args.endpoint, server::shutdown_signal()).await?;
     Ok(())
 }

@@ -63,6 +63,38 @@ pub fn probe_blank(device: &Path) -> Result<BlankDevice> {
     })
 }
 
+/// A device with our own header from a format that did not finish: blank when
+/// the first and last MiB of its data area (after the LUKS2 header) are zeros,
+/// since nothing was ever written through a mapping.
+pub fn probe_unfinished(device: &Path) -> Result<BlankDevice> {
+    let io = |op: &'static str| {
+        let target = device.display().to_string();
+        move |source| Error::Io { op, target, source }
+    };
+    let mut file = File::open(device).map_err(io("open for probing"))?;
+    let size = file.seek(SeekFrom::End(0)).map_err(io("size"))?;
+    let data_start = super::LUKS2_HEADER_BYTES.min(size);
+    for start in [data_start, size.saturating_sub(PROBE_BYTES).max(data_start)] {
+        let len = (size - start).min(PROBE_BYTES);
+        let mut buf = vec![0u8; len as usize];
+        file.seek(SeekFrom::Start(start)).map_err(io("seek"))?;
+        file.read_exact(&mut buf).map_err(io("read data area"))?;
+        if let Some(first) = buf.iter().position(|&b| b != 0) {
+            return Err(Error::NotBlank {
+                device: device.to_path_buf(),
+                reason: format!(
+                    "holds an unfinished cryptdisk header and data at byte {}; \
+                     refusing to format it again",
+                    start + first as u64
+                ),
+            });
+        }
+    }
+    Ok(BlankDevice {
+        path: device.to_path_buf(),
+    })
+}
+
 /// `None` when `buf` (read at `offset`) is all zeros; otherwise what it holds.
 fn describe_nonzero(buf: &[u8], offset: u64) -> Option<String> {
     let first = buf.iter().position(|&b| b != 0)?;

@@ -45,6 +45,7 @@ const ALLOWED_FLAGS: [&str; 4] = [
 struct Copy {
     hdr_size: u64,
     seqid: u64,
+    label: String,
     json: Value,
 }
 
@@ -67,7 +68,9 @@ fn read_copy(file: &mut File, device: &Path, offset: u64, magic: &[u8; 6]) -> Re
     }
     let version = u16::from_be_bytes([binary[6], binary[7]]);
     if version != 2 {
-        return Err(refuse(format!("LUKS version {version}; only LUKS2 is used")));
+        return Err(refuse(format!(
+            "LUKS version {version}; only LUKS2 is used"
+        )));
     }
     let hdr_size = u64::from_be_bytes(binary[8..16].try_into().expect("8 bytes"));
     let seqid = u64::from_be_bytes(binary[16..24].try_into().expect("8 bytes"));
@@ -76,6 +79,12 @@ fn read_copy(file: &mut File, device: &Path, offset: u64, magic: &[u8; 6]) -> Re
             "header size {hdr_size} is not one LUKS2 defines"
         )));
     }
+    let label_bytes = &binary[24..72];
+    let label_end = label_bytes
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(label_bytes.len());
+    let label = String::from_utf8_lossy(&label_bytes[..label_end]).into_owned();
     let mut area = vec![0u8; hdr_size as usize - BINARY_HEADER_BYTES];
     file.read_exact(&mut area)
         .map_err(|e| refuse(format!("cannot read the JSON area: {e}")))?;
@@ -85,6 +94,7 @@ fn read_copy(file: &mut File, device: &Path, offset: u64, magic: &[u8; 6]) -> Re
     Ok(Copy {
         hdr_size,
         seqid,
+        label,
         json,
     })
 }
@@ -92,6 +102,15 @@ fn read_copy(file: &mut File, device: &Path, offset: u64, magic: &[u8; 6]) -> Re
 /// Reads both header copies of `device`, requires them to agree, and returns the
 /// JSON metadata.
 pub fn read_json(device: &Path) -> Result<Value> {
+    read_both(device).map(|(_, json)| json)
+}
+
+/// The header's label and JSON metadata, both copies agreeing.
+pub fn read_labelled(device: &Path) -> Result<(String, Value)> {
+    read_both(device)
+}
+
+fn read_both(device: &Path) -> Result<(String, Value)> {
     let mut file = File::open(device).map_err(|source| Error::Io {
         op: "read LUKS2 header",
         target: device.display().to_string(),
@@ -101,6 +120,7 @@ pub fn read_json(device: &Path) -> Result<Value> {
     let secondary = read_copy(&mut file, device, primary.hdr_size, MAGIC_SECONDARY)?;
     if primary.hdr_size != secondary.hdr_size
         || primary.seqid != secondary.seqid
+        || primary.label != secondary.label
         || primary.json != secondary.json
     {
         return Err(Error::BadHeader {
@@ -112,7 +132,7 @@ pub fn read_json(device: &Path) -> Result<Value> {
             ),
         });
     }
-    Ok(primary.json)
+    Ok((primary.label, primary.json))
 }
 
 /// Reads both header copies and checks them against [`validate`].
@@ -125,8 +145,12 @@ pub fn read_validated(device: &Path) -> Result<Value> {
     Ok(json)
 }
 
-fn obj<'a>(v: &'a Value, what: &str) -> std::result::Result<&'a serde_json::Map<String, Value>, String> {
-    v.as_object().ok_or_else(|| format!("{what} is not an object"))
+fn obj<'a>(
+    v: &'a Value,
+    what: &str,
+) -> std::result::Result<&'a serde_json::Map<String, Value>, String> {
+    v.as_object()
+        .ok_or_else(|| format!("{what} is not an object"))
 }
 
 fn str_at<'a>(v: &'a Value, key: &str, what: &str) -> std::result::Result<&'a str, String> {
@@ -135,7 +159,11 @@ fn str_at<'a>(v: &'a Value, key: &str, what: &str) -> std::result::Result<&'a st
         .ok_or_else(|| format!("{what}.{key} is missing or not a string"))
 }
 
-fn expect(found: &Value, expected: impl Into<Value>, what: &str) -> std::result::Result<(), String> {
+fn expect(
+    found: &Value,
+    expected: impl Into<Value>,
+    what: &str,
+) -> std::result::Result<(), String> {
     let expected = expected.into();
     if *found == expected {
         Ok(())
@@ -163,7 +191,11 @@ pub fn validate(json: &Value) -> std::result::Result<(), String> {
     }
     let seg = &json["segments"]["0"];
     expect(&seg["type"], "crypt", "segment type")?;
-    expect(&seg["offset"], LUKS2_HEADER_BYTES.to_string(), "segment offset")?;
+    expect(
+        &seg["offset"],
+        LUKS2_HEADER_BYTES.to_string(),
+        "segment offset",
+    )?;
     expect(&seg["size"], "dynamic", "segment size")?;
     expect(&seg["iv_tweak"], "0", "segment iv_tweak")?;
     expect(
@@ -172,15 +204,26 @@ pub fn validate(json: &Value) -> std::result::Result<(), String> {
         "segment encryption",
     )?;
     expect(&seg["sector_size"], SECTOR_SIZE, "segment sector_size")?;
-    if seg.get("flags").is_some_and(|f| f.as_array().is_none_or(|a| !a.is_empty())) {
+    if seg
+        .get("flags")
+        .is_some_and(|f| f.as_array().is_none_or(|a| !a.is_empty()))
+    {
         return Err(format!("segment flags {} are not ours", seg["flags"]));
     }
     let integrity = match seg.get("integrity") {
         None => false,
         Some(i) => {
             expect(&i["type"], INTEGRITY_ALGORITHM, "segment integrity type")?;
-            expect(&i["journal_encryption"], "none", "integrity journal_encryption")?;
-            expect(&i["journal_integrity"], "none", "integrity journal_integrity")?;
+            expect(
+                &i["journal_encryption"],
+                "none",
+                "integrity journal_encryption",
+            )?;
+            expect(
+                &i["journal_integrity"],
+                "none",
+                "integrity journal_integrity",
+            )?;
             true
         }
     };
@@ -207,12 +250,20 @@ pub fn validate(json: &Value) -> std::result::Result<(), String> {
             format!("{CIPHER}-{CIPHER_MODE}"),
             &format!("{what} area encryption"),
         )?;
-        expect(&slot["af"]["type"], "luks1", &format!("{what} anti-forensic splitter"))?;
+        expect(
+            &slot["af"]["type"],
+            "luks1",
+            &format!("{what} anti-forensic splitter"),
+        )?;
         expect(&slot["af"]["hash"], "sha256", &format!("{what} af hash"))?;
         let area_end = slot["area"]["offset"]
             .as_str()
             .and_then(|o| o.parse::<u64>().ok())
-            .zip(slot["area"]["size"].as_str().and_then(|s| s.parse::<u64>().ok()))
+            .zip(
+                slot["area"]["size"]
+                    .as_str()
+                    .and_then(|s| s.parse::<u64>().ok()),
+            )
             .map(|(o, s)| o.saturating_add(s));
         if area_end.is_none_or(|end| end > LUKS2_HEADER_BYTES) {
             return Err(format!("{what} area lies outside the header area"));
@@ -228,7 +279,11 @@ pub fn validate(json: &Value) -> std::result::Result<(), String> {
     let digest = digests.values().next().expect("one digest");
     expect(&digest["type"], "pbkdf2", "digest type")?;
     expect(&digest["hash"], "sha256", "digest hash")?;
-    expect(&digest["segments"], serde_json::json!(["0"]), "digest segments")?;
+    expect(
+        &digest["segments"],
+        serde_json::json!(["0"]),
+        "digest segments",
+    )?;
     let slot_ids: BTreeSet<&str> = keyslots.keys().map(String::as_str).collect();
     let digest_slots = string_set(&digest["keyslots"], "digest keyslots")?;
     if digest_slots != slot_ids {
@@ -249,6 +304,16 @@ pub fn validate(json: &Value) -> std::result::Result<(), String> {
     expect(&token["type"], TOKEN_TYPE, "token type")?;
     str_at(token, "key_id", "token")?;
     str_at(token, "kms", "token")?;
+    if let Some(content) = token.get("content")
+        && !content
+            .as_str()
+            .is_some_and(|c| super::CONTENT_VALUES.contains(&c))
+    {
+        return Err(format!(
+            "token.content {content} is not one of {:?}",
+            super::CONTENT_VALUES
+        ));
+    }
     if !token["key_version"].is_u64() {
         return Err("token.key_version is missing or not a number".to_string());
     }
@@ -284,7 +349,10 @@ fn string_set<'a>(v: &'a Value, what: &str) -> std::result::Result<BTreeSet<&'a 
     v.as_array()
         .ok_or_else(|| format!("{what} is not a list"))?
         .iter()
-        .map(|s| s.as_str().ok_or_else(|| format!("{what} holds a non-string")))
+        .map(|s| {
+            s.as_str()
+                .ok_or_else(|| format!("{what} holds a non-string"))
+        })
         .collect()
 }
 
@@ -336,35 +404,93 @@ mod tests {
 
     #[test]
     fn foreign_layouts_are_refused() {
-        refused(|h| h["segments"]["0"]["encryption"] = json!("cipher_null-ecb"), "segment encryption");
-        refused(|h| h["keyslots"]["0"]["area"]["encryption"] = json!("cipher_null-ecb"), "area encryption");
-        refused(|h| h["segments"]["0"]["sector_size"] = json!(512), "sector_size");
-        refused(|h| h["segments"]["0"]["offset"] = json!("4096"), "segment offset");
-        refused(|h| h["segments"]["1"] = h["segments"]["0"].clone(), "segments");
-        refused(|h| h["keyslots"]["0"]["kdf"]["type"] = json!("argon2id"), "kdf");
+        refused(
+            |h| h["segments"]["0"]["encryption"] = json!("cipher_null-ecb"),
+            "segment encryption",
+        );
+        refused(
+            |h| h["keyslots"]["0"]["area"]["encryption"] = json!("cipher_null-ecb"),
+            "area encryption",
+        );
+        refused(
+            |h| h["segments"]["0"]["sector_size"] = json!(512),
+            "sector_size",
+        );
+        refused(
+            |h| h["segments"]["0"]["offset"] = json!("4096"),
+            "segment offset",
+        );
+        refused(
+            |h| h["segments"]["1"] = h["segments"]["0"].clone(),
+            "segments",
+        );
+        refused(
+            |h| h["keyslots"]["0"]["kdf"]["type"] = json!("argon2id"),
+            "kdf",
+        );
         refused(|h| h["keyslots"]["0"]["key_size"] = json!(32), "key_size");
-        refused(|h| h["keyslots"]["0"]["area"]["offset"] = json!("16777216"), "outside the header");
-        refused(|h| h["segments"]["0"]["integrity"] = json!({"type": "crc32c",
-            "journal_encryption": "none", "journal_integrity": "none"}), "integrity type");
-        refused(|h| h["config"]["flags"] = json!(["same-cpu-crypt"]), "activation flag");
-        refused(|h| h["config"]["requirements"] = json!({"mandatory": ["online-reencrypt"]}), "requirements");
+        refused(
+            |h| h["keyslots"]["0"]["area"]["offset"] = json!("16777216"),
+            "outside the header",
+        );
+        refused(
+            |h| {
+                h["segments"]["0"]["integrity"] = json!({"type": "crc32c",
+            "journal_encryption": "none", "journal_integrity": "none"})
+            },
+            "integrity type",
+        );
+        refused(
+            |h| h["config"]["flags"] = json!(["same-cpu-crypt"]),
+            "activation flag",
+        );
+        refused(
+            |h| h["config"]["requirements"] = json!({"mandatory": ["online-reencrypt"]}),
+            "requirements",
+        );
         refused(|h| h["extra"] = json!({}), "top-level");
     }
 
     #[test]
     fn keyslots_without_digest_or_token_are_refused() {
         // An extra keyslot that no digest covers would open with any passphrase.
-        refused(|h| h["keyslots"]["1"] = h["keyslots"]["0"].clone(), "digest covers");
-        refused(|h| {
-            h["keyslots"]["1"] = h["keyslots"]["0"].clone();
-            h["digests"]["0"]["keyslots"] = json!(["0", "1"]);
-        }, "token names");
+        refused(
+            |h| h["keyslots"]["1"] = h["keyslots"]["0"].clone(),
+            "digest covers",
+        );
+        refused(
+            |h| {
+                h["keyslots"]["1"] = h["keyslots"]["0"].clone();
+                h["digests"]["0"]["keyslots"] = json!(["0", "1"]);
+            },
+            "token names",
+        );
         refused(|h| h["digests"]["1"] = h["digests"]["0"].clone(), "digests");
-        refused(|h| h["tokens"]["1"] = json!({"type": "systemd-tpm2", "keyslots": []}), "tokens");
+        refused(
+            |h| h["tokens"]["1"] = json!({"type": "systemd-tpm2", "keyslots": []}),
+            "tokens",
+        );
         refused(|h| h["tokens"]["0"]["type"] = json!("other"), "token type");
-        refused(|h| { h["tokens"].as_object_mut().unwrap().clear(); }, "tokens");
-        refused(|h| h["tokens"]["0"]["key_version"] = json!("1"), "key_version");
-        refused(|h| { h["keyslots"].as_object_mut().unwrap().clear(); }, "no keyslots");
+        refused(
+            |h| {
+                h["tokens"].as_object_mut().unwrap().clear();
+            },
+            "tokens",
+        );
+        refused(
+            |h| h["tokens"]["0"]["key_version"] = json!("1"),
+            "key_version",
+        );
+        refused(
+            |h| h["tokens"]["0"]["content"] = json!("btrfs"),
+            "token.content",
+        );
+        refused(
+            |h| {
+                h["keyslots"].as_object_mut().unwrap().clear();
+            },
+            "no keyslots",
+        );
     }
 
     #[test]
@@ -379,7 +505,13 @@ mod tests {
 
     #[test]
     fn nothing_that_is_not_json_object_panics() {
-        for v in [json!(null), json!([]), json!("x"), json!({"segments": 3}), json!({"keyslots": {"0": 1}})] {
+        for v in [
+            json!(null),
+            json!([]),
+            json!("x"),
+            json!({"segments": 3}),
+            json!({"keyslots": {"0": 1}}),
+        ] {
             assert!(validate(&v).is_err());
         }
     }

@@ -91,7 +91,9 @@ pub fn format(device: &Path, key: &DataKey, opts: &FormatOptions) -> Result<()> 
         data_alignment: 0,
         data_device: None,
         sector_size: SECTOR_SIZE,
-        label: None,
+        // Marks the header as ours from its first write, so that a format cut
+        // short before the token can be told from another tool's header.
+        label: Some(super::LABEL.to_string()),
         subsystem: None,
     };
     let mut params_ref: CryptParamsLuks2Ref<'_> =
@@ -168,6 +170,28 @@ pub fn read_header(device: &Path) -> Result<HeaderInfo> {
         }
     }
     Ok(HeaderInfo { key_id, token })
+}
+
+pub fn set_content(device: &Path, content: &str) -> Result<()> {
+    let mut cd = load_luks2(device)?;
+    let target = device.display();
+    for slot in 0..MAX_TOKENS {
+        let Ok(mut json) = cd.token_handle().json_get(slot) else {
+            continue;
+        };
+        if json.get("type").and_then(|t| t.as_str()) != Some(TOKEN_TYPE) {
+            continue;
+        }
+        json["content"] = serde_json::Value::from(content);
+        cd.token_handle()
+            .json_set(TokenInput::ReplaceToken(slot, &json))
+            .map_err(lib("update token", &target))?;
+        return Ok(());
+    }
+    Err(Error::BadToken {
+        device: device.to_path_buf(),
+        reason: "no cryptdisk token to update".to_string(),
+    })
 }
 
 pub fn verify_key(device: &Path, key: &DataKey) -> Result<()> {

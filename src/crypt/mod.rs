@@ -40,6 +40,8 @@ pub const INTEGRITY_KEY_BYTES: usize = 32;
 pub const PBKDF_ITERATIONS: u32 = 1000;
 /// Type of the LUKS2 token that records where the key comes from.
 pub const TOKEN_TYPE: &str = "cryptdisk";
+/// LUKS2 label of every header this driver writes.
+pub const LABEL: &str = "cryptdisk";
 
 /// Name of a device-mapper mapping this driver owns: `cryptdisk-<hash>`, derived
 /// from the volume id so that every node computes the same one, and short enough
@@ -115,7 +117,15 @@ pub struct Token {
     pub key_version: u32,
     /// Which KMS (cluster) the key comes from.
     pub kms: String,
+    /// What the volume holds, recorded at its first stage: `block`, or the
+    /// filesystem made on it. `None` for a fresh volume, whose mapped content is
+    /// noise from decrypting zeros: the one state in which a filesystem is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }
+
+/// Values [`Token::content`] may hold.
+pub const CONTENT_VALUES: [&str; 3] = ["block", "ext4", "xfs"];
 
 /// Integrity protection of a volume's sectors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,6 +261,45 @@ pub async fn format(device: BlankDevice, key: &DataKey, opts: &FormatOptions) ->
     blocking(move || luks::format(device.path(), &key, &opts)).await
 }
 
+/// What a device holds, as far as the node is concerned.
+#[derive(Debug)]
+pub enum DeviceState {
+    /// Nothing: it may be formatted.
+    Blank(BlankDevice),
+    /// Our LUKS2 header, checked against the whitelist.
+    Formatted(HeaderInfo),
+}
+
+/// Tells a blank device from one of ours and refuses anything else: a device
+/// with other data or signatures, a header outside our whitelist. A header we
+/// began to write but did not finish (our label, no token yet, and a data area
+/// that is still zeros) counts as blank, so a retried stage formats it again.
+pub async fn inspect(device: &Path) -> Result<DeviceState> {
+    let device = device.to_path_buf();
+    blocking(move || {
+        let (label, json) = match header::read_labelled(&device) {
+            Err(Error::NotLuks2 { .. }) => return probe_blank(&device).map(DeviceState::Blank),
+            other => other?,
+        };
+        let no_tokens = json["tokens"].as_object().is_some_and(|t| t.is_empty());
+        if label == LABEL && no_tokens {
+            return blank::probe_unfinished(&device).map(DeviceState::Blank);
+        }
+        header::validate(&json).map_err(|reason| Error::BadHeader {
+            device: device.clone(),
+            reason,
+        })?;
+        luks::read_header(&device).map(DeviceState::Formatted)
+    })
+    .await
+}
+
+/// Records what the volume holds in its token (see [`Token::content`]).
+pub async fn set_content(device: &Path, content: &str) -> Result<()> {
+    let (device, content) = (device.to_path_buf(), content.to_string());
+    blocking(move || luks::set_content(&device, &content)).await
+}
+
 /// Reads the LUKS2 header of `device` without any key.
 pub async fn read_header(device: &Path) -> Result<HeaderInfo> {
     let device = device.to_path_buf();
@@ -339,6 +388,7 @@ mod tests {
                 key_id: key_id.to_string(),
                 key_version: 3,
                 kms: "unit-test".into(),
+                content: None,
             },
             integrity,
             bypass_workqueues: true,

@@ -1,3 +1,8 @@
 //! The CSI services, one file each.
 
+pub mod controller;
+pub mod guard;
 pub mod identity;
+pub mod node;
+pub mod params;
+pub mod validate;

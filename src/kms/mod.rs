@@ -4,6 +4,7 @@
 //! HKDF-SHA256 over the cluster's master secret with a salt and the info string
 //! `"key-" + data_key_id` (DESIGN.md §3), so the KMS keeps no per-volume state.
 
+pub mod client;
 pub mod server;
 
 use hkdf::Hkdf;
@@ -129,5 +130,58 @@ mod tests {
             derive_data_key(&[1; 32], &[2; 32], "", 32),
             Err(DeriveError::EmptyId)
         ));
+    }
+}
+
+/// Why a key source could not hand out a key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("KMS unavailable: {0}")]
+    Unavailable(String),
+    #[error("KMS refused the request: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Derive(#[from] DeriveError),
+}
+
+/// Where the node gets volume keys: the in-process derivation (`dev`) or the
+/// cluster KMS over gRPC.
+#[tonic::async_trait]
+pub trait KeySource: Send + Sync {
+    /// The key for `data_key_id` (a LUKS2 header UUID), `len` bytes long.
+    async fn data_key(&self, data_key_id: &str, len: usize) -> Result<DataKey, KeyError>;
+    /// Which KMS this is, recorded in each volume's token.
+    fn identity(&self) -> &str;
+    /// The master-secret version new keyslots use.
+    fn current_version(&self) -> u32;
+}
+
+/// Derives keys in process from a master secret held in memory.
+pub struct LocalKeySource {
+    master: server::MasterSecret,
+    identity: String,
+}
+
+impl LocalKeySource {
+    pub fn new(master: server::MasterSecret, identity: impl Into<String>) -> Self {
+        LocalKeySource {
+            master,
+            identity: identity.into(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl KeySource for LocalKeySource {
+    async fn data_key(&self, data_key_id: &str, len: usize) -> Result<DataKey, KeyError> {
+        Ok(self.master.derive(data_key_id, len)?)
+    }
+
+    fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    fn current_version(&self) -> u32 {
+        1
     }
 }

@@ -62,9 +62,52 @@ impl MasterSecret {
         MasterSecret { secret, salt }
     }
 
+    /// The secret and salt kept in `dir` (`master.key`, `salt`), generated on
+    /// first use: what `dev` runs on, so its volumes open again after a restart.
+    pub fn load_or_generate(dir: &Path) -> Result<Self, SecretError> {
+        let (secret, salt) = (dir.join("master.key"), dir.join("salt"));
+        if !secret.exists() || !salt.exists() {
+            let fresh = Self::generate();
+            write_private(dir, &secret, &fresh.secret)?;
+            write_private(dir, &salt, &fresh.salt)?;
+            tracing::info!(dir = %dir.display(), "generated a master secret for the embedded KMS");
+        }
+        Self::from_files(&secret, &salt)
+    }
+
     pub fn derive(&self, id: &str, len: usize) -> Result<super::DataKey, super::DeriveError> {
         derive_data_key(&self.secret, &self.salt, id, len)
     }
+}
+
+/// Writes a secret file atomically with mode 0600: temporary file, fsync, rename.
+fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), SecretError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let err = |source| SecretError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(err)?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err)
 }
 
 fn read_secret_file(path: &Path, what: &'static str) -> Result<Zeroizing<Vec<u8>>, SecretError> {

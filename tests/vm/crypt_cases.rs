@@ -62,6 +62,7 @@ async fn format(disk: &Path, integrity: Integrity) -> Result<(KeyId, DataKey), S
             key_id: key_id.to_string(),
             key_version: 1,
             kms: "vm-test".into(),
+            content: None,
         },
         integrity,
         bypass_workqueues: true,

@@ -7,6 +7,8 @@
 //! cases by substring, as cargo's own harness does.
 
 mod crypt_cases;
+mod lifecycle_cases;
+mod mount_cases;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -61,7 +63,10 @@ macro_rules! check {
 }
 
 fn all_cases() -> Vec<Case> {
-    crypt_cases::cases()
+    let mut v = crypt_cases::cases();
+    v.extend(lifecycle_cases::cases());
+    v.extend(mount_cases::cases());
+    v
 }
 
 fn main() -> ExitCode {

@@ -1,0 +1,552 @@
+//! CSI Controller: volumes and snapshots on the configured disk backend.
+//!
+//! Each RPC validates its request first, then acts. Volume ids are parsed by
+//! `volume::VolumeId` and nothing else; the encryption options chosen here
+//! travel to the node in the volume context.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::guard::Guards;
+use super::params::VolumeOptions;
+use super::validate;
+use crate::backend::{
+    Disk, DiskBackend, DiskSource, DiskSpec, Snapshot as BackendSnapshot, TopologyRequirement,
+};
+use crate::crypt::{Integrity, LUKS2_HEADER_BYTES};
+use crate::proto::csi::controller_server::Controller;
+use crate::proto::csi::controller_service_capability::{self, rpc::Type as Rpc};
+use crate::proto::csi::volume_content_source::{self, SnapshotSource, VolumeSource};
+use crate::proto::csi::*;
+use crate::volume::{SnapshotId, VolumeId};
+
+const MIB: u64 = 1 << 20;
+/// Size of a volume whose request names no capacity.
+pub const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
+
+/// Bytes a disk needs so that `usable` bytes remain after the LUKS2 header and,
+/// with integrity, dm-integrity's tags (32 bytes per 4 KiB sector), its
+/// superblock and journal area, rounded up to whole MiB.
+pub fn disk_bytes_for(usable: u64, integrity: Integrity) -> u64 {
+    let overhead = match integrity {
+        Integrity::None => 0,
+        // Tags take 32/4096 of the data; their interleaved layout and the journal
+        // area (allocated even when unused) are covered by a fixed reserve.
+        Integrity::HmacSha256 { .. } => usable.div_ceil(4096) * 32 + 64 * MIB,
+    };
+    (usable + LUKS2_HEADER_BYTES + overhead).div_ceil(MIB) * MIB
+}
+
+/// The usable size a capacity range asks for, in whole 4 KiB sectors.
+pub fn usable_bytes(range: Option<&CapacityRange>) -> Result<u64, Status> {
+    let (required, limit) = match range {
+        None => (0, 0),
+        Some(r) => (r.required_bytes, r.limit_bytes),
+    };
+    if required < 0 || limit < 0 {
+        return Err(Status::invalid_argument(format!(
+            "capacity_range is negative (required {required}, limit {limit})"
+        )));
+    }
+    let (required, limit) = (required as u64, limit as u64);
+    if limit != 0 && limit < required {
+        return Err(Status::out_of_range(format!(
+            "capacity_range limit {limit} is below required {required}"
+        )));
+    }
+    let wanted = match (required, limit) {
+        (0, 0) => DEFAULT_VOLUME_BYTES,
+        (0, l) => DEFAULT_VOLUME_BYTES.min(l),
+        (r, _) => r,
+    };
+    let usable = wanted.div_ceil(4096) * 4096;
+    if limit != 0 && usable > limit {
+        return Err(Status::out_of_range(format!(
+            "{required} bytes rounded to whole 4 KiB sectors ({usable}) exceed the limit {limit}"
+        )));
+    }
+    Ok(usable)
+}
+
+pub struct ControllerService {
+    backend: Arc<dyn DiskBackend>,
+    /// Nodes the local backend can attach to (the machine it runs on).
+    local_nodes: Option<Vec<String>>,
+    guards: Guards,
+}
+
+impl ControllerService {
+    pub fn new(backend: Arc<dyn DiskBackend>, local_nodes: Option<Vec<String>>) -> Self {
+        ControllerService {
+            backend,
+            local_nodes,
+            guards: Guards::default(),
+        }
+    }
+
+    fn volume(&self, disk: &Disk, options: Option<VolumeOptions>) -> Volume {
+        let content_source = disk.source.as_ref().map(|s| VolumeContentSource {
+            r#type: Some(match s {
+                DiskSource::Snapshot(id) => volume_content_source::Type::Snapshot(SnapshotSource {
+                    snapshot_id: id.to_string(),
+                }),
+                DiskSource::Disk(id) => volume_content_source::Type::Volume(VolumeSource {
+                    volume_id: id.to_string(),
+                }),
+            }),
+        });
+        Volume {
+            capacity_bytes: disk.capacity_bytes as i64,
+            volume_id: disk.id.to_string(),
+            volume_context: options
+                .map(VolumeOptions::to_volume_context)
+                .unwrap_or_default(),
+            content_source,
+            accessible_topology: disk
+                .topology
+                .iter()
+                .map(|t| Topology {
+                    segments: t.clone().into_iter().collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// A volume id from a request: INVALID_ARGUMENT when empty, NOT_FOUND when it
+    /// cannot name a volume of ours.
+    fn parse_volume_id(&self, field: &str, id: &str) -> Result<VolumeId, Status> {
+        validate::required(field, id)?;
+        let parsed: VolumeId = id
+            .parse()
+            .map_err(|e| Status::not_found(format!("{field}: no such volume: {e}")))?;
+        if parsed.backend() != self.backend.kind() {
+            return Err(Status::not_found(format!(
+                "{field} {id:?} belongs to the {} backend; this controller serves {}",
+                parsed.backend(),
+                self.backend.kind()
+            )));
+        }
+        Ok(parsed)
+    }
+
+    async fn existing_disk(&self, field: &str, id: &str) -> Result<Disk, Status> {
+        let id = self.parse_volume_id(field, id)?;
+        self.backend
+            .get_disk(&id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))
+    }
+}
+
+fn topology_requirement(req: Option<&TopologyRequirementProto>) -> Option<TopologyRequirement> {
+    let to_map = |t: &Topology| {
+        t.segments
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    req.map(|r| TopologyRequirement {
+        requisite: r.requisite.iter().map(to_map).collect(),
+        preferred: r.preferred.iter().map(to_map).collect(),
+    })
+}
+
+type TopologyRequirementProto = crate::proto::csi::TopologyRequirement;
+
+fn snapshot(s: &BackendSnapshot) -> crate::proto::csi::Snapshot {
+    crate::proto::csi::Snapshot {
+        size_bytes: s.size_bytes as i64,
+        snapshot_id: s.id.to_string(),
+        source_volume_id: s.source.to_string(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: s.created_unix_nanos.div_euclid(1_000_000_000),
+            nanos: s.created_unix_nanos.rem_euclid(1_000_000_000) as i32,
+        }),
+        ready_to_use: s.ready,
+        group_snapshot_id: String::new(),
+        accessible_topology: Vec::new(),
+    }
+}
+
+fn page_size(max_entries: i32) -> Result<u32, Status> {
+    u32::try_from(max_entries)
+        .map_err(|_| Status::invalid_argument(format!("max_entries {max_entries} is negative")))
+}
+
+fn token(t: &str) -> Option<&str> {
+    (!t.is_empty()).then_some(t)
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    #[tracing::instrument(skip_all, fields(name = %request.get_ref().name))]
+    async fn create_volume(
+        &self,
+        request: Request<CreateVolumeRequest>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
+        let req = request.into_inner();
+        validate::required_id("name", &req.name)?;
+        validate::capabilities(&req.volume_capabilities)?;
+        let (options, backend_params) = VolumeOptions::from_parameters(&req.parameters)?;
+        self.backend.validate_parameters(&backend_params)?;
+        let usable = usable_bytes(req.capacity_range.as_ref())?;
+        let source = match req
+            .volume_content_source
+            .as_ref()
+            .and_then(|s| s.r#type.as_ref())
+        {
+            None => None,
+            Some(volume_content_source::Type::Snapshot(s)) => {
+                let id: SnapshotId = validate::required("snapshot_id", &s.snapshot_id)?
+                    .parse()
+                    .map_err(|e| Status::not_found(format!("source snapshot: {e}")))?;
+                Some(DiskSource::Snapshot(id))
+            }
+            Some(volume_content_source::Type::Volume(v)) => Some(DiskSource::Disk(
+                self.parse_volume_id("source volume_id", &v.volume_id)?,
+            )),
+        };
+        let _held = self.guards.take(&format!("create/{}", req.name))?;
+        let spec = DiskSpec {
+            name: req.name.clone(),
+            capacity_bytes: disk_bytes_for(usable, options.integrity),
+            source,
+            parameters: backend_params,
+            accessibility: topology_requirement(req.accessibility_requirements.as_ref()),
+        };
+        let disk = self.backend.create_disk(&spec).await?;
+        tracing::info!(volume = %disk.id, bytes = usable, "volume ready");
+        let mut volume = self.volume(&disk, Some(options));
+        // Report what the user asked for and can use, not the disk's raw size.
+        volume.capacity_bytes = usable as i64;
+        Ok(Response::new(CreateVolumeResponse {
+            volume: Some(volume),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %request.get_ref().volume_id))]
+    async fn delete_volume(
+        &self,
+        request: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let req = request.into_inner();
+        validate::required("volume_id", &req.volume_id)?;
+        // An id that cannot be ours names no volume: deleting it is done already.
+        let Ok(id) = self.parse_volume_id("volume_id", &req.volume_id) else {
+            return Ok(Response::new(DeleteVolumeResponse {}));
+        };
+        let _held = self.guards.take(&id.to_string())?;
+        self.backend.delete_disk(&id).await?;
+        Ok(Response::new(DeleteVolumeResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %request.get_ref().volume_id, node = %request.get_ref().node_id))]
+    async fn controller_publish_volume(
+        &self,
+        request: Request<ControllerPublishVolumeRequest>,
+    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        validate::required("volume_id", &req.volume_id)?;
+        validate::required_id("node_id", &req.node_id)?;
+        validate::one_capability(req.volume_capability.as_ref())?;
+        let disk = self.existing_disk("volume_id", &req.volume_id).await?;
+        if let Some(nodes) = &self.local_nodes
+            && !nodes.contains(&req.node_id)
+        {
+            return Err(Status::not_found(format!(
+                "node {:?} is unknown: the local backend serves only {nodes:?}",
+                req.node_id
+            )));
+        }
+        if disk.attached_to.iter().any(|n| n != &req.node_id) {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is published on node {:?}; unpublish it there first",
+                disk.id, disk.attached_to
+            )));
+        }
+        let _held = self.guards.take(&disk.id.to_string())?;
+        let context = self
+            .backend
+            .attach(&disk.id, &req.node_id, req.readonly)
+            .await?;
+        Ok(Response::new(ControllerPublishVolumeResponse {
+            publish_context: context.into_iter().collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %request.get_ref().volume_id, node = %request.get_ref().node_id))]
+    async fn controller_unpublish_volume(
+        &self,
+        request: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        validate::required("volume_id", &req.volume_id)?;
+        // A volume that does not exist is unpublished everywhere.
+        let Ok(id) = self.parse_volume_id("volume_id", &req.volume_id) else {
+            return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
+        };
+        let _held = self.guards.take(&id.to_string())?;
+        if req.node_id.is_empty() {
+            if let Some(disk) = self.backend.get_disk(&id).await? {
+                for node in &disk.attached_to {
+                    self.backend.detach(&id, node).await?;
+                }
+            }
+        } else {
+            self.backend.detach(&id, &req.node_id).await?;
+        }
+        Ok(Response::new(ControllerUnpublishVolumeResponse {}))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = request.into_inner();
+        validate::required("volume_id", &req.volume_id)?;
+        if req.volume_capabilities.is_empty() {
+            return Err(Status::invalid_argument("volume_capabilities is required"));
+        }
+        self.existing_disk("volume_id", &req.volume_id).await?;
+        let (options, backend_params) = VolumeOptions::from_parameters(&req.parameters)?;
+        self.backend.validate_parameters(&backend_params)?;
+        if let Err(e) = VolumeOptions::from_volume_context(&req.volume_context) {
+            return Ok(Response::new(ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: e.message().to_string(),
+            }));
+        }
+        for cap in &req.volume_capabilities {
+            if let Err(why) = validate::capability(cap) {
+                return Ok(Response::new(ValidateVolumeCapabilitiesResponse {
+                    confirmed: None,
+                    message: why,
+                }));
+            }
+        }
+        let _ = options;
+        Ok(Response::new(ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(validate_volume_capabilities_response::Confirmed {
+                volume_context: req.volume_context,
+                volume_capabilities: req.volume_capabilities,
+                parameters: req.parameters,
+                mutable_parameters: HashMap::new(),
+            }),
+            message: String::new(),
+        }))
+    }
+
+    async fn list_volumes(
+        &self,
+        request: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
+        let req = request.into_inner();
+        let max = page_size(req.max_entries)?;
+        let (disks, next) = self
+            .backend
+            .list_disks(token(&req.starting_token), max)
+            .await?;
+        let entries = disks
+            .iter()
+            .map(|d| list_volumes_response::Entry {
+                volume: Some(self.volume(d, None)),
+                status: Some(list_volumes_response::VolumeStatus {
+                    published_node_ids: d.attached_to.clone(),
+                }),
+            })
+            .collect();
+        Ok(Response::new(ListVolumesResponse {
+            entries,
+            next_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_capacity(
+        &self,
+        request: Request<GetCapacityRequest>,
+    ) -> Result<Response<GetCapacityResponse>, Status> {
+        let req = request.into_inner();
+        for cap in &req.volume_capabilities {
+            validate::capability(cap).map_err(Status::invalid_argument)?;
+        }
+        let (_, backend_params) = VolumeOptions::from_parameters(&req.parameters)?;
+        self.backend.validate_parameters(&backend_params)?;
+        let topology: Option<BTreeMap<String, String>> =
+            req.accessible_topology.as_ref().map(|t| {
+                t.segments
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            });
+        let available = self
+            .backend
+            .capacity(&backend_params, topology.as_ref())
+            .await?;
+        let available = available.saturating_sub(LUKS2_HEADER_BYTES);
+        Ok(Response::new(GetCapacityResponse {
+            available_capacity: available as i64,
+            maximum_volume_size: self
+                .backend
+                .max_volume_bytes()
+                .map(|m| m.saturating_sub(LUKS2_HEADER_BYTES) as i64),
+            minimum_volume_size: Some(4096),
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _request: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        let rpc = |t: Rpc| ControllerServiceCapability {
+            r#type: Some(controller_service_capability::Type::Rpc(
+                controller_service_capability::Rpc { r#type: t as i32 },
+            )),
+        };
+        Ok(Response::new(ControllerGetCapabilitiesResponse {
+            capabilities: [
+                Rpc::CreateDeleteVolume,
+                Rpc::PublishUnpublishVolume,
+                Rpc::ListVolumes,
+                Rpc::GetCapacity,
+                Rpc::CreateDeleteSnapshot,
+                Rpc::ListSnapshots,
+                Rpc::CloneVolume,
+                Rpc::PublishReadonly,
+                Rpc::ListVolumesPublishedNodes,
+                Rpc::GetVolume,
+                Rpc::SingleNodeMultiWriter,
+            ]
+            .into_iter()
+            .map(rpc)
+            .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(name = %request.get_ref().name, source = %request.get_ref().source_volume_id))]
+    async fn create_snapshot(
+        &self,
+        request: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        validate::required_id("name", &req.name)?;
+        validate::required("source_volume_id", &req.source_volume_id)?;
+        if !req.parameters.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "snapshot parameters are not supported; got {:?}",
+                req.parameters.keys().collect::<Vec<_>>()
+            )));
+        }
+        let source = self.parse_volume_id("source_volume_id", &req.source_volume_id)?;
+        let _held = self.guards.take(&format!("snapshot/{}", req.name))?;
+        let snap = self.backend.create_snapshot(&source, &req.name).await?;
+        Ok(Response::new(CreateSnapshotResponse {
+            snapshot: Some(snapshot(&snap)),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        validate::required("snapshot_id", &req.snapshot_id)?;
+        let Ok(id) = req.snapshot_id.parse::<SnapshotId>() else {
+            return Ok(Response::new(DeleteSnapshotResponse {}));
+        };
+        let _held = self.guards.take(&format!("snapshot-id/{id}"))?;
+        self.backend.delete_snapshot(&id).await?;
+        Ok(Response::new(DeleteSnapshotResponse {}))
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        let max = page_size(req.max_entries)?;
+        // Filters that cannot name anything of ours match nothing.
+        let empty = || Ok(Response::new(ListSnapshotsResponse::default()));
+        let source = match token(&req.source_volume_id) {
+            None => None,
+            Some(s) => match s.parse::<VolumeId>() {
+                Ok(id) => Some(id),
+                Err(_) => return empty(),
+            },
+        };
+        let snapshot_id = match token(&req.snapshot_id) {
+            None => None,
+            Some(s) => match s.parse::<SnapshotId>() {
+                Ok(id) => Some(id),
+                Err(_) => return empty(),
+            },
+        };
+        let (snaps, next) = self
+            .backend
+            .list_snapshots(
+                source.as_ref(),
+                snapshot_id.as_ref(),
+                token(&req.starting_token),
+                max,
+            )
+            .await?;
+        Ok(Response::new(ListSnapshotsResponse {
+            entries: snaps
+                .iter()
+                .map(|s| list_snapshots_response::Entry {
+                    snapshot: Some(snapshot(s)),
+                })
+                .collect(),
+            next_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn controller_get_volume(
+        &self,
+        request: Request<ControllerGetVolumeRequest>,
+    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let disk = self.existing_disk("volume_id", &req.volume_id).await?;
+        Ok(Response::new(ControllerGetVolumeResponse {
+            volume: Some(self.volume(&disk, None)),
+            status: Some(controller_get_volume_response::VolumeStatus {
+                published_node_ids: disk.attached_to.clone(),
+            }),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usable_size_honours_the_range() {
+        let range = |r, l| {
+            Some(CapacityRange {
+                required_bytes: r,
+                limit_bytes: l,
+            })
+        };
+        assert_eq!(usable_bytes(None).unwrap(), DEFAULT_VOLUME_BYTES);
+        assert_eq!(usable_bytes(range(1, 0).as_ref()).unwrap(), 4096);
+        assert_eq!(usable_bytes(range(0, 8192).as_ref()).unwrap(), 8192);
+        assert_eq!(usable_bytes(range(5000, 8192).as_ref()).unwrap(), 8192);
+        let code = |r, l| usable_bytes(range(r, l).as_ref()).unwrap_err().code();
+        assert_eq!(code(5000, 6000), tonic::Code::OutOfRange);
+        assert_eq!(code(10, 5), tonic::Code::OutOfRange);
+        assert_eq!(code(-1, 0), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn disks_leave_the_requested_usable_size() {
+        for usable in [4096, MIB, 1 << 30, 10 << 30] {
+            let plain = disk_bytes_for(usable, Integrity::None);
+            assert!(plain - LUKS2_HEADER_BYTES >= usable);
+            assert_eq!(plain % MIB, 0);
+            let with = disk_bytes_for(usable, Integrity::HmacSha256 { journal: false });
+            assert!(with > plain);
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! CSI Node: from an attached disk to a path a pod uses.
+//!
+//! Stage finds the block device, formats it only when blank, checks its header
+//! against our whitelist, opens it with the key the KMS derives from the header's
+//! UUID, and mounts the filesystem (block volumes stop at the open mapping).
+//! Every step looks at what is already true (is it open? mounted where?) so a
+//! retry after a crash at any point finishes the work.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status};
+
+use super::guard::Guards;
+use super::params::VolumeOptions;
+use super::validate::{self, Access};
+use crate::crypt::{
+    self, DeviceState, FormatOptions, HeaderInfo, KeyId, MapperName, OpenOptions, Token,
+};
+use crate::kms::{DEFAULT_KEY_LEN, DataKey, KeySource};
+use crate::mount::{self, FsProbe, FsType, Unmounted};
+use crate::proto::csi::node_server::Node;
+use crate::proto::csi::node_service_capability::{self, rpc::Type as Rpc};
+use crate::proto::csi::*;
+use crate::volume::{BackendKind, VolumeId};
+
+/// Publish-context key of the local backend: the image file to attach.
+pub const LOCAL_IMAGE_PATH: &str = "localImagePath";
+/// Topology key of the local backend: the machine its images live on.
+pub const TOPOLOGY_NODE: &str = "topology.cryptdisk.csi.io/node";
+
+pub struct NodeConfig {
+    pub node_id: String,
+    /// Data directory of the local backend, when this node serves it.
+    pub local_data_dir: Option<PathBuf>,
+    /// Segments NodeGetInfo reports.
+    pub topology: BTreeMap<String, String>,
+    /// Most volumes this node takes (0: no limit).
+    pub max_volumes: i64,
+    /// Crypt and mkfs operations allowed to run at once.
+    pub max_parallel_work: usize,
+}
+
+pub struct NodeService {
+    config: NodeConfig,
+    keys: Arc<dyn KeySource>,
+    guards: Guards,
+    work: Arc<Semaphore>,
+}
+
+/// A path from a request: required, absolute, without `..` or NUL.
+fn request_path(field: &str, value: &str) -> Result<PathBuf, Status> {
+    validate::required(field, value)?;
+    let path = PathBuf::from(value);
+    if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(Status::invalid_argument(format!(
+            "{field} {value:?} must be an absolute path without '..'"
+        )));
+    }
+    Ok(path)
+}
+
+fn volume_id(value: &str) -> Result<VolumeId, Status> {
+    validate::required("volume_id", value)?;
+    value
+        .parse()
+        .map_err(|e| Status::not_found(format!("volume_id: no such volume: {e}")))
+}
+
+impl NodeService {
+    pub fn new(config: NodeConfig, keys: Arc<dyn KeySource>) -> Self {
+        let work = Arc::new(Semaphore::new(config.max_parallel_work.max(1)));
+        NodeService {
+            config,
+            keys,
+            guards: Guards::default(),
+            work,
+        }
+    }
+
+    /// The image file of a local-backend volume: computed from the volume id, so
+    /// nothing a request says can point the node at another file.
+    fn local_image(&self, id: &VolumeId) -> Result<PathBuf, Status> {
+        let dir = self.config.local_data_dir.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "volume {id} is on the local backend, which this node does not serve"
+            ))
+        })?;
+        Ok(dir.join("disks").join(format!("{}.img", id.disk())))
+    }
+
+    /// Finds (for the local backend: attaches) the volume's block device.
+    async fn block_device(
+        &self,
+        id: &VolumeId,
+        publish_context: &HashMap<String, String>,
+    ) -> Result<PathBuf, Status> {
+        match id.backend() {
+            BackendKind::Local => {
+                let image = self.local_image(id)?;
+                if let Some(given) = publish_context.get(LOCAL_IMAGE_PATH)
+                    && Path::new(given) != image
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "publish_context {LOCAL_IMAGE_PATH} {given:?} is not this volume's image"
+                    )));
+                }
+                if !image.exists() {
+                    return Err(Status::not_found(format!(
+                        "volume {id}: image {} does not exist",
+                        image.display()
+                    )));
+                }
+                Ok(mount::loopdev::attach(&image).await?)
+            }
+            other => Err(Status::unimplemented(format!(
+                "volumes of the {other} backend are not served by this node yet"
+            ))),
+        }
+    }
+
+    /// Formats a blank device or accepts one of ours; returns its header and,
+    /// after a format, the key it was made with (saving a second KMS call).
+    async fn prepare_device(
+        &self,
+        device: &Path,
+        options: &VolumeOptions,
+    ) -> Result<(HeaderInfo, Option<DataKey>), Status> {
+        match crypt::inspect(device).await? {
+            DeviceState::Formatted(header) => Ok((header, None)),
+            DeviceState::Blank(blank) => {
+                let key_id = KeyId::new_random();
+                // A key that cannot be had means nothing is written.
+                let key = self.keys.data_key(key_id.as_str(), DEFAULT_KEY_LEN).await?;
+                let format = FormatOptions {
+                    key_id: key_id.clone(),
+                    token: Token {
+                        key_id: key_id.to_string(),
+                        key_version: self.keys.current_version(),
+                        kms: self.keys.identity().to_string(),
+                        content: None,
+                    },
+                    integrity: options.integrity,
+                    bypass_workqueues: options.bypass_workqueues,
+                };
+                tracing::info!(device = %device.display(), %key_id, "formatting blank device");
+                crypt::format(blank, &key, &format).await?;
+                let header = crypt::read_header(device).await?;
+                Ok((header, Some(key)))
+            }
+        }
+    }
+
+    async fn stage(&self, req: NodeStageVolumeRequest) -> Result<(), Status> {
+        let id = volume_id(&req.volume_id)?;
+        let staging = request_path("staging_target_path", &req.staging_target_path)?;
+        let (access, mode) = validate::one_capability(req.volume_capability.as_ref())?;
+        let options = VolumeOptions::from_volume_context(&req.volume_context)?;
+        let _held = self.guards.take(&id.to_string())?;
+        let _permit = self
+            .work
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
+
+        let device = self.block_device(&id, &req.publish_context).await?;
+        // The header is checked on every stage, open mapping or not.
+        let (header, fresh_key) = self.prepare_device(&device, &options).await?;
+        let content = header.token.as_ref().and_then(|t| t.content.clone());
+        let name = MapperName::for_volume(&id.to_string());
+        if crypt::status(&name).await?.is_none() {
+            let key = match fresh_key {
+                Some(k) => k,
+                None => {
+                    self.keys
+                        .data_key(header.key_id.as_str(), DEFAULT_KEY_LEN)
+                        .await?
+                }
+            };
+            let open = OpenOptions {
+                allow_discards: options.allow_discards,
+                read_only: false,
+            };
+            crypt::open(&device, &name, &key, &open).await?;
+        }
+        let mapped = name.device_path();
+        match access {
+            Access::Block => match content.as_deref() {
+                None => Ok(crypt::set_content(&device, "block").await?),
+                Some("block") => Ok(()),
+                Some(fs) => Err(Status::failed_precondition(format!(
+                    "volume {id} holds an {fs} filesystem; stage it as a mount volume"
+                ))),
+            },
+            Access::Mount { fs, flags } => {
+                let read_only = validate::mode_read_only(mode);
+                self.make_filesystem(&device, &mapped, fs, content.as_deref(), read_only)
+                    .await?;
+                self.mount_staging(&mapped, &staging, fs, &flags, read_only)
+                    .await
+            }
+        }
+    }
+
+    /// Makes the filesystem of a fresh volume and records it in the token; checks
+    /// that a used volume holds the filesystem its token names.
+    async fn make_filesystem(
+        &self,
+        device: &Path,
+        mapped: &Path,
+        fs: FsType,
+        content: Option<&str>,
+        read_only: bool,
+    ) -> Result<(), Status> {
+        match content {
+            Some(c) if c == fs.as_str() => return Ok(()),
+            Some("block") => {
+                return Err(Status::failed_precondition(
+                    "the volume was used as a raw block device; it is never formatted",
+                ));
+            }
+            Some(other) => {
+                return Err(Status::failed_precondition(format!(
+                    "the volume holds {other}, not the {fs} asked for"
+                )));
+            }
+            None => {}
+        }
+        // A fresh volume: its mapped content is noise, unless a stage that made
+        // the filesystem crashed before it could record it.
+        if mount::probe_fs(mapped).await? != FsProbe::Fs(fs) {
+            if read_only {
+                return Err(Status::failed_precondition(
+                    "a new volume has no filesystem yet and cannot be staged read-only",
+                ));
+            }
+            tracing::info!(device = %mapped.display(), %fs, "making filesystem");
+            mount::mkfs(mapped, fs).await?;
+        }
+        crypt::set_content(device, fs.as_str()).await?;
+        Ok(())
+    }
+
+    async fn mount_staging(
+        &self,
+        mapped: &Path,
+        staging: &Path,
+        fs: FsType,
+        flags: &[String],
+        read_only: bool,
+    ) -> Result<(), Status> {
+        let want = mount::device_number(mapped)?;
+        if let Some(found) = mount::mounted_device(staging)? {
+            if found == want {
+                return Ok(());
+            }
+            return Err(Status::already_exists(format!(
+                "{} already holds another device ({}:{}); this volume is {}",
+                staging.display(),
+                found.0,
+                found.1,
+                mapped.display()
+            )));
+        }
+        match mount::probe_fs(mapped).await? {
+            FsProbe::Fs(found) if found == fs => {}
+            other => {
+                return Err(Status::failed_precondition(format!(
+                    "the volume's token names {fs} but the device reads as {other:?}; \
+                     inspect it before staging"
+                )));
+            }
+        }
+        if !read_only {
+            mount::fsck(mapped, fs).await?;
+        }
+        tokio::fs::create_dir_all(staging)
+            .await
+            .map_err(|e| Status::internal(format!("create {}: {e}", staging.display())))?;
+        mount::mount_fs(mapped, staging, fs, flags, read_only).await?;
+        Ok(())
+    }
+
+    async fn unstage(&self, req: NodeUnstageVolumeRequest) -> Result<(), Status> {
+        let id = volume_id(&req.volume_id)?;
+        let staging = request_path("staging_target_path", &req.staging_target_path)?;
+        let _held = self.guards.take(&id.to_string())?;
+        if let Unmounted::Unmounted = mount::unmount(&staging).await? {
+            tracing::info!(staging = %staging.display(), "unmounted");
+        }
+        let name = MapperName::for_volume(&id.to_string());
+        crypt::close(&name).await?;
+        if id.backend() == BackendKind::Local && self.config.local_data_dir.is_some() {
+            mount::loopdev::detach(&self.local_image(&id)?).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, req: NodePublishVolumeRequest) -> Result<(), Status> {
+        let id = volume_id(&req.volume_id)?;
+        let staging = request_path("staging_target_path", &req.staging_target_path)?;
+        let target = request_path("target_path", &req.target_path)?;
+        let (access, mode) = validate::one_capability(req.volume_capability.as_ref())?;
+        let read_only = req.readonly || validate::mode_read_only(mode);
+        let _held = self.guards.take(&id.to_string())?;
+        let name = MapperName::for_volume(&id.to_string());
+        let (source, want) = match access {
+            Access::Block => {
+                if crypt::status(&name).await?.is_none() {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {id} is not staged on this node"
+                    )));
+                }
+                let mapped = name.device_path();
+                let want = mount::device_number(&mapped)?;
+                (mapped, want)
+            }
+            Access::Mount { .. } => {
+                let want = mount::mounted_device(&staging)?.ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "volume {id} is not staged at {}",
+                        staging.display()
+                    ))
+                })?;
+                (staging.clone(), want)
+            }
+        };
+        if let Some(found) = mount::mounted_device(&target)? {
+            let entry = mount::find_mount(&target)?;
+            let found_ro = entry.as_ref().is_some_and(mount::is_read_only);
+            if found == want && found_ro == read_only {
+                return Ok(());
+            }
+            return Err(Status::already_exists(format!(
+                "{} is already mounted with other options or another device",
+                target.display()
+            )));
+        }
+        let made = match access {
+            Access::Block => {
+                if let Some(parent) = target.parent() {
+                    tokio::fs::create_dir_all(parent).await?;
+                }
+                tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&target)
+                    .await
+                    .map(|_| ())
+            }
+            Access::Mount { .. } => tokio::fs::create_dir_all(&target).await,
+        };
+        made.map_err(|e| Status::internal(format!("create {}: {e}", target.display())))?;
+        mount::bind_mount(&source, &target, read_only).await?;
+        Ok(())
+    }
+
+    async fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> Result<(), Status> {
+        let id = volume_id(&req.volume_id)?;
+        let target = request_path("target_path", &req.target_path)?;
+        let _held = self.guards.take(&id.to_string())?;
+        mount::unmount(&target).await?;
+        match tokio::fs::symlink_metadata(&target).await {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Status::internal(format!(
+                "inspect {}: {e}",
+                target.display()
+            ))),
+            Ok(meta) => {
+                let removed = if meta.is_dir() {
+                    tokio::fs::remove_dir(&target).await
+                } else {
+                    tokio::fs::remove_file(&target).await
+                };
+                removed.map_err(|e| Status::internal(format!("remove {}: {e}", target.display())))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    #[tracing::instrument(skip_all, fields(volume = %request.get_ref().volume_id))]
+    async fn node_stage_volume(
+        &self,
+        request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        self.stage(request.into_inner()).await?;
+        Ok(Response::new(NodeStageVolumeResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %request.get_ref().volume_id))]
+    async fn node_unstage_volume(
+        &self,
+        request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        self.unstage(request.into_inner()).await?;
+        Ok(Response::new(NodeUnstageVolumeResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %request.get_ref().volume_id))]
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        self.publish(request.into_inner()).await?;
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %request.get_ref().volume_id))]
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        self.unpublish(request.into_inner()).await?;
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        let rpc = |t: Rpc| NodeServiceCapability {
+            r#type: Some(node_service_capability::Type::Rpc(
+                node_service_capability::Rpc { r#type: t as i32 },
+            )),
+        };
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: vec![
+                rpc(Rpc::StageUnstageVolume),
+                rpc(Rpc::SingleNodeMultiWriter),
+            ],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _request: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        let topology = (!self.config.topology.is_empty()).then(|| Topology {
+            segments: self.config.topology.clone().into_iter().collect(),
+        });
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.config.node_id.clone(),
+            max_volumes_per_node: self.config.max_volumes,
+            accessible_topology: topology,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_paths_must_be_absolute_and_plain() {
+        assert!(request_path("p", "/var/lib/kubelet/x").is_ok());
+        for bad in ["", "relative", "/a/../b", "/a/\0b"] {
+            assert_eq!(
+                request_path("p", bad).unwrap_err().code(),
+                tonic::Code::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,1073 @@
+//! The whole volume lifecycle over gRPC against the real binary (`cryptdisk-csi
+//! dev` on a unix socket), with real dm-crypt, loop devices and mounts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cryptdisk_csi::client;
+use cryptdisk_csi::config::Endpoint;
+use cryptdisk_csi::proto::csi::controller_client::ControllerClient;
+use cryptdisk_csi::proto::csi::node_client::NodeClient;
+use cryptdisk_csi::proto::csi::volume_capability::access_mode::Mode;
+use cryptdisk_csi::proto::csi::volume_capability::{
+    AccessMode, AccessType, BlockVolume, MountVolume,
+};
+use cryptdisk_csi::proto::csi::*;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::{Case, CaseResult, Ctx, check, ensure};
+
+pub fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "lifecycle_mount_ext4_snapshot_restore",
+            run: |c| Box::pin(mount_lifecycle(c)),
+        },
+        Case {
+            name: "lifecycle_block_volume",
+            run: |c| Box::pin(block_lifecycle(c)),
+        },
+        Case {
+            name: "lifecycle_xfs_read_only_publish",
+            run: |c| Box::pin(xfs_read_only(c)),
+        },
+        Case {
+            name: "lifecycle_error_codes",
+            run: |c| Box::pin(error_codes(c)),
+        },
+        Case {
+            name: "lifecycle_non_blank_images_are_refused_untouched",
+            run: |c| Box::pin(non_blank(c)),
+        },
+        Case {
+            name: "lifecycle_foreign_headers_are_refused",
+            run: |c| Box::pin(foreign_headers(c)),
+        },
+        Case {
+            name: "lifecycle_concurrent_stage_is_aborted",
+            run: |c| Box::pin(concurrent_stage(c)),
+        },
+    ]
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_cryptdisk-csi");
+const MIB: i64 = 1 << 20;
+const NODE: &str = "vm-node";
+
+/// A running `cryptdisk-csi dev` with its own data directory under /tmp.
+pub struct Driver {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub controller: ControllerClient<Channel>,
+    pub node: NodeClient<Channel>,
+}
+
+impl Driver {
+    pub async fn start(tag: &str) -> Result<Driver, String> {
+        let dir = PathBuf::from(format!("/tmp/cryptdisk-vm-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        check!(std::fs::create_dir_all(&dir));
+        Self::start_in(dir).await
+    }
+
+    /// Starts (or restarts) the driver on an existing directory.
+    pub async fn start_in(dir: PathBuf) -> Result<Driver, String> {
+        let socket = dir.join("csi.sock");
+        let log = check!(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("driver.log"))
+        );
+        let child = check!(
+            Command::new(BIN)
+                .arg("dev")
+                .arg(format!("--endpoint=unix://{}", socket.display()))
+                .arg(format!("--data-dir={}", dir.join("data").display()))
+                .arg(format!("--node-id={NODE}"))
+                .arg("--log-level=debug")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if Instant::now() > deadline {
+                return Err(format!("driver never listened on {}", socket.display()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let channel =
+            check!(client::connect(&Endpoint::Unix(socket.clone()), Duration::from_secs(5)).await);
+        Ok(Driver {
+            child: Some(child),
+            dir,
+            socket,
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+        })
+    }
+
+    /// SIGKILL: a crash, with nothing cleaned up.
+    pub fn kill(mut self) -> PathBuf {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.dir.clone()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("driver.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn mount_cap(fs: &str, mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            mount_flags: vec![],
+            volume_mount_group: String::new(),
+        })),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn block_cap() -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+pub fn create_req(name: &str, bytes: i64, cap: VolumeCapability) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap],
+        ..Default::default()
+    }
+}
+
+/// Everything a staged and published volume needs to be found again.
+pub struct Staged {
+    pub volume: Volume,
+    pub publish_context: HashMap<String, String>,
+    pub staging: PathBuf,
+    pub target: PathBuf,
+    pub cap: VolumeCapability,
+}
+
+/// Create → ControllerPublish → NodeStage → NodePublish, each called twice to
+/// prove idempotence.
+pub async fn provision(d: &mut Driver, req: CreateVolumeRequest) -> Result<Staged, String> {
+    let cap = req.volume_capabilities[0].clone();
+    let volume = check!(d.controller.create_volume(req.clone()).await)
+        .into_inner()
+        .volume
+        .ok_or("no volume")?;
+    let again = check!(d.controller.create_volume(req.clone()).await)
+        .into_inner()
+        .volume
+        .ok_or("no volume")?;
+    ensure!(
+        again.volume_id == volume.volume_id,
+        "second create made {} not {}",
+        again.volume_id,
+        volume.volume_id
+    );
+    let attach = ControllerPublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        node_id: NODE.into(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    let publish_context = check!(d.controller.controller_publish_volume(attach.clone()).await)
+        .into_inner()
+        .publish_context;
+    check!(d.controller.controller_publish_volume(attach).await);
+    let base = d.dir.join("kubelet").join(&req.name);
+    let staging = base.join("staging");
+    let target = base.join("target");
+    check!(std::fs::create_dir_all(&staging));
+    stage(d, &volume, &publish_context, &staging, &cap).await?;
+    stage(d, &volume, &publish_context, &staging, &cap).await?;
+    let staged = Staged {
+        volume,
+        publish_context,
+        staging,
+        target,
+        cap,
+    };
+    publish(d, &staged, false).await?;
+    publish(d, &staged, false).await?;
+    Ok(staged)
+}
+
+pub async fn stage(
+    d: &mut Driver,
+    volume: &Volume,
+    publish_context: &HashMap<String, String>,
+    staging: &Path,
+    cap: &VolumeCapability,
+) -> Result<(), String> {
+    check!(
+        d.node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: volume.volume_id.clone(),
+                publish_context: publish_context.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap.clone()),
+                volume_context: volume.volume_context.clone(),
+                ..Default::default()
+            })
+            .await
+    );
+    Ok(())
+}
+
+pub async fn publish(d: &mut Driver, s: &Staged, readonly: bool) -> Result<(), String> {
+    check!(
+        d.node
+            .node_publish_volume(NodePublishVolumeRequest {
+                volume_id: s.volume.volume_id.clone(),
+                publish_context: s.publish_context.clone(),
+                staging_target_path: s.staging.display().to_string(),
+                target_path: s.target.display().to_string(),
+                volume_capability: Some(s.cap.clone()),
+                readonly,
+                volume_context: s.volume.volume_context.clone(),
+                ..Default::default()
+            })
+            .await
+    );
+    Ok(())
+}
+
+/// NodeUnpublish → NodeUnstage → ControllerUnpublish, each twice.
+pub async fn release(d: &mut Driver, s: &Staged) -> Result<(), String> {
+    for _ in 0..2 {
+        check!(
+            d.node
+                .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                    volume_id: s.volume.volume_id.clone(),
+                    target_path: s.target.display().to_string(),
+                })
+                .await
+        );
+    }
+    ensure!(
+        !s.target.exists(),
+        "target {} left after unpublish",
+        s.target.display()
+    );
+    for _ in 0..2 {
+        check!(
+            d.node
+                .node_unstage_volume(NodeUnstageVolumeRequest {
+                    volume_id: s.volume.volume_id.clone(),
+                    staging_target_path: s.staging.display().to_string(),
+                })
+                .await
+        );
+    }
+    for _ in 0..2 {
+        check!(
+            d.controller
+                .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                    volume_id: s.volume.volume_id.clone(),
+                    node_id: NODE.into(),
+                    ..Default::default()
+                })
+                .await
+        );
+    }
+    Ok(())
+}
+
+pub async fn delete(d: &mut Driver, volume_id: &str) -> Result<(), String> {
+    for _ in 0..2 {
+        check!(
+            d.controller
+                .delete_volume(DeleteVolumeRequest {
+                    volume_id: volume_id.into(),
+                    ..Default::default()
+                })
+                .await
+        );
+    }
+    Ok(())
+}
+
+/// The image file behind a local volume id (`local:<node>:<disk>`).
+pub fn image_of(d: &Driver, volume_id: &str) -> PathBuf {
+    let disk = volume_id.rsplit(':').next().unwrap_or_default();
+    d.dir.join("data/disks").join(format!("{disk}.img"))
+}
+
+fn open_mappings() -> Vec<String> {
+    std::fs::read_dir("/dev/mapper")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("cryptdisk-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn file_contains(path: &Path, needle: &[u8]) -> std::io::Result<bool> {
+    let bytes = std::fs::read(path)?;
+    Ok(memchr::memmem::find(&bytes, needle).is_some())
+}
+
+fn code_of<T>(r: Result<T, tonic::Status>) -> Option<Code> {
+    r.err().map(|s| s.code())
+}
+
+async fn mount_lifecycle(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("mount").await?;
+    let s = provision(
+        &mut d,
+        create_req(
+            "pvc-ext4",
+            64 * MIB,
+            mount_cap("ext4", Mode::SingleNodeWriter),
+        ),
+    )
+    .await?;
+    ensure!(
+        s.volume.capacity_bytes == 64 * MIB,
+        "capacity {}",
+        s.volume.capacity_bytes
+    );
+    let secret = b"cryptdisk lifecycle: this must never be on the disk in clear".repeat(64);
+    check!(std::fs::write(s.target.join("secret.txt"), &secret));
+    release(&mut d, &s).await?;
+    let mapping = cryptdisk_csi::crypt::MapperName::for_volume(&s.volume.volume_id);
+    ensure!(
+        !open_mappings().contains(&mapping.as_str().to_string()),
+        "mapping left after unstage"
+    );
+    let image = image_of(&d, &s.volume.volume_id);
+    ensure!(
+        !check!(file_contains(&image, &secret[..60])),
+        "plaintext in {}",
+        image.display()
+    );
+
+    // Stage again: the data reads back through a fresh mapping.
+    let s2 = provision(
+        &mut d,
+        create_req(
+            "pvc-ext4",
+            64 * MIB,
+            mount_cap("ext4", Mode::SingleNodeWriter),
+        ),
+    )
+    .await?;
+    ensure!(
+        s2.volume.volume_id == s.volume.volume_id,
+        "same name, same volume"
+    );
+    ensure!(
+        check!(std::fs::read(s2.target.join("secret.txt"))) == secret,
+        "data did not survive restage"
+    );
+    release(&mut d, &s2).await?;
+
+    // Snapshot, restore to a new volume, read the file there.
+    let snap = check!(
+        d.controller
+            .create_snapshot(CreateSnapshotRequest {
+                source_volume_id: s.volume.volume_id.clone(),
+                name: "snap-1".into(),
+                ..Default::default()
+            })
+            .await
+    )
+    .into_inner()
+    .snapshot
+    .ok_or("no snapshot")?;
+    ensure!(snap.ready_to_use, "snapshot not ready");
+    let mut restore = create_req(
+        "pvc-restored",
+        64 * MIB,
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    );
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            },
+        )),
+    });
+    let r = provision(&mut d, restore).await?;
+    ensure!(
+        r.volume.volume_id != s.volume.volume_id,
+        "restore reused the source id"
+    );
+    ensure!(
+        check!(std::fs::read(r.target.join("secret.txt"))) == secret,
+        "restored volume lacks the file"
+    );
+    release(&mut d, &r).await?;
+
+    // List and get see them; then delete everything.
+    let listed = check!(
+        d.controller
+            .list_volumes(ListVolumesRequest::default())
+            .await
+    )
+    .into_inner();
+    ensure!(
+        listed.entries.len() == 2,
+        "listed {} volumes",
+        listed.entries.len()
+    );
+    check!(
+        d.controller
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: snap.snapshot_id,
+                ..Default::default()
+            })
+            .await
+    );
+    delete(&mut d, &r.volume.volume_id).await?;
+    delete(&mut d, &s.volume.volume_id).await?;
+    ensure!(!image.exists(), "image left after delete");
+    let listed = check!(
+        d.controller
+            .list_volumes(ListVolumesRequest::default())
+            .await
+    )
+    .into_inner();
+    ensure!(
+        listed.entries.is_empty(),
+        "volumes left: {}",
+        listed.entries.len()
+    );
+    Ok(())
+}
+
+async fn block_lifecycle(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("block").await?;
+    let s = provision(&mut d, create_req("pvc-block", 32 * MIB, block_cap())).await?;
+    let data = b"block volume marker ".repeat(205);
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = check!(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&s.target)
+        );
+        check!(f.write_all(&data[..4096]));
+        check!(f.sync_all());
+        let size = check!(f.seek(SeekFrom::End(0)));
+        ensure!(size >= 32 * MIB as u64, "block device is {size} bytes");
+        check!(f.seek(SeekFrom::Start(0)));
+        let mut back = vec![0u8; 4096];
+        check!(f.read_exact(&mut back));
+        ensure!(back == data[..4096], "block data did not read back");
+    }
+    release(&mut d, &s).await?;
+    let image = image_of(&d, &s.volume.volume_id);
+    ensure!(
+        !check!(file_contains(&image, &data[..40])),
+        "plaintext on the image"
+    );
+    delete(&mut d, &s.volume.volume_id).await?;
+    Ok(())
+}
+
+async fn xfs_read_only(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("xfs").await?;
+    let s = provision(
+        &mut d,
+        create_req(
+            "pvc-xfs",
+            320 * MIB,
+            mount_cap("xfs", Mode::SingleNodeWriter),
+        ),
+    )
+    .await?;
+    let found =
+        check!(cryptdisk_csi::mount::find_mount(&s.staging)).ok_or("staging not mounted")?;
+    ensure!(found.fstype == "xfs", "staging fstype {}", found.fstype);
+    check!(std::fs::write(s.target.join("f"), b"x"));
+    // A second, read-only publish of the same staged volume.
+    let ro = Staged {
+        target: s.target.with_file_name("target-ro"),
+        ..clone_staged(&s)
+    };
+    publish(&mut d, &ro, true).await?;
+    let err = std::fs::write(ro.target.join("g"), b"y")
+        .err()
+        .map(|e| e.raw_os_error());
+    ensure!(
+        err == Some(Some(libc::EROFS)),
+        "write through a read-only publish: {err:?}"
+    );
+    check!(
+        d.node
+            .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: ro.volume.volume_id.clone(),
+                target_path: ro.target.display().to_string(),
+            })
+            .await
+    );
+    release(&mut d, &s).await?;
+    delete(&mut d, &s.volume.volume_id).await?;
+    Ok(())
+}
+
+fn clone_staged(s: &Staged) -> Staged {
+    Staged {
+        volume: s.volume.clone(),
+        publish_context: s.publish_context.clone(),
+        staging: s.staging.clone(),
+        target: s.target.clone(),
+        cap: s.cap.clone(),
+    }
+}
+
+async fn error_codes(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("errors").await?;
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let c = &mut d.controller;
+    // CreateVolume
+    ensure!(
+        code_of(c.create_volume(create_req("", MIB, cap.clone())).await)
+            == Some(Code::InvalidArgument),
+        "empty name"
+    );
+    let mut no_caps = create_req("x", MIB, cap.clone());
+    no_caps.volume_capabilities.clear();
+    ensure!(
+        code_of(c.create_volume(no_caps).await) == Some(Code::InvalidArgument),
+        "no capabilities"
+    );
+    let multi = mount_cap("ext4", Mode::MultiNodeMultiWriter);
+    ensure!(
+        code_of(c.create_volume(create_req("x", MIB, multi)).await) == Some(Code::InvalidArgument),
+        "multi-node"
+    );
+    ensure!(
+        code_of(
+            c.create_volume(create_req(
+                "x",
+                MIB,
+                mount_cap("btrfs", Mode::SingleNodeWriter)
+            ))
+            .await
+        ) == Some(Code::InvalidArgument),
+        "btrfs"
+    );
+    let mut unknown = create_req("x", MIB, cap.clone());
+    unknown
+        .parameters
+        .insert("cryptdisk.csi.io/cipher".into(), "null".into());
+    ensure!(
+        code_of(c.create_volume(unknown).await) == Some(Code::InvalidArgument),
+        "unknown parameter"
+    );
+    let mut bad_range = create_req("x", 10 * MIB, cap.clone());
+    bad_range.capacity_range = Some(CapacityRange {
+        required_bytes: 10 * MIB,
+        limit_bytes: MIB,
+    });
+    ensure!(
+        code_of(c.create_volume(bad_range).await) == Some(Code::OutOfRange),
+        "limit < required"
+    );
+    let mut from_missing = create_req("x", MIB, cap.clone());
+    from_missing.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: "local:vm-node:snap-none".into(),
+            },
+        )),
+    });
+    ensure!(
+        code_of(c.create_volume(from_missing).await) == Some(Code::NotFound),
+        "missing snapshot source"
+    );
+    let v = check!(
+        c.create_volume(create_req("v1", 16 * MIB, cap.clone()))
+            .await
+    )
+    .into_inner()
+    .volume
+    .ok_or("no volume")?;
+    ensure!(
+        code_of(
+            c.create_volume(create_req("v1", 32 * MIB, cap.clone()))
+                .await
+        ) == Some(Code::AlreadyExists),
+        "same name, other size"
+    );
+    // DeleteVolume
+    ensure!(
+        code_of(c.delete_volume(DeleteVolumeRequest::default()).await)
+            == Some(Code::InvalidArgument),
+        "delete without id"
+    );
+    check!(
+        c.delete_volume(DeleteVolumeRequest {
+            volume_id: "local:vm-node:nope".into(),
+            ..Default::default()
+        })
+        .await
+    );
+    // ControllerPublish
+    let publish =
+        |vol: &str, node: &str, cap: Option<VolumeCapability>| ControllerPublishVolumeRequest {
+            volume_id: vol.into(),
+            node_id: node.into(),
+            volume_capability: cap,
+            ..Default::default()
+        };
+    ensure!(
+        code_of(
+            c.controller_publish_volume(publish("", NODE, Some(cap.clone())))
+                .await
+        ) == Some(Code::InvalidArgument),
+        "publish without volume"
+    );
+    ensure!(
+        code_of(
+            c.controller_publish_volume(publish(&v.volume_id, "", Some(cap.clone())))
+                .await
+        ) == Some(Code::InvalidArgument),
+        "publish without node"
+    );
+    ensure!(
+        code_of(
+            c.controller_publish_volume(publish(&v.volume_id, NODE, None))
+                .await
+        ) == Some(Code::InvalidArgument),
+        "publish without capability"
+    );
+    ensure!(
+        code_of(
+            c.controller_publish_volume(publish("local:vm-node:nope", NODE, Some(cap.clone())))
+                .await
+        ) == Some(Code::NotFound),
+        "publish unknown volume"
+    );
+    ensure!(
+        code_of(
+            c.controller_publish_volume(publish(&v.volume_id, "other-node", Some(cap.clone())))
+                .await
+        ) == Some(Code::NotFound),
+        "publish to unknown node"
+    );
+    ensure!(
+        code_of(
+            c.controller_unpublish_volume(ControllerUnpublishVolumeRequest::default())
+                .await
+        ) == Some(Code::InvalidArgument),
+        "unpublish without volume"
+    );
+    // ValidateVolumeCapabilities
+    let vvc = |vol: &str, caps: Vec<VolumeCapability>| ValidateVolumeCapabilitiesRequest {
+        volume_id: vol.into(),
+        volume_capabilities: caps,
+        ..Default::default()
+    };
+    ensure!(
+        code_of(
+            c.validate_volume_capabilities(vvc("", vec![cap.clone()]))
+                .await
+        ) == Some(Code::InvalidArgument),
+        "vvc without id"
+    );
+    ensure!(
+        code_of(
+            c.validate_volume_capabilities(vvc(&v.volume_id, vec![]))
+                .await
+        ) == Some(Code::InvalidArgument),
+        "vvc without caps"
+    );
+    ensure!(
+        code_of(
+            c.validate_volume_capabilities(vvc("local:vm-node:nope", vec![cap.clone()]))
+                .await
+        ) == Some(Code::NotFound),
+        "vvc unknown"
+    );
+    let ok = check!(
+        c.validate_volume_capabilities(vvc(&v.volume_id, vec![cap.clone()]))
+            .await
+    )
+    .into_inner();
+    ensure!(
+        ok.confirmed.is_some(),
+        "supported capability not confirmed: {}",
+        ok.message
+    );
+    let no = check!(
+        c.validate_volume_capabilities(vvc(
+            &v.volume_id,
+            vec![mount_cap("ext4", Mode::MultiNodeMultiWriter)]
+        ))
+        .await
+    )
+    .into_inner();
+    ensure!(
+        no.confirmed.is_none() && !no.message.is_empty(),
+        "multi-node confirmed"
+    );
+    // Listing with a bad token
+    let bad = ListVolumesRequest {
+        starting_token: "garbage".into(),
+        ..Default::default()
+    };
+    ensure!(
+        code_of(c.list_volumes(bad).await) == Some(Code::Aborted),
+        "bad list token"
+    );
+    // Snapshots
+    ensure!(
+        code_of(
+            c.create_snapshot(CreateSnapshotRequest {
+                name: "s".into(),
+                ..Default::default()
+            })
+            .await
+        ) == Some(Code::InvalidArgument),
+        "snapshot without source"
+    );
+    ensure!(
+        code_of(
+            c.create_snapshot(CreateSnapshotRequest {
+                source_volume_id: v.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+        ) == Some(Code::InvalidArgument),
+        "snapshot without name"
+    );
+    ensure!(
+        code_of(
+            c.create_snapshot(CreateSnapshotRequest {
+                source_volume_id: "local:vm-node:nope".into(),
+                name: "s".into(),
+                ..Default::default()
+            })
+            .await
+        ) == Some(Code::NotFound),
+        "snapshot of unknown volume"
+    );
+    ensure!(
+        code_of(c.delete_snapshot(DeleteSnapshotRequest::default()).await)
+            == Some(Code::InvalidArgument),
+        "delete snapshot without id"
+    );
+    ensure!(
+        code_of(
+            c.controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: "local:vm-node:nope".into()
+            })
+            .await
+        ) == Some(Code::NotFound),
+        "get unknown volume"
+    );
+
+    // Node
+    let n = &mut d.node;
+    let staging = d.dir.join("staging");
+    let stage = |vol: &str, path: &Path, cap: Option<VolumeCapability>| NodeStageVolumeRequest {
+        volume_id: vol.into(),
+        staging_target_path: path.display().to_string(),
+        volume_capability: cap,
+        ..Default::default()
+    };
+    ensure!(
+        code_of(
+            n.node_stage_volume(stage("", &staging, Some(cap.clone())))
+                .await
+        ) == Some(Code::InvalidArgument),
+        "stage without id"
+    );
+    ensure!(
+        code_of(
+            n.node_stage_volume(stage(&v.volume_id, Path::new(""), Some(cap.clone())))
+                .await
+        ) == Some(Code::InvalidArgument),
+        "stage without path"
+    );
+    ensure!(
+        code_of(
+            n.node_stage_volume(stage(&v.volume_id, &staging, None))
+                .await
+        ) == Some(Code::InvalidArgument),
+        "stage without capability"
+    );
+    ensure!(
+        code_of(
+            n.node_stage_volume(stage(
+                &v.volume_id,
+                Path::new("relative/x"),
+                Some(cap.clone())
+            ))
+            .await
+        ) == Some(Code::InvalidArgument),
+        "relative staging path"
+    );
+    ensure!(
+        code_of(
+            n.node_stage_volume(stage("local:vm-node:nope", &staging, Some(cap.clone())))
+                .await
+        ) == Some(Code::NotFound),
+        "stage unknown volume"
+    );
+    ensure!(
+        code_of(
+            n.node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: String::new(),
+                staging_target_path: "/x".into()
+            })
+            .await
+        ) == Some(Code::InvalidArgument),
+        "unstage without id"
+    );
+    ensure!(
+        code_of(
+            n.node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: String::new()
+            })
+            .await
+        ) == Some(Code::InvalidArgument),
+        "unstage without path"
+    );
+    let publish_req = |target: &str| NodePublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.into(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    ensure!(
+        code_of(n.node_publish_volume(publish_req("")).await) == Some(Code::InvalidArgument),
+        "publish without target"
+    );
+    ensure!(
+        code_of(
+            n.node_publish_volume(publish_req("/tmp/not-staged-target"))
+                .await
+        ) == Some(Code::FailedPrecondition),
+        "publish of an unstaged volume"
+    );
+    ensure!(
+        code_of(
+            n.node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                target_path: String::new()
+            })
+            .await
+        ) == Some(Code::InvalidArgument),
+        "unpublish without target"
+    );
+    let info = check!(n.node_get_info(NodeGetInfoRequest {}).await).into_inner();
+    ensure!(info.node_id == NODE, "node id {}", info.node_id);
+    delete(&mut d, &v.volume_id).await?;
+    Ok(())
+}
+
+fn sha256(path: &Path) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    Ok(hex::encode(Sha256::digest(check!(std::fs::read(path)))))
+}
+
+/// Makes a volume, fills its image with `prepare`, and checks that staging is
+/// refused with FAILED_PRECONDITION and leaves the image byte for byte as it was.
+async fn refused_untouched(
+    d: &mut Driver,
+    name: &str,
+    prepare: &dyn Fn(&Path) -> Result<(), String>,
+) -> CaseResult {
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let v = check!(
+        d.controller
+            .create_volume(create_req(name, 32 * MIB, cap.clone()))
+            .await
+    )
+    .into_inner()
+    .volume
+    .ok_or("no volume")?;
+    let image = image_of(d, &v.volume_id);
+    prepare(&image)?;
+    let before = sha256(&image)?;
+    let staging = d.dir.join(format!("staging-{name}"));
+    let r = d
+        .node
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap),
+            volume_context: v.volume_context.clone(),
+            ..Default::default()
+        })
+        .await;
+    let status = r
+        .err()
+        .ok_or(format!("{name}: stage succeeded on a non-blank device"))?;
+    ensure!(
+        status.code() == Code::FailedPrecondition,
+        "{name}: {:?} {}",
+        status.code(),
+        status.message()
+    );
+    ensure!(sha256(&image)? == before, "{name}: the image changed");
+    let mapping = cryptdisk_csi::crypt::MapperName::for_volume(&v.volume_id);
+    ensure!(
+        !open_mappings().contains(&mapping.as_str().to_string()),
+        "{name}: a mapping was opened"
+    );
+    // Nothing stays attached: unstage cleans up the loop device.
+    check!(
+        d.node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: staging.display().to_string()
+            })
+            .await
+    );
+    delete(d, &v.volume_id).await
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+    let out = check!(Command::new(cmd).args(args).output());
+    ensure!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn write_at(path: &Path, offset: u64, data: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let f = check!(std::fs::OpenOptions::new().write(true).open(path));
+    check!(f.write_all_at(data, offset));
+    Ok(())
+}
+
+async fn non_blank(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("nonblank").await?;
+    refused_untouched(&mut d, "has-ext4", &|p| {
+        run("mkfs.ext4", &["-q", "-F", &p.display().to_string()])
+    })
+    .await?;
+    refused_untouched(&mut d, "has-mbr", &|p| write_at(p, 510, &[0x55, 0xaa])).await?;
+    refused_untouched(&mut d, "has-data-at-end", &|p| {
+        let len = check!(std::fs::metadata(p)).len();
+        write_at(p, len - 100, b"tail data")
+    })
+    .await?;
+    refused_untouched(&mut d, "has-luks1", &|p| {
+        run("sh", &["-c", &format!("printf 0123456789abcdef0123456789abcdef > /tmp/k1 && cryptsetup luksFormat -q --type luks1 --pbkdf-force-iterations 1000 --key-file /tmp/k1 {}", p.display())])
+    }).await?;
+    Ok(())
+}
+
+async fn foreign_headers(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("foreign").await?;
+    let fmt = |extra: &'static str| {
+        move |p: &Path| {
+            run(
+                "sh",
+                &[
+                    "-c",
+                    &format!(
+                        "printf 0123456789abcdef0123456789abcdef > /tmp/k2 && cryptsetup luksFormat -q --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --sector-size 4096 {extra} --key-file /tmp/k2 {}",
+                        p.display()
+                    ),
+                ],
+            )
+        }
+    };
+    refused_untouched(
+        &mut d,
+        "null-cipher",
+        &fmt("--cipher cipher_null-ecb --key-size 0"),
+    )
+    .await?;
+    refused_untouched(&mut d, "other-tool-luks2", &fmt("")).await?;
+    refused_untouched(&mut d, "argon2id", &|p| {
+        run("sh", &["-c", &format!(
+            "printf 0123456789abcdef0123456789abcdef > /tmp/k3 && cryptsetup luksFormat -q --type luks2 --pbkdf argon2id --pbkdf-force-iterations 4 --pbkdf-memory 32 --key-file /tmp/k3 {}",
+            p.display()
+        )])
+    }).await?;
+    Ok(())
+}
+
+async fn concurrent_stage(_ctx: &mut Ctx) -> CaseResult {
+    let d = Driver::start("concurrent").await?;
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let mut c = d.controller.clone();
+    let v = check!(
+        c.create_volume(create_req("pvc-race", 32 * MIB, cap.clone()))
+            .await
+    )
+    .into_inner()
+    .volume
+    .ok_or("no volume")?;
+    let staging = d.dir.join("staging-race");
+    let req = NodeStageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    };
+    let (mut n1, mut n2) = (d.node.clone(), d.node.clone());
+    let (a, b) = tokio::join!(
+        n1.node_stage_volume(req.clone()),
+        n2.node_stage_volume(req.clone())
+    );
+    let codes = [code_of(a), code_of(b)];
+    ensure!(codes.contains(&None), "neither stage succeeded: {codes:?}");
+    ensure!(
+        codes.contains(&Some(Code::Aborted)),
+        "no ABORTED for the concurrent stage: {codes:?}"
+    );
+    // The retry the CO would make succeeds and finds the work done.
+    check!(d.node.clone().node_stage_volume(req).await);
+    check!(
+        d.node
+            .clone()
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: staging.display().to_string()
+            })
+            .await
+    );
+    let _ = d.log();
+    Ok(())
+}
