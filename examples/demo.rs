@@ -1,35 +1,43 @@
-//! The demo that `hack/demo` runs inside the VM: talks to a running
-//! `cryptdisk-csi dev` over its unix socket, then takes a blank disk through a
-//! LUKS2 round trip with real dm-crypt, printing how long each step took.
+//! The client side of `hack/demo`: drives a running `cryptdisk-csi dev` through
+//! a whole volume lifecycle over its unix socket, the way kubelet and the CSI
+//! sidecars would, and prints how long each step took.
 
-use std::fs::{File, OpenOptions as FileOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use cryptdisk_csi::client;
 use cryptdisk_csi::config::Endpoint;
-use cryptdisk_csi::crypt::{self, FormatOptions, Integrity, KeyId, MapperName, OpenOptions, Token};
-use cryptdisk_csi::kms::server::MasterSecret;
+use cryptdisk_csi::proto::csi::controller_client::ControllerClient;
 use cryptdisk_csi::proto::csi::identity_client::IdentityClient;
-use cryptdisk_csi::proto::csi::{GetPluginInfoRequest, ProbeRequest};
+use cryptdisk_csi::proto::csi::node_client::NodeClient;
+use cryptdisk_csi::proto::csi::volume_capability::access_mode::Mode;
+use cryptdisk_csi::proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+use cryptdisk_csi::proto::csi::*;
+use tonic::transport::Channel;
 
 #[derive(Parser)]
 struct Args {
     /// The running driver's endpoint.
     #[arg(long)]
     endpoint: Endpoint,
-    /// A blank block device to encrypt (it is formatted).
+    /// The driver's --data-dir (to show what the backing file holds).
     #[arg(long)]
-    disk: PathBuf,
+    data_dir: PathBuf,
+    /// The driver's --node-id.
+    #[arg(long)]
+    node_id: String,
+    /// Where to put staging and target paths, as kubelet would.
+    #[arg(long)]
+    work_dir: PathBuf,
 }
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 struct Steps {
     started: Instant,
-    rows: Vec<(String, Duration)>,
+    count: usize,
 }
 
 impl Steps {
@@ -40,10 +48,136 @@ impl Steps {
     ) -> Result<T> {
         let t = Instant::now();
         let out = f.await?;
-        let took = t.elapsed();
-        println!("demo: {name:<58} {:>8.1} ms", took.as_secs_f64() * 1e3);
-        self.rows.push((name.to_string(), took));
+        self.count += 1;
+        println!(
+            "demo: {:<52} {:>9.1} ms",
+            name,
+            t.elapsed().as_secs_f64() * 1e3
+        );
         Ok(out)
+    }
+}
+
+struct Csi {
+    controller: ControllerClient<Channel>,
+    node: NodeClient<Channel>,
+    node_id: String,
+    work: PathBuf,
+}
+
+fn capability() -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            mount_flags: vec!["noatime".into()],
+            volume_mount_group: String::new(),
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+impl Csi {
+    fn staging(&self, v: &Volume) -> String {
+        self.work
+            .join(v.volume_id.replace(':', "_"))
+            .join("staging")
+            .display()
+            .to_string()
+    }
+
+    fn target(&self, v: &Volume) -> PathBuf {
+        self.work.join(v.volume_id.replace(':', "_")).join("target")
+    }
+
+    async fn controller_publish(&mut self, v: &Volume) -> Result<HashMap<String, String>> {
+        Ok(self
+            .controller
+            .controller_publish_volume(ControllerPublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                node_id: self.node_id.clone(),
+                volume_capability: Some(capability()),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .publish_context)
+    }
+
+    async fn stage(&mut self, v: &Volume, ctx: &HashMap<String, String>) -> Result<()> {
+        let staging = self.staging(v);
+        std::fs::create_dir_all(&staging)?;
+        self.node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                publish_context: ctx.clone(),
+                staging_target_path: staging,
+                volume_capability: Some(capability()),
+                volume_context: v.volume_context.clone(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn publish(&mut self, v: &Volume, ctx: &HashMap<String, String>) -> Result<()> {
+        self.node
+            .node_publish_volume(NodePublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                publish_context: ctx.clone(),
+                staging_target_path: self.staging(v),
+                target_path: self.target(v).display().to_string(),
+                volume_capability: Some(capability()),
+                volume_context: v.volume_context.clone(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn unpublish(&mut self, v: &Volume) -> Result<()> {
+        self.node
+            .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                target_path: self.target(v).display().to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn unstage(&mut self, v: &Volume) -> Result<()> {
+        self.node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: self.staging(v),
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn controller_unpublish(&mut self, v: &Volume) -> Result<()> {
+        self.controller
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                node_id: self.node_id.clone(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+fn create_request(name: &str, source: Option<VolumeContentSource>) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 1 << 30,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![capability()],
+        volume_content_source: source,
+        ..Default::default()
     }
 }
 
@@ -52,128 +186,214 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let mut steps = Steps {
         started: Instant::now(),
-        rows: Vec::new(),
+        count: 0,
     };
-
     let channel = steps
         .run("connect to the driver", async {
             Ok(client::connect(&args.endpoint, Duration::from_secs(10)).await?)
         })
         .await?;
-    let mut identity = IdentityClient::new(channel);
-    let info = steps
-        .run("Identity.GetPluginInfo", async {
-            Ok(identity
-                .get_plugin_info(GetPluginInfoRequest {})
-                .await?
-                .into_inner())
-        })
-        .await?;
-    println!(
-        "demo:   driver {} version {}",
-        info.name, info.vendor_version
-    );
-    let ready = steps
-        .run("Identity.Probe", async {
-            Ok(identity.probe(ProbeRequest {}).await?.into_inner().ready)
-        })
-        .await?;
-    println!("demo:   ready: {ready:?}");
+    let info = IdentityClient::new(channel.clone())
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await?
+        .into_inner();
+    println!("demo:   driver {} {}", info.name, info.vendor_version);
+    let mut csi = Csi {
+        controller: ControllerClient::new(channel.clone()),
+        node: NodeClient::new(channel),
+        node_id: args.node_id.clone(),
+        work: args.work_dir.clone(),
+    };
+    let secret =
+        b"cryptdisk demo: this sentence must never reach the disk in clear.\n".repeat(1024);
 
-    let master = MasterSecret::generate();
-    let key_id = KeyId::new_random();
-    let key = master.derive(key_id.as_str(), 32)?;
-    let disk = args.disk.clone();
-    steps
-        .run("check the disk is blank, format LUKS2", async {
-            let blank = crypt::probe_blank(&disk)?;
-            let opts = FormatOptions {
-                key_id: key_id.clone(),
-                token: Token {
-                    key_id: key_id.to_string(),
-                    key_version: 1,
-                    kms: "demo".into(),
-                    content: None,
-                },
-                integrity: Integrity::None,
-                bypass_workqueues: true,
-            };
-            crypt::format(blank, &key, &opts).await?;
-            Ok(())
+    let volume = steps
+        .run("CreateVolume 1 GiB", async {
+            Ok(csi
+                .controller
+                .create_volume(create_request("demo-data", None))
+                .await?
+                .into_inner()
+                .volume
+                .ok_or("no volume")?)
         })
         .await?;
-    let name = MapperName::for_volume("demo:volume-1");
-    let mapped = name.device_path();
-    let secret_text: Vec<u8> =
-        b"cryptdisk demo: this sentence must never reach the disk in clear. "
-            .iter()
-            .copied()
-            .cycle()
-            .take(1 << 20)
-            .collect();
-    steps
-        .run("open the mapping with the derived key", async {
-            crypt::open(&disk, &name, &key, &OpenOptions::default()).await?;
-            Ok(())
-        })
+    println!("demo:   volume {}", volume.volume_id);
+    let ctx = steps
+        .run("ControllerPublishVolume", csi.controller_publish(&volume))
         .await?;
     steps
-        .run("write 1 MiB of text through dm-crypt", async {
-            let mut f = FileOptions::new().write(true).open(&mapped)?;
-            f.write_all(&secret_text)?;
+        .run(
+            "NodeStageVolume (format LUKS2, open, mkfs, mount)",
+            csi.stage(&volume, &ctx),
+        )
+        .await?;
+    steps
+        .run("NodePublishVolume", csi.publish(&volume, &ctx))
+        .await?;
+    let file = csi.target(&volume).join("secret.txt");
+    steps
+        .run("write a 66 KiB file and fsync", async {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&file)?;
+            f.write_all(&secret)?;
             f.sync_all()?;
             Ok(())
         })
         .await?;
     steps
-        .run("close the mapping", async {
-            crypt::close(&name).await.map(|_| ()).map_err(Into::into)
-        })
+        .run("NodeUnpublishVolume", csi.unpublish(&volume))
         .await?;
+    steps
+        .run(
+            "NodeUnstageVolume (unmount, close, detach)",
+            csi.unstage(&volume),
+        )
+        .await?;
+    let image = image_of(&args.data_dir, &volume.volume_id);
     let found = steps
-        .run("scan the raw disk for the text", async {
-            Ok(contains(&disk, &secret_text[..64])?)
+        .run("scan the backing file for the plaintext", async {
+            Ok(contains(&image, &secret[..64])?)
         })
         .await?;
     println!(
-        "demo:   plaintext on the raw disk: {}",
-        if found { "FOUND (bad)" } else { "none" }
+        "demo:   {} holds the plaintext: {}",
+        image.display(),
+        if found { "YES (bad)" } else { "no" }
     );
     steps
-        .run("reopen the mapping", async {
-            crypt::open(&disk, &name, &key, &OpenOptions::default()).await?;
+        .run(
+            "NodeStageVolume again (key from the KMS)",
+            csi.stage(&volume, &ctx),
+        )
+        .await?;
+    steps
+        .run("NodePublishVolume again", csi.publish(&volume, &ctx))
+        .await?;
+    let back = steps
+        .run("read the file back", async { Ok(std::fs::read(&file)?) })
+        .await?;
+    println!("demo:   read back intact: {}", back == secret);
+    steps
+        .run("NodeUnpublishVolume", csi.unpublish(&volume))
+        .await?;
+    steps.run("NodeUnstageVolume", csi.unstage(&volume)).await?;
+    steps
+        .run(
+            "ControllerUnpublishVolume",
+            csi.controller_unpublish(&volume),
+        )
+        .await?;
+
+    let snapshot = steps
+        .run("CreateSnapshot", async {
+            Ok(csi
+                .controller
+                .create_snapshot(CreateSnapshotRequest {
+                    source_volume_id: volume.volume_id.clone(),
+                    name: "demo-snapshot".into(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .snapshot
+                .ok_or("no snapshot")?)
+        })
+        .await?;
+    let source = VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: snapshot.snapshot_id.clone(),
+            },
+        )),
+    };
+    let restored = steps
+        .run("CreateVolume from the snapshot", async {
+            Ok(csi
+                .controller
+                .create_volume(create_request("demo-restored", Some(source)))
+                .await?
+                .into_inner()
+                .volume
+                .ok_or("no volume")?)
+        })
+        .await?;
+    let rctx = steps
+        .run(
+            "ControllerPublishVolume (restored)",
+            csi.controller_publish(&restored),
+        )
+        .await?;
+    steps
+        .run(
+            "NodeStageVolume (restored: same header, same key)",
+            csi.stage(&restored, &rctx),
+        )
+        .await?;
+    steps
+        .run(
+            "NodePublishVolume (restored)",
+            csi.publish(&restored, &rctx),
+        )
+        .await?;
+    let restored_back = steps
+        .run("read the file on the restored volume", async {
+            Ok(std::fs::read(csi.target(&restored).join("secret.txt"))?)
+        })
+        .await?;
+    println!("demo:   restored copy intact: {}", restored_back == secret);
+    steps
+        .run("NodeUnpublishVolume (restored)", csi.unpublish(&restored))
+        .await?;
+    steps
+        .run("NodeUnstageVolume (restored)", csi.unstage(&restored))
+        .await?;
+    steps
+        .run(
+            "ControllerUnpublishVolume (restored)",
+            csi.controller_unpublish(&restored),
+        )
+        .await?;
+    steps
+        .run("DeleteSnapshot, DeleteVolume x2", async {
+            csi.controller
+                .delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: snapshot.snapshot_id.clone(),
+                    ..Default::default()
+                })
+                .await?;
+            for v in [&restored, &volume] {
+                csi.controller
+                    .delete_volume(DeleteVolumeRequest {
+                        volume_id: v.volume_id.clone(),
+                        ..Default::default()
+                    })
+                    .await?;
+            }
             Ok(())
         })
         .await?;
-    let back = steps
-        .run("read the text back", async {
-            let mut f = File::open(&mapped)?;
-            let mut buf = vec![0u8; secret_text.len()];
-            f.read_exact(&mut buf)?;
-            Ok(buf)
-        })
-        .await?;
-    steps
-        .run("close the mapping", async {
-            crypt::close(&name).await.map(|_| ()).map_err(Into::into)
-        })
-        .await?;
-    let same = back == secret_text;
-    println!("demo:   read back intact: {same}");
     println!(
-        "demo: total {:.1} ms over {} steps",
-        steps.started.elapsed().as_secs_f64() * 1e3,
-        steps.rows.len()
+        "demo: {} steps in {:.1} s",
+        steps.count,
+        steps.started.elapsed().as_secs_f64()
     );
-    if found || !same {
-        return Err("the round trip failed".into());
+    if found || back != secret || restored_back != secret {
+        return Err("the demo's checks failed".into());
     }
+    println!("demo: OK");
     Ok(())
 }
 
-fn contains(device: &Path, needle: &[u8]) -> std::io::Result<bool> {
-    let mut f = File::open(device)?;
-    f.seek(SeekFrom::Start(0))?;
+/// The image file behind a local volume id (`local:<node>:<disk>`).
+fn image_of(data_dir: &Path, volume_id: &str) -> PathBuf {
+    let disk = volume_id.rsplit(':').next().unwrap_or_default();
+    data_dir.join("disks").join(format!("{disk}.img"))
+}
+
+fn contains(path: &Path, needle: &[u8]) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 4 << 20];
     let mut tail: Vec<u8> = Vec::new();
     loop {

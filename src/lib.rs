@@ -12,6 +12,7 @@ pub mod config;
 pub mod crypt;
 pub mod csi;
 pub mod error;
+pub mod failpoint;
 pub mod kms;
 pub mod logging;
 pub mod mount;

@@ -127,6 +127,7 @@ pub fn format(device: &Path, key: &DataKey, opts: &FormatOptions) -> Result<()> 
             .map_err(lib("set persistent flags", &target))?;
     }
 
+    crate::failpoint::hit("format:before-token");
     // The token goes last: a header without it is a format that did not finish.
     let token = serde_json::json!({
         "type": TOKEN_TYPE,

@@ -19,6 +19,7 @@ use super::validate::{self, Access};
 use crate::crypt::{
     self, DeviceState, FormatOptions, HeaderInfo, KeyId, MapperName, OpenOptions, Token,
 };
+use crate::failpoint;
 use crate::kms::{DEFAULT_KEY_LEN, DataKey, KeySource};
 use crate::mount::{self, FsProbe, FsType, Unmounted};
 use crate::proto::csi::node_server::Node;
@@ -88,7 +89,10 @@ impl NodeService {
                 "volume {id} is on the local backend, which this node does not serve"
             ))
         })?;
-        Ok(dir.join("disks").join(format!("{}.img", id.disk())))
+        Ok(crate::backend::LocalBackend::disk_image_path(
+            dir,
+            id.disk(),
+        ))
     }
 
     /// Finds (for the local backend: attaches) the volume's block device.
@@ -166,8 +170,10 @@ impl NodeService {
             .map_err(|_| Status::unavailable("shutting down"))?;
 
         let device = self.block_device(&id, &req.publish_context).await?;
+        failpoint::hit("stage:attached");
         // The header is checked on every stage, open mapping or not.
         let (header, fresh_key) = self.prepare_device(&device, &options).await?;
+        failpoint::hit("stage:formatted");
         let content = header.token.as_ref().and_then(|t| t.content.clone());
         let name = MapperName::for_volume(&id.to_string());
         if crypt::status(&name).await?.is_none() {
@@ -185,6 +191,7 @@ impl NodeService {
             };
             crypt::open(&device, &name, &key, &open).await?;
         }
+        failpoint::hit("stage:opened");
         let mapped = name.device_path();
         match access {
             Access::Block => match content.as_deref() {
@@ -238,6 +245,7 @@ impl NodeService {
             }
             tracing::info!(device = %mapped.display(), %fs, "making filesystem");
             mount::mkfs(mapped, fs).await?;
+            failpoint::hit("stage:mkfs-done");
         }
         crypt::set_content(device, fs.as_str()).await?;
         Ok(())
@@ -280,6 +288,7 @@ impl NodeService {
             .await
             .map_err(|e| Status::internal(format!("create {}: {e}", staging.display())))?;
         mount::mount_fs(mapped, staging, fs, flags, read_only).await?;
+        failpoint::hit("stage:mounted");
         Ok(())
     }
 
@@ -290,8 +299,10 @@ impl NodeService {
         if let Unmounted::Unmounted = mount::unmount(&staging).await? {
             tracing::info!(staging = %staging.display(), "unmounted");
         }
+        failpoint::hit("unstage:unmounted");
         let name = MapperName::for_volume(&id.to_string());
         crypt::close(&name).await?;
+        failpoint::hit("unstage:closed");
         if id.backend() == BackendKind::Local && self.config.local_data_dir.is_some() {
             mount::loopdev::detach(&self.local_image(&id)?).await?;
         }

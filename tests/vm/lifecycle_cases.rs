@@ -23,6 +23,18 @@ use crate::{Case, CaseResult, Ctx, check, ensure};
 pub fn cases() -> Vec<Case> {
     vec![
         Case {
+            name: "lifecycle_restage_after_a_crash_at_every_step",
+            run: |c| Box::pin(crash_stage(c)),
+        },
+        Case {
+            name: "lifecycle_unstage_after_a_crash_at_every_step",
+            run: |c| Box::pin(crash_unstage(c)),
+        },
+        Case {
+            name: "lifecycle_clone_and_listings",
+            run: |c| Box::pin(clone_and_listings(c)),
+        },
+        Case {
             name: "lifecycle_mount_ext4_snapshot_restore",
             run: |c| Box::pin(mount_lifecycle(c)),
         },
@@ -61,7 +73,6 @@ const NODE: &str = "vm-node";
 pub struct Driver {
     child: Option<Child>,
     pub dir: PathBuf,
-    pub socket: PathBuf,
     pub controller: ControllerClient<Channel>,
     pub node: NodeClient<Channel>,
 }
@@ -71,11 +82,12 @@ impl Driver {
         let dir = PathBuf::from(format!("/tmp/cryptdisk-vm-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
         check!(std::fs::create_dir_all(&dir));
-        Self::start_in(dir).await
+        Self::start_in(dir, None).await
     }
 
-    /// Starts (or restarts) the driver on an existing directory.
-    pub async fn start_in(dir: PathBuf) -> Result<Driver, String> {
+    /// Starts (or restarts) the driver on an existing directory, optionally set to
+    /// crash at a failpoint.
+    pub async fn start_in(dir: PathBuf, failpoint: Option<&str>) -> Result<Driver, String> {
         let socket = dir.join("csi.sock");
         let log = check!(
             std::fs::OpenOptions::new()
@@ -83,9 +95,12 @@ impl Driver {
                 .append(true)
                 .open(dir.join("driver.log"))
         );
+        let mut cmd = Command::new(BIN);
+        if let Some(point) = failpoint {
+            cmd.env("CRYPTDISK_FAILPOINT", point);
+        }
         let child = check!(
-            Command::new(BIN)
-                .arg("dev")
+            cmd.arg("dev")
                 .arg(format!("--endpoint=unix://{}", socket.display()))
                 .arg(format!("--data-dir={}", dir.join("data").display()))
                 .arg(format!("--node-id={NODE}"))
@@ -106,7 +121,6 @@ impl Driver {
         Ok(Driver {
             child: Some(child),
             dir,
-            socket,
             controller: ControllerClient::new(channel.clone()),
             node: NodeClient::new(channel),
         })
@@ -1069,5 +1083,323 @@ async fn concurrent_stage(_ctx: &mut Ctx) -> CaseResult {
             .await
     );
     let _ = d.log();
+    Ok(())
+}
+
+/// Reads back what `write_marker` wrote, through a fresh publish.
+async fn check_marker(d: &mut Driver, s: &Staged, marker: &[u8]) -> CaseResult {
+    let back = check!(std::fs::read(s.target.join("marker")));
+    ensure!(back == marker, "marker did not read back");
+    let _ = d;
+    Ok(())
+}
+
+async fn crash_stage(_ctx: &mut Ctx) -> CaseResult {
+    let points = [
+        "stage:attached",
+        "format:before-token",
+        "stage:formatted",
+        "stage:opened",
+        "stage:mkfs-done",
+        "stage:mounted",
+    ];
+    for point in points {
+        let tag = format!("crash-{}", point.replace(':', "-"));
+        let dir = PathBuf::from(format!("/tmp/cryptdisk-vm-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        check!(std::fs::create_dir_all(&dir));
+        let mut d = Driver::start_in(dir.clone(), Some(point)).await?;
+        let req = create_req(
+            "pvc-crash",
+            32 * MIB,
+            mount_cap("ext4", Mode::SingleNodeWriter),
+        );
+        let cap = req.volume_capabilities[0].clone();
+        let volume = check!(d.controller.create_volume(req.clone()).await)
+            .into_inner()
+            .volume
+            .ok_or("no volume")?;
+        let ctx = check!(
+            d.controller
+                .controller_publish_volume(ControllerPublishVolumeRequest {
+                    volume_id: volume.volume_id.clone(),
+                    node_id: NODE.into(),
+                    volume_capability: Some(cap.clone()),
+                    ..Default::default()
+                })
+                .await
+        )
+        .into_inner()
+        .publish_context;
+        let staging = dir.join("staging");
+        let crashed = stage(&mut d, &volume, &ctx, &staging, &cap).await;
+        ensure!(crashed.is_err(), "{point}: stage did not crash");
+        let log = d.log();
+        ensure!(
+            log.contains(&format!("failpoint {point}: aborting")),
+            "{point}: not reached"
+        );
+        d.kill();
+        // Restart without the failpoint: the retried stage finishes the work.
+        let mut d = Driver::start_in(dir.clone(), None).await?;
+        stage(&mut d, &volume, &ctx, &staging, &cap)
+            .await
+            .map_err(|e| format!("{point}: {e}"))?;
+        let s = Staged {
+            volume,
+            publish_context: ctx,
+            staging,
+            target: dir.join("target"),
+            cap,
+        };
+        publish(&mut d, &s, false).await?;
+        let marker = format!("written after a crash at {point}").into_bytes();
+        check!(std::fs::write(s.target.join("marker"), &marker));
+        release(&mut d, &s).await?;
+        let s = provision(&mut d, req)
+            .await
+            .map_err(|e| format!("{point}: restage: {e}"))?;
+        check_marker(&mut d, &s, &marker)
+            .await
+            .map_err(|e| format!("{point}: {e}"))?;
+        release(&mut d, &s).await?;
+        delete(&mut d, &s.volume.volume_id).await?;
+    }
+    Ok(())
+}
+
+async fn crash_unstage(_ctx: &mut Ctx) -> CaseResult {
+    for point in ["unstage:unmounted", "unstage:closed"] {
+        let tag = format!("crash-{}", point.replace(':', "-"));
+        let dir = PathBuf::from(format!("/tmp/cryptdisk-vm-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        check!(std::fs::create_dir_all(&dir));
+        let mut d = Driver::start_in(dir.clone(), None).await?;
+        let req = create_req(
+            "pvc-crash",
+            32 * MIB,
+            mount_cap("ext4", Mode::SingleNodeWriter),
+        );
+        let s = provision(&mut d, req.clone()).await?;
+        let marker = format!("written before a crash at {point}").into_bytes();
+        check!(std::fs::write(s.target.join("marker"), &marker));
+        check!(
+            d.node
+                .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                    volume_id: s.volume.volume_id.clone(),
+                    target_path: s.target.display().to_string(),
+                })
+                .await
+        );
+        d.kill();
+        let mut d = Driver::start_in(dir.clone(), Some(point)).await?;
+        let unstage = NodeUnstageVolumeRequest {
+            volume_id: s.volume.volume_id.clone(),
+            staging_target_path: s.staging.display().to_string(),
+        };
+        ensure!(
+            d.node.node_unstage_volume(unstage.clone()).await.is_err(),
+            "{point}: unstage did not crash"
+        );
+        let log = d.log();
+        ensure!(
+            log.contains(&format!("failpoint {point}: aborting")),
+            "{point}: not reached"
+        );
+        d.kill();
+        let mut d = Driver::start_in(dir.clone(), None).await?;
+        check!(d.node.node_unstage_volume(unstage).await);
+        let mapping = cryptdisk_csi::crypt::MapperName::for_volume(&s.volume.volume_id);
+        ensure!(
+            !open_mappings().contains(&mapping.as_str().to_string()),
+            "{point}: mapping left"
+        );
+        let image = image_of(&d, &s.volume.volume_id);
+        ensure!(
+            cryptdisk_csi::mount::loopdev::find_by_backing_file(&image)
+                .ok()
+                .flatten()
+                .is_none(),
+            "{point}: loop device left"
+        );
+        let s = provision(&mut d, req).await?;
+        check_marker(&mut d, &s, &marker)
+            .await
+            .map_err(|e| format!("{point}: {e}"))?;
+        release(&mut d, &s).await?;
+        delete(&mut d, &s.volume.volume_id).await?;
+    }
+    Ok(())
+}
+
+async fn clone_and_listings(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("clone").await?;
+    let s = provision(
+        &mut d,
+        create_req(
+            "pvc-src",
+            32 * MIB,
+            mount_cap("ext4", Mode::SingleNodeWriter),
+        ),
+    )
+    .await?;
+    check!(std::fs::write(s.target.join("marker"), b"cloned"));
+    release(&mut d, &s).await?;
+    let mut clone = create_req(
+        "pvc-clone",
+        32 * MIB,
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    );
+    clone.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Volume(
+            volume_content_source::VolumeSource {
+                volume_id: s.volume.volume_id.clone(),
+            },
+        )),
+    });
+    let c = provision(&mut d, clone).await?;
+    check_marker(&mut d, &c, b"cloned").await?;
+    let got = check!(
+        d.controller
+            .controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: c.volume.volume_id.clone()
+            })
+            .await
+    )
+    .into_inner();
+    let published = got
+        .status
+        .map(|st| st.published_node_ids)
+        .unwrap_or_default();
+    ensure!(
+        published == vec![NODE.to_string()],
+        "published on {published:?}"
+    );
+    release(&mut d, &c).await?;
+
+    // Listings page through with tokens.
+    let page = check!(
+        d.controller
+            .list_volumes(ListVolumesRequest {
+                max_entries: 1,
+                ..Default::default()
+            })
+            .await
+    )
+    .into_inner();
+    ensure!(
+        page.entries.len() == 1 && !page.next_token.is_empty(),
+        "first page {:?}",
+        page.next_token
+    );
+    let rest = check!(
+        d.controller
+            .list_volumes(ListVolumesRequest {
+                max_entries: 1,
+                starting_token: page.next_token
+            })
+            .await
+    )
+    .into_inner();
+    ensure!(
+        rest.entries.len() == 1,
+        "second page has {}",
+        rest.entries.len()
+    );
+    let snap = check!(
+        d.controller
+            .create_snapshot(CreateSnapshotRequest {
+                source_volume_id: s.volume.volume_id.clone(),
+                name: "snap".into(),
+                ..Default::default()
+            })
+            .await
+    )
+    .into_inner()
+    .snapshot
+    .ok_or("no snapshot")?;
+    let again = check!(
+        d.controller
+            .create_snapshot(CreateSnapshotRequest {
+                source_volume_id: s.volume.volume_id.clone(),
+                name: "snap".into(),
+                ..Default::default()
+            })
+            .await
+    )
+    .into_inner()
+    .snapshot
+    .ok_or("no snapshot")?;
+    ensure!(
+        again.snapshot_id == snap.snapshot_id,
+        "snapshot not idempotent"
+    );
+    let listed = check!(
+        d.controller
+            .list_snapshots(ListSnapshotsRequest {
+                source_volume_id: s.volume.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+    )
+    .into_inner();
+    ensure!(
+        listed.entries.len() == 1,
+        "snapshots of the source: {}",
+        listed.entries.len()
+    );
+    let by_id = check!(
+        d.controller
+            .list_snapshots(ListSnapshotsRequest {
+                snapshot_id: snap.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+    )
+    .into_inner();
+    ensure!(
+        by_id.entries.len() == 1,
+        "snapshot by id: {}",
+        by_id.entries.len()
+    );
+    let cap = check!(
+        d.controller
+            .get_capacity(GetCapacityRequest::default())
+            .await
+    )
+    .into_inner();
+    ensure!(
+        cap.available_capacity > 0,
+        "capacity {}",
+        cap.available_capacity
+    );
+    let ccaps = check!(
+        d.controller
+            .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+            .await
+    )
+    .into_inner();
+    ensure!(
+        ccaps.capabilities.len() >= 8,
+        "controller capabilities {}",
+        ccaps.capabilities.len()
+    );
+    let ncaps = check!(
+        d.node
+            .node_get_capabilities(NodeGetCapabilitiesRequest {})
+            .await
+    )
+    .into_inner();
+    ensure!(!ncaps.capabilities.is_empty(), "node capabilities");
+    check!(
+        d.controller
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: snap.snapshot_id,
+                ..Default::default()
+            })
+            .await
+    );
+    delete(&mut d, &c.volume.volume_id).await?;
+    delete(&mut d, &s.volume.volume_id).await?;
     Ok(())
 }
