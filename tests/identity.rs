@@ -76,7 +76,12 @@ impl Drop for Plugin {
 async fn identity_over_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("csi.sock");
-    let plugin = Plugin::start("controller", &socket, &["--driver-name=test.cryptdisk.io"]);
+    let data_dir = format!("--data-dir={}", dir.path().join("data").display());
+    let plugin = Plugin::start(
+        "controller",
+        &socket,
+        &["--driver-name=test.cryptdisk.io", &data_dir],
+    );
     let channel = client::connect(&plugin.endpoint(), Duration::from_secs(5))
         .await
         .unwrap();
@@ -132,10 +137,14 @@ async fn identity_over_a_unix_socket() {
 async fn a_live_socket_is_not_taken_over_and_a_stale_one_is() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("csi.sock");
-    let first = Plugin::start("node", &socket, &["--node-id=n1"]);
+    let first = Plugin::start(
+        "node",
+        &socket,
+        &["--node-id=n1", "--kms=tcp://127.0.0.1:9"],
+    );
 
     let second = Command::new(BIN)
-        .args(["node", "--node-id=n1"])
+        .args(["node", "--node-id=n1", "--kms=tcp://127.0.0.1:9"])
         .arg(format!("--endpoint=unix://{}", socket.display()))
         .output()
         .unwrap();
@@ -154,7 +163,11 @@ async fn a_live_socket_is_not_taken_over_and_a_stale_one_is() {
     // A killed server leaves a stale socket file; the next start replaces it.
     drop(first);
     assert!(socket.exists());
-    let third = Plugin::start("node", &socket, &["--node-id=n1"]);
+    let third = Plugin::start(
+        "node",
+        &socket,
+        &["--node-id=n1", "--kms=tcp://127.0.0.1:9"],
+    );
     let channel = client::connect(&third.endpoint(), Duration::from_secs(5))
         .await
         .unwrap();
@@ -173,13 +186,17 @@ fn bad_flags_get_clear_errors() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let (code, err) = run(&["node", "--endpoint=/no/scheme.sock"]);
+    let (code, err) = run(&[
+        "node",
+        "--kms=tcp://127.0.0.1:9",
+        "--endpoint=/no/scheme.sock",
+    ]);
     assert_eq!(code, Some(2));
     assert!(err.contains("expected unix:///path/to/socket"), "{err}");
     let (code, err) = run(&["controller", "--driver-name=-bad-"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("at most 63 characters"), "{err}");
-    let (code, err) = run(&["--log-level=loud", "node"]);
+    let (code, err) = run(&["--log-level=loud", "node", "--kms=tcp://127.0.0.1:9"]);
     assert_ne!(code, Some(0));
     assert!(err.contains("log level"), "{err}");
 }
@@ -192,6 +209,8 @@ fn every_flag_reads_its_environment_variable() {
         "CRYPTDISK_ENDPOINT",
         "CRYPTDISK_DRIVER_NAME",
         "CRYPTDISK_NODE_ID",
+        "CRYPTDISK_KMS",
+        "CRYPTDISK_LOCAL_DATA_DIR",
         "CRYPTDISK_LOG_FORMAT",
         "CRYPTDISK_LOG_LEVEL",
     ] {
@@ -202,7 +221,7 @@ fn every_flag_reads_its_environment_variable() {
     }
     // And the variable is honoured: a bad endpoint from the environment is refused.
     let out = Command::new(BIN)
-        .arg("node")
+        .args(["node", "--kms=tcp://127.0.0.1:9"])
         .env("CRYPTDISK_ENDPOINT", "bogus")
         .output()
         .unwrap();
