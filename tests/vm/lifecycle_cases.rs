@@ -23,6 +23,10 @@ use crate::{Case, CaseResult, Ctx, check, ensure};
 pub fn cases() -> Vec<Case> {
     vec![
         Case {
+            name: "lifecycle_extra_keyslot_is_refused",
+            run: |c| Box::pin(extra_keyslot(c)),
+        },
+        Case {
             name: "lifecycle_restage_after_a_crash_at_every_step",
             run: |c| Box::pin(crash_stage(c)),
         },
@@ -1038,6 +1042,87 @@ async fn foreign_headers(_ctx: &mut Ctx) -> CaseResult {
             p.display()
         )])
     }).await?;
+    Ok(())
+}
+
+/// Our own volume with one keyslot more (added with stock cryptsetup and the
+/// right key): the extra keyslot is not bound to our token, so stage refuses it.
+async fn extra_keyslot(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("extra-keyslot").await?;
+    let req = create_req(
+        "pvc-extra",
+        32 * MIB,
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    );
+    let s = provision(&mut d, req).await?;
+    release(&mut d, &s).await?;
+    let image = image_of(&d, &s.volume.volume_id);
+    let kms = d.dir.join("data/kms");
+    let master = check!(std::fs::read(kms.join("master.key")));
+    let salt = check!(std::fs::read(kms.join("salt")));
+    let header = check!(cryptdisk_csi::crypt::read_header(&image).await);
+    let key = check!(cryptdisk_csi::kms::derive_data_key(
+        &master,
+        &salt,
+        header.key_id.as_str(),
+        32
+    ));
+    let keyfile = d.dir.join("volume.key");
+    check!(std::fs::write(&keyfile, key.expose()));
+    check!(std::fs::write(
+        d.dir.join("other.key"),
+        b"another passphrase of 32 bytes!!"
+    ));
+    run(
+        "cryptsetup",
+        &[
+            "luksAddKey",
+            "-q",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            &keyfile.display().to_string(),
+            &image.display().to_string(),
+            &d.dir.join("other.key").display().to_string(),
+        ],
+    )?;
+    let before = sha256(&image)?;
+    let r = d
+        .node
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: s.volume.volume_id.clone(),
+            publish_context: s.publish_context.clone(),
+            staging_target_path: s.staging.display().to_string(),
+            volume_capability: Some(s.cap.clone()),
+            volume_context: s.volume.volume_context.clone(),
+            ..Default::default()
+        })
+        .await;
+    let status = r
+        .err()
+        .ok_or("stage accepted a header with an extra keyslot")?;
+    ensure!(
+        status.code() == Code::FailedPrecondition,
+        "{:?} {}",
+        status.code(),
+        status.message()
+    );
+    ensure!(
+        status.message().contains("keyslots"),
+        "message: {}",
+        status.message()
+    );
+    ensure!(sha256(&image)? == before, "the image changed");
+    check!(
+        d.node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: s.volume.volume_id.clone(),
+                staging_target_path: s.staging.display().to_string(),
+            })
+            .await
+    );
     Ok(())
 }
 
