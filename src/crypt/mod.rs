@@ -1,4 +1,4 @@
-//! The only module that touches libcryptsetup (DESIGN.md §4, §6).
+//! The only module that touches libcryptsetup: how volumes are formatted and opened.
 //!
 //! A small front door over private blocking code: [`format`], [`open`], [`close`],
 //! [`status`] and [`read_header`]. Each call runs on tokio's blocking pool with a

@@ -185,9 +185,11 @@ impl NodeService {
                         .await?
                 }
             };
+            // A read-only access mode opens the mapping read-only, so that not even
+            // a raw block user can write through it.
             let open = OpenOptions {
                 allow_discards: options.allow_discards,
-                read_only: false,
+                read_only: validate::mode_read_only(mode),
             };
             crypt::open(&device, &name, &key, &open).await?;
         }

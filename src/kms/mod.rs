@@ -2,7 +2,7 @@
 //!
 //! A data key is the LUKS2 passphrase of one volume. It is derived, never stored:
 //! HKDF-SHA256 over the cluster's master secret with a salt and the info string
-//! `"key-" + data_key_id` (DESIGN.md §3), so the KMS keeps no per-volume state.
+//! `"key-" + data_key_id`, so the KMS keeps no per-volume state.
 
 pub mod client;
 pub mod server;

@@ -23,6 +23,10 @@ use crate::{Case, CaseResult, Ctx, check, ensure};
 pub fn cases() -> Vec<Case> {
     vec![
         Case {
+            name: "lifecycle_sigterm_lets_an_inflight_stage_finish",
+            run: |c| Box::pin(sigterm_lets_stage_finish(c)),
+        },
+        Case {
             name: "lifecycle_extra_keyslot_is_refused",
             run: |c| Box::pin(extra_keyslot(c)),
         },
@@ -1124,6 +1128,71 @@ async fn extra_keyslot(_ctx: &mut Ctx) -> CaseResult {
             .await
     );
     Ok(())
+}
+
+/// SIGTERM while a stage is in flight: the stage still completes, then the
+/// process exits cleanly and removes its socket.
+async fn sigterm_lets_stage_finish(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("sigterm").await?;
+    let req = create_req(
+        "pvc-term",
+        32 * MIB,
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    );
+    let cap = req.volume_capabilities[0].clone();
+    let volume = check!(d.controller.create_volume(req).await)
+        .into_inner()
+        .volume
+        .ok_or("no volume")?;
+    let staging = d.dir.join("staging-term");
+    let stage_req = NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap),
+        volume_context: volume.volume_context.clone(),
+        ..Default::default()
+    };
+    let mut node = d.node.clone();
+    let inflight = tokio::spawn(async move { node.node_stage_volume(stage_req).await });
+    // Format + mkfs take seconds under emulation; signal well inside that.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let child = d.child.take().ok_or("no child")?;
+    check!(nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    ));
+    let result = check!(inflight.await);
+    ensure!(
+        result.is_ok(),
+        "the in-flight stage failed: {:?}",
+        result.err()
+    );
+    let out = check!(child.wait_with_output());
+    ensure!(out.status.success(), "exit status {:?}", out.status);
+    ensure!(!d.dir.join("csi.sock").exists(), "socket left behind");
+    let log = d.log();
+    let (term, mkfs) = (log.find("shutting down"), log.find("making filesystem"));
+    ensure!(
+        term.is_some() && mkfs.is_some() && term < mkfs,
+        "SIGTERM did not arrive during the stage (shutdown at {term:?}, mkfs at {mkfs:?})"
+    );
+    ensure!(
+        check!(cryptdisk_csi::mount::find_mount(&staging)).is_some(),
+        "the stage did not finish"
+    );
+    // Clean up with a fresh driver.
+    let dir = d.dir.clone();
+    drop(d);
+    let mut d = Driver::start_in(dir, None).await?;
+    check!(
+        d.node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: volume.volume_id.clone(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await
+    );
+    delete(&mut d, &volume.volume_id).await
 }
 
 async fn concurrent_stage(_ctx: &mut Ctx) -> CaseResult {
