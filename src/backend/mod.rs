@@ -177,19 +177,7 @@ impl From<IdError> for Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let code = e.code();
-        let message = match e {
-            Error::NotFound(m)
-            | Error::AlreadyExists(m)
-            | Error::InvalidArgument(m)
-            | Error::OutOfRange(m)
-            | Error::FailedPrecondition(m)
-            | Error::ResourceExhausted(m)
-            | Error::Aborted(m)
-            | Error::Unavailable(m)
-            | Error::Internal(m) => m,
-        };
-        tonic::Status::new(code, message)
+        tonic::Status::new(e.code(), e.message())
     }
 }
 

@@ -93,7 +93,7 @@ fn read_block(device: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>
 }
 
 /// Whether `needle` occurs anywhere on the device.
-fn device_contains(device: &Path, needle: &[u8]) -> std::io::Result<bool> {
+pub fn device_contains(device: &Path, needle: &[u8]) -> std::io::Result<bool> {
     let mut f = File::open(device)?;
     let mut buf = vec![0u8; 4 << 20];
     let mut carry: Vec<u8> = Vec::new();

@@ -87,10 +87,7 @@ pub struct Driver {
 
 impl Driver {
     pub async fn start(tag: &str) -> Result<Driver, String> {
-        let dir = PathBuf::from(format!("/tmp/cryptdisk-vm-{tag}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        check!(std::fs::create_dir_all(&dir));
-        Self::start_in(dir, None).await
+        Self::start_in(fresh_dir(tag)?, None).await
     }
 
     /// Starts (or restarts) the driver on an existing directory, optionally set to
@@ -158,6 +155,14 @@ impl Drop for Driver {
             let _ = c.wait();
         }
     }
+}
+
+/// An empty working directory for one case's driver.
+fn fresh_dir(tag: &str) -> Result<PathBuf, String> {
+    let dir = PathBuf::from(format!("/tmp/cryptdisk-vm-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    check!(std::fs::create_dir_all(&dir));
+    Ok(dir)
 }
 
 pub fn mount_cap(fs: &str, mode: Mode) -> VolumeCapability {
@@ -359,13 +364,22 @@ fn open_mappings() -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn file_contains(path: &Path, needle: &[u8]) -> std::io::Result<bool> {
-    let bytes = std::fs::read(path)?;
-    Ok(memchr::memmem::find(&bytes, needle).is_some())
-}
-
 fn code_of<T>(r: Result<T, tonic::Status>) -> Option<Code> {
     r.err().map(|s| s.code())
+}
+
+/// Fails the case unless the call fails with `code`.
+macro_rules! expect_code {
+    ($call:expr, $code:expr, $what:expr) => {{
+        let got = code_of($call.await);
+        ensure!(
+            got == Some($code),
+            "{}: expected {:?}, got {:?}",
+            $what,
+            $code,
+            got
+        );
+    }};
 }
 
 async fn mount_lifecycle(_ctx: &mut Ctx) -> CaseResult {
@@ -394,7 +408,7 @@ async fn mount_lifecycle(_ctx: &mut Ctx) -> CaseResult {
     );
     let image = image_of(&d, &s.volume.volume_id);
     ensure!(
-        !check!(file_contains(&image, &secret[..60])),
+        !check!(crate::crypt_cases::device_contains(&image, &secret[..60])),
         "plaintext in {}",
         image.display()
     );
@@ -517,7 +531,7 @@ async fn block_lifecycle(_ctx: &mut Ctx) -> CaseResult {
     release(&mut d, &s).await?;
     let image = image_of(&d, &s.volume.volume_id);
     ensure!(
-        !check!(file_contains(&image, &data[..40])),
+        !check!(crate::crypt_cases::device_contains(&image, &data[..40])),
         "plaintext on the image"
     );
     delete(&mut d, &s.volume.volume_id).await?;
@@ -580,39 +594,40 @@ async fn error_codes(_ctx: &mut Ctx) -> CaseResult {
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
     let c = &mut d.controller;
     // CreateVolume
-    ensure!(
-        code_of(c.create_volume(create_req("", MIB, cap.clone())).await)
-            == Some(Code::InvalidArgument),
+    expect_code!(
+        c.create_volume(create_req("", MIB, cap.clone())),
+        Code::InvalidArgument,
         "empty name"
     );
     let mut no_caps = create_req("x", MIB, cap.clone());
     no_caps.volume_capabilities.clear();
-    ensure!(
-        code_of(c.create_volume(no_caps).await) == Some(Code::InvalidArgument),
+    expect_code!(
+        c.create_volume(no_caps),
+        Code::InvalidArgument,
         "no capabilities"
     );
     let multi = mount_cap("ext4", Mode::MultiNodeMultiWriter);
-    ensure!(
-        code_of(c.create_volume(create_req("x", MIB, multi)).await) == Some(Code::InvalidArgument),
+    expect_code!(
+        c.create_volume(create_req("x", MIB, multi)),
+        Code::InvalidArgument,
         "multi-node"
     );
-    ensure!(
-        code_of(
-            c.create_volume(create_req(
-                "x",
-                MIB,
-                mount_cap("btrfs", Mode::SingleNodeWriter)
-            ))
-            .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        c.create_volume(create_req(
+            "x",
+            MIB,
+            mount_cap("btrfs", Mode::SingleNodeWriter)
+        )),
+        Code::InvalidArgument,
         "btrfs"
     );
     let mut unknown = create_req("x", MIB, cap.clone());
     unknown
         .parameters
         .insert("cryptdisk.csi.io/cipher".into(), "null".into());
-    ensure!(
-        code_of(c.create_volume(unknown).await) == Some(Code::InvalidArgument),
+    expect_code!(
+        c.create_volume(unknown),
+        Code::InvalidArgument,
         "unknown parameter"
     );
     let mut bad_range = create_req("x", 10 * MIB, cap.clone());
@@ -620,8 +635,9 @@ async fn error_codes(_ctx: &mut Ctx) -> CaseResult {
         required_bytes: 10 * MIB,
         limit_bytes: MIB,
     });
-    ensure!(
-        code_of(c.create_volume(bad_range).await) == Some(Code::OutOfRange),
+    expect_code!(
+        c.create_volume(bad_range),
+        Code::OutOfRange,
         "limit < required"
     );
     let mut from_missing = create_req("x", MIB, cap.clone());
@@ -632,8 +648,9 @@ async fn error_codes(_ctx: &mut Ctx) -> CaseResult {
             },
         )),
     });
-    ensure!(
-        code_of(c.create_volume(from_missing).await) == Some(Code::NotFound),
+    expect_code!(
+        c.create_volume(from_missing),
+        Code::NotFound,
         "missing snapshot source"
     );
     let v = check!(
@@ -643,17 +660,15 @@ async fn error_codes(_ctx: &mut Ctx) -> CaseResult {
     .into_inner()
     .volume
     .ok_or("no volume")?;
-    ensure!(
-        code_of(
-            c.create_volume(create_req("v1", 32 * MIB, cap.clone()))
-                .await
-        ) == Some(Code::AlreadyExists),
+    expect_code!(
+        c.create_volume(create_req("v1", 32 * MIB, cap.clone())),
+        Code::AlreadyExists,
         "same name, other size"
     );
     // DeleteVolume
-    ensure!(
-        code_of(c.delete_volume(DeleteVolumeRequest::default()).await)
-            == Some(Code::InvalidArgument),
+    expect_code!(
+        c.delete_volume(DeleteVolumeRequest::default()),
+        Code::InvalidArgument,
         "delete without id"
     );
     check!(
@@ -671,46 +686,34 @@ async fn error_codes(_ctx: &mut Ctx) -> CaseResult {
             volume_capability: cap,
             ..Default::default()
         };
-    ensure!(
-        code_of(
-            c.controller_publish_volume(publish("", NODE, Some(cap.clone())))
-                .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        c.controller_publish_volume(publish("", NODE, Some(cap.clone()))),
+        Code::InvalidArgument,
         "publish without volume"
     );
-    ensure!(
-        code_of(
-            c.controller_publish_volume(publish(&v.volume_id, "", Some(cap.clone())))
-                .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        c.controller_publish_volume(publish(&v.volume_id, "", Some(cap.clone()))),
+        Code::InvalidArgument,
         "publish without node"
     );
-    ensure!(
-        code_of(
-            c.controller_publish_volume(publish(&v.volume_id, NODE, None))
-                .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        c.controller_publish_volume(publish(&v.volume_id, NODE, None)),
+        Code::InvalidArgument,
         "publish without capability"
     );
-    ensure!(
-        code_of(
-            c.controller_publish_volume(publish("local:vm-node:nope", NODE, Some(cap.clone())))
-                .await
-        ) == Some(Code::NotFound),
+    expect_code!(
+        c.controller_publish_volume(publish("local:vm-node:nope", NODE, Some(cap.clone()))),
+        Code::NotFound,
         "publish unknown volume"
     );
-    ensure!(
-        code_of(
-            c.controller_publish_volume(publish(&v.volume_id, "other-node", Some(cap.clone())))
-                .await
-        ) == Some(Code::NotFound),
+    expect_code!(
+        c.controller_publish_volume(publish(&v.volume_id, "other-node", Some(cap.clone()))),
+        Code::NotFound,
         "publish to unknown node"
     );
-    ensure!(
-        code_of(
-            c.controller_unpublish_volume(ControllerUnpublishVolumeRequest::default())
-                .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        c.controller_unpublish_volume(ControllerUnpublishVolumeRequest::default()),
+        Code::InvalidArgument,
         "unpublish without volume"
     );
     // ValidateVolumeCapabilities
@@ -719,25 +722,19 @@ async fn error_codes(_ctx: &mut Ctx) -> CaseResult {
         volume_capabilities: caps,
         ..Default::default()
     };
-    ensure!(
-        code_of(
-            c.validate_volume_capabilities(vvc("", vec![cap.clone()]))
-                .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        c.validate_volume_capabilities(vvc("", vec![cap.clone()])),
+        Code::InvalidArgument,
         "vvc without id"
     );
-    ensure!(
-        code_of(
-            c.validate_volume_capabilities(vvc(&v.volume_id, vec![]))
-                .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        c.validate_volume_capabilities(vvc(&v.volume_id, vec![])),
+        Code::InvalidArgument,
         "vvc without caps"
     );
-    ensure!(
-        code_of(
-            c.validate_volume_capabilities(vvc("local:vm-node:nope", vec![cap.clone()]))
-                .await
-        ) == Some(Code::NotFound),
+    expect_code!(
+        c.validate_volume_capabilities(vvc("local:vm-node:nope", vec![cap.clone()])),
+        Code::NotFound,
         "vvc unknown"
     );
     let ok = check!(
@@ -767,54 +764,43 @@ async fn error_codes(_ctx: &mut Ctx) -> CaseResult {
         starting_token: "garbage".into(),
         ..Default::default()
     };
-    ensure!(
-        code_of(c.list_volumes(bad).await) == Some(Code::Aborted),
-        "bad list token"
-    );
+    expect_code!(c.list_volumes(bad), Code::Aborted, "bad list token");
     // Snapshots
-    ensure!(
-        code_of(
-            c.create_snapshot(CreateSnapshotRequest {
-                name: "s".into(),
-                ..Default::default()
-            })
-            .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        c.create_snapshot(CreateSnapshotRequest {
+            name: "s".into(),
+            ..Default::default()
+        }),
+        Code::InvalidArgument,
         "snapshot without source"
     );
-    ensure!(
-        code_of(
-            c.create_snapshot(CreateSnapshotRequest {
-                source_volume_id: v.volume_id.clone(),
-                ..Default::default()
-            })
-            .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        c.create_snapshot(CreateSnapshotRequest {
+            source_volume_id: v.volume_id.clone(),
+            ..Default::default()
+        }),
+        Code::InvalidArgument,
         "snapshot without name"
     );
-    ensure!(
-        code_of(
-            c.create_snapshot(CreateSnapshotRequest {
-                source_volume_id: "local:vm-node:nope".into(),
-                name: "s".into(),
-                ..Default::default()
-            })
-            .await
-        ) == Some(Code::NotFound),
+    expect_code!(
+        c.create_snapshot(CreateSnapshotRequest {
+            source_volume_id: "local:vm-node:nope".into(),
+            name: "s".into(),
+            ..Default::default()
+        }),
+        Code::NotFound,
         "snapshot of unknown volume"
     );
-    ensure!(
-        code_of(c.delete_snapshot(DeleteSnapshotRequest::default()).await)
-            == Some(Code::InvalidArgument),
+    expect_code!(
+        c.delete_snapshot(DeleteSnapshotRequest::default()),
+        Code::InvalidArgument,
         "delete snapshot without id"
     );
-    ensure!(
-        code_of(
-            c.controller_get_volume(ControllerGetVolumeRequest {
-                volume_id: "local:vm-node:nope".into()
-            })
-            .await
-        ) == Some(Code::NotFound),
+    expect_code!(
+        c.controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "local:vm-node:nope".into()
+        }),
+        Code::NotFound,
         "get unknown volume"
     );
 
@@ -827,63 +813,49 @@ async fn error_codes(_ctx: &mut Ctx) -> CaseResult {
         volume_capability: cap,
         ..Default::default()
     };
-    ensure!(
-        code_of(
-            n.node_stage_volume(stage("", &staging, Some(cap.clone())))
-                .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        n.node_stage_volume(stage("", &staging, Some(cap.clone()))),
+        Code::InvalidArgument,
         "stage without id"
     );
-    ensure!(
-        code_of(
-            n.node_stage_volume(stage(&v.volume_id, Path::new(""), Some(cap.clone())))
-                .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        n.node_stage_volume(stage(&v.volume_id, Path::new(""), Some(cap.clone()))),
+        Code::InvalidArgument,
         "stage without path"
     );
-    ensure!(
-        code_of(
-            n.node_stage_volume(stage(&v.volume_id, &staging, None))
-                .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        n.node_stage_volume(stage(&v.volume_id, &staging, None)),
+        Code::InvalidArgument,
         "stage without capability"
     );
-    ensure!(
-        code_of(
-            n.node_stage_volume(stage(
-                &v.volume_id,
-                Path::new("relative/x"),
-                Some(cap.clone())
-            ))
-            .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        n.node_stage_volume(stage(
+            &v.volume_id,
+            Path::new("relative/x"),
+            Some(cap.clone())
+        )),
+        Code::InvalidArgument,
         "relative staging path"
     );
-    ensure!(
-        code_of(
-            n.node_stage_volume(stage("local:vm-node:nope", &staging, Some(cap.clone())))
-                .await
-        ) == Some(Code::NotFound),
+    expect_code!(
+        n.node_stage_volume(stage("local:vm-node:nope", &staging, Some(cap.clone()))),
+        Code::NotFound,
         "stage unknown volume"
     );
-    ensure!(
-        code_of(
-            n.node_unstage_volume(NodeUnstageVolumeRequest {
-                volume_id: String::new(),
-                staging_target_path: "/x".into()
-            })
-            .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        n.node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: String::new(),
+            staging_target_path: "/x".into()
+        }),
+        Code::InvalidArgument,
         "unstage without id"
     );
-    ensure!(
-        code_of(
-            n.node_unstage_volume(NodeUnstageVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                staging_target_path: String::new()
-            })
-            .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        n.node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: String::new()
+        }),
+        Code::InvalidArgument,
         "unstage without path"
     );
     let publish_req = |target: &str| NodePublishVolumeRequest {
@@ -893,25 +865,22 @@ async fn error_codes(_ctx: &mut Ctx) -> CaseResult {
         volume_capability: Some(cap.clone()),
         ..Default::default()
     };
-    ensure!(
-        code_of(n.node_publish_volume(publish_req("")).await) == Some(Code::InvalidArgument),
+    expect_code!(
+        n.node_publish_volume(publish_req("")),
+        Code::InvalidArgument,
         "publish without target"
     );
-    ensure!(
-        code_of(
-            n.node_publish_volume(publish_req("/tmp/not-staged-target"))
-                .await
-        ) == Some(Code::FailedPrecondition),
+    expect_code!(
+        n.node_publish_volume(publish_req("/tmp/not-staged-target")),
+        Code::FailedPrecondition,
         "publish of an unstaged volume"
     );
-    ensure!(
-        code_of(
-            n.node_unpublish_volume(NodeUnpublishVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                target_path: String::new()
-            })
-            .await
-        ) == Some(Code::InvalidArgument),
+    expect_code!(
+        n.node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            target_path: String::new()
+        }),
+        Code::InvalidArgument,
         "unpublish without target"
     );
     let info = check!(n.node_get_info(NodeGetInfoRequest {}).await).into_inner();
@@ -1236,15 +1205,13 @@ async fn concurrent_stage(_ctx: &mut Ctx) -> CaseResult {
             })
             .await
     );
-    let _ = d.log();
     Ok(())
 }
 
 /// Reads back what `write_marker` wrote, through a fresh publish.
-async fn check_marker(d: &mut Driver, s: &Staged, marker: &[u8]) -> CaseResult {
+fn check_marker(s: &Staged, marker: &[u8]) -> CaseResult {
     let back = check!(std::fs::read(s.target.join("marker")));
     ensure!(back == marker, "marker did not read back");
-    let _ = d;
     Ok(())
 }
 
@@ -1258,10 +1225,7 @@ async fn crash_stage(_ctx: &mut Ctx) -> CaseResult {
         "stage:mounted",
     ];
     for point in points {
-        let tag = format!("crash-{}", point.replace(':', "-"));
-        let dir = PathBuf::from(format!("/tmp/cryptdisk-vm-{tag}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        check!(std::fs::create_dir_all(&dir));
+        let dir = fresh_dir(&format!("crash-{}", point.replace(':', "-")))?;
         let mut d = Driver::start_in(dir.clone(), Some(point)).await?;
         let req = create_req(
             "pvc-crash",
@@ -1313,9 +1277,7 @@ async fn crash_stage(_ctx: &mut Ctx) -> CaseResult {
         let s = provision(&mut d, req)
             .await
             .map_err(|e| format!("{point}: restage: {e}"))?;
-        check_marker(&mut d, &s, &marker)
-            .await
-            .map_err(|e| format!("{point}: {e}"))?;
+        check_marker(&s, &marker).map_err(|e| format!("{point}: {e}"))?;
         release(&mut d, &s).await?;
         delete(&mut d, &s.volume.volume_id).await?;
     }
@@ -1324,10 +1286,7 @@ async fn crash_stage(_ctx: &mut Ctx) -> CaseResult {
 
 async fn crash_unstage(_ctx: &mut Ctx) -> CaseResult {
     for point in ["unstage:unmounted", "unstage:closed"] {
-        let tag = format!("crash-{}", point.replace(':', "-"));
-        let dir = PathBuf::from(format!("/tmp/cryptdisk-vm-{tag}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        check!(std::fs::create_dir_all(&dir));
+        let dir = fresh_dir(&format!("crash-{}", point.replace(':', "-")))?;
         let mut d = Driver::start_in(dir.clone(), None).await?;
         let req = create_req(
             "pvc-crash",
@@ -1377,9 +1336,7 @@ async fn crash_unstage(_ctx: &mut Ctx) -> CaseResult {
             "{point}: loop device left"
         );
         let s = provision(&mut d, req).await?;
-        check_marker(&mut d, &s, &marker)
-            .await
-            .map_err(|e| format!("{point}: {e}"))?;
+        check_marker(&s, &marker).map_err(|e| format!("{point}: {e}"))?;
         release(&mut d, &s).await?;
         delete(&mut d, &s.volume.volume_id).await?;
     }
@@ -1412,7 +1369,7 @@ async fn clone_and_listings(_ctx: &mut Ctx) -> CaseResult {
         )),
     });
     let c = provision(&mut d, clone).await?;
-    check_marker(&mut d, &c, b"cloned").await?;
+    check_marker(&c, b"cloned")?;
     let got = check!(
         d.controller
             .controller_get_volume(ControllerGetVolumeRequest {
