@@ -14,3 +14,20 @@ pub fn hit(name: &str) {
     #[cfg(not(debug_assertions))]
     let _ = name;
 }
+
+/// Test-only pacing of the integrity wipe: `CRYPTDISK_TEST_WIPE_MIB_PER_S=<n>`
+/// caps it at n MiB/s in debug builds, so that tests can stop, cancel and crash a
+/// wipe at known points whatever the speed of the machine. `None` in release
+/// builds and when unset.
+pub fn wipe_rate_limit() -> Option<u64> {
+    #[cfg(debug_assertions)]
+    {
+        std::env::var("CRYPTDISK_TEST_WIPE_MIB_PER_S")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&n| n > 0)
+            .map(|n| n << 20)
+    }
+    #[cfg(not(debug_assertions))]
+    None
+}

@@ -12,8 +12,10 @@ pub enum LogFormat {
 /// `tracing` directives (`info,cryptdisk_csi::crypt=debug`).
 pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
     let filter = parse_filter(filter)?;
+    // Colours only for a person at a terminal, never into log files or collectors.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use cryptdisk_csi::backend::LocalBackend;
 use cryptdisk_csi::config::{DriverName, Endpoint};
 use cryptdisk_csi::csi::controller::ControllerService;
-use cryptdisk_csi::csi::identity::{IdentityService, Services};
+use cryptdisk_csi::csi::identity::IdentityService;
 use cryptdisk_csi::csi::node::{NodeConfig, NodeService, TOPOLOGY_NODE};
 use cryptdisk_csi::kms::client::GrpcKeySource;
 use cryptdisk_csi::kms::server::{KmsService, MasterSecret};
@@ -131,6 +131,12 @@ struct NodeIdArgs {
     /// Format and open operations that may run at once; more wait their turn.
     #[arg(long, default_value_t = 4, env = "CRYPTDISK_MAX_PARALLEL_WORK")]
     max_parallel_work: usize,
+
+    /// Seconds a NodeStage waits for a new integrity volume's initial wipe before
+    /// answering ABORTED with its progress; the wipe goes on and a retry completes
+    /// the stage. Keep it below the CO's NodeStage timeout.
+    #[arg(long, default_value_t = 60, env = "CRYPTDISK_WIPE_BUDGET_SECONDS")]
+    wipe_budget_seconds: u64,
 }
 
 #[derive(Args)]
@@ -288,6 +294,7 @@ fn node_service(
             topology,
             max_volumes: args.max_volumes,
             max_parallel_work: args.max_parallel_work,
+            wipe_budget: std::time::Duration::from_secs(args.wipe_budget_seconds),
         },
         keys,
     ))
@@ -308,12 +315,14 @@ async fn serve_csi(
     controller: Option<ControllerService>,
     node: Option<NodeService>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let services = Services {
-        controller: controller.is_some(),
-        node: node.is_some(),
-    };
-    let identity = IdentityService::new(args.driver_name.clone(), services);
-    tracing::info!(driver = %args.driver_name, version = env!("CARGO_PKG_VERSION"), ?services, "starting");
+    let identity = IdentityService::new(args.driver_name.clone());
+    tracing::info!(
+        driver = %args.driver_name,
+        version = env!("CARGO_PKG_VERSION"),
+        controller = controller.is_some(),
+        node = node.is_some(),
+        "starting"
+    );
     let router = Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_optional_service(controller.map(ControllerServer::new))

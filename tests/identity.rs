@@ -70,6 +70,28 @@ impl Drop for Plugin {
     }
 }
 
+/// What every instance reports, whichever services it serves: the spec's "grand
+/// sum" of the plugin's capabilities.
+const WHOLE_PLUGIN: [i32; 2] = [
+    plugin_capability::service::Type::ControllerService as i32,
+    plugin_capability::service::Type::VolumeAccessibilityConstraints as i32,
+];
+
+async fn plugin_services(identity: &mut IdentityClient<tonic::transport::Channel>) -> Vec<i32> {
+    identity
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(plugin_capability::Type::Service(s)) => Some(s.r#type),
+            _ => None,
+        })
+        .collect()
+}
+
 // Multi-threaded so that the client's connection task keeps answering the
 // server's shutdown handshake (GOAWAY, ping) while this thread waits for the exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,23 +117,7 @@ async fn identity_over_a_unix_socket() {
     assert_eq!(info.name, "test.cryptdisk.io");
     assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
 
-    let caps = identity
-        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .capabilities;
-    let services: Vec<i32> = caps
-        .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(plugin_capability::Type::Service(s)) => Some(s.r#type),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(
-        services,
-        vec![plugin_capability::service::Type::ControllerService as i32]
-    );
+    assert_eq!(plugin_services(&mut identity).await, WHOLE_PLUGIN);
 
     let probe = identity.probe(ProbeRequest {}).await.unwrap().into_inner();
     assert_eq!(probe.ready, Some(true));
@@ -151,14 +157,15 @@ async fn a_live_socket_is_not_taken_over_and_a_stale_one_is() {
     assert!(!second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.contains("another server is listening"), "{stderr}");
-    // The first server still answers.
+    // The first server still answers, and a node plugin reports the plugin's
+    // capabilities as the controller does (csi-sanity skipped its node
+    // lifecycle tests against a separate node socket when it did not).
     let channel = client::connect(&first.endpoint(), Duration::from_secs(5))
         .await
         .unwrap();
-    IdentityClient::new(channel)
-        .probe(ProbeRequest {})
-        .await
-        .unwrap();
+    let mut identity = IdentityClient::new(channel);
+    identity.probe(ProbeRequest {}).await.unwrap();
+    assert_eq!(plugin_services(&mut identity).await, WHOLE_PLUGIN);
 
     // A killed server leaves a stale socket file; the next start replaces it.
     drop(first);

@@ -314,6 +314,11 @@ pub fn validate(json: &Value) -> std::result::Result<(), String> {
             super::CONTENT_VALUES
         ));
     }
+    if let Some(offset) = token.get("wipe_offset")
+        && !offset.is_u64()
+    {
+        return Err(format!("token.wipe_offset {offset} is not a byte count"));
+    }
     if !token["key_version"].is_u64() {
         return Err("token.key_version is missing or not a number".to_string());
     }
@@ -484,6 +489,10 @@ mod tests {
         refused(
             |h| h["tokens"]["0"]["content"] = json!("btrfs"),
             "token.content",
+        );
+        refused(
+            |h| h["tokens"]["0"]["wipe_offset"] = json!(-1),
+            "token.wipe_offset",
         );
         refused(
             |h| {

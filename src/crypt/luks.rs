@@ -129,13 +129,17 @@ pub fn format(device: &Path, key: &DataKey, opts: &FormatOptions) -> Result<()> 
 
     crate::failpoint::hit("format:before-token");
     // The token goes last: a header without it is a format that did not finish.
-    let token = serde_json::json!({
+    let mut token = serde_json::json!({
         "type": TOKEN_TYPE,
         "keyslots": [keyslot.to_string()],
         "key_id": opts.token.key_id,
         "key_version": opts.token.key_version,
         "kms": opts.token.kms,
     });
+    if opts.integrity != Integrity::None {
+        // Nothing has been written through dm-integrity yet.
+        token["wipe_offset"] = serde_json::Value::from(0u64);
+    }
     cd.token_handle()
         .json_set(TokenInput::AddToken(&token))
         .map_err(lib("write token", &target))?;
@@ -174,6 +178,23 @@ pub fn read_header(device: &Path) -> Result<HeaderInfo> {
 }
 
 pub fn set_content(device: &Path, content: &str) -> Result<()> {
+    update_token(device, |token| {
+        token["content"] = serde_json::Value::from(content);
+    })
+}
+
+pub fn set_wipe_offset(device: &Path, offset: Option<u64>) -> Result<()> {
+    update_token(device, |token| match (offset, token.as_object_mut()) {
+        (Some(offset), _) => token["wipe_offset"] = serde_json::Value::from(offset),
+        (None, Some(fields)) => {
+            fields.remove("wipe_offset");
+        }
+        (None, None) => {}
+    })
+}
+
+/// Rewrites our token in place; libcryptsetup writes both header copies.
+fn update_token(device: &Path, change: impl FnOnce(&mut serde_json::Value)) -> Result<()> {
     let mut cd = load_luks2(device)?;
     let target = device.display();
     for slot in 0..MAX_TOKENS {
@@ -183,7 +204,7 @@ pub fn set_content(device: &Path, content: &str) -> Result<()> {
         if json.get("type").and_then(|t| t.as_str()) != Some(TOKEN_TYPE) {
             continue;
         }
-        json["content"] = serde_json::Value::from(content);
+        change(&mut json);
         cd.token_handle()
             .json_set(TokenInput::ReplaceToken(slot, &json))
             .map_err(lib("update token", &target))?;

@@ -10,6 +10,7 @@ mod blank;
 pub mod header;
 mod log;
 mod luks;
+pub mod wipe;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -122,6 +123,12 @@ pub struct Token {
     /// noise from decrypting zeros: the one state in which a filesystem is made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// On an integrity volume, the bytes of the mapped device already written
+    /// through dm-integrity by the initial wipe; present until the wipe is done.
+    /// Until then unwritten sectors carry no valid tags and read as I/O errors.
+    /// Formatting sets it to 0 whatever the caller passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wipe_offset: Option<u64>,
 }
 
 /// Values [`Token::content`] may hold.
@@ -300,6 +307,32 @@ pub async fn set_content(device: &Path, content: &str) -> Result<()> {
     blocking(move || luks::set_content(&device, &content)).await
 }
 
+/// Wipes an open integrity volume from `from` to the end of `mapped`, recording
+/// each checkpoint in `device`'s token and removing the mark once done.
+/// Blocking: for a task that runs beyond one RPC.
+pub fn wipe_blocking(
+    device: &Path,
+    mapped: &Path,
+    from: u64,
+    progress: &wipe::Progress,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<wipe::Wiped> {
+    log::route_to_tracing();
+    let out = wipe::zero_fill(mapped, from, progress, cancel, |offset| {
+        luks::set_wipe_offset(device, Some(offset))
+    })?;
+    if out == wipe::Wiped::Done {
+        luks::set_wipe_offset(device, None)?;
+    }
+    Ok(out)
+}
+
+/// Records how far the initial wipe of an integrity volume got; `None` when done.
+pub async fn set_wipe_offset(device: &Path, offset: Option<u64>) -> Result<()> {
+    let device = device.to_path_buf();
+    blocking(move || luks::set_wipe_offset(&device, offset)).await
+}
+
 /// Reads the LUKS2 header of `device` without any key.
 pub async fn read_header(device: &Path) -> Result<HeaderInfo> {
     let device = device.to_path_buf();
@@ -389,6 +422,7 @@ mod tests {
                 key_version: 3,
                 kms: "unit-test".into(),
                 content: None,
+                wipe_offset: None,
             },
             integrity,
             bypass_workqueues: true,

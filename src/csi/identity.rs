@@ -10,34 +10,30 @@ use crate::proto::csi::{
     GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
 };
 
-/// Which CSI services this process serves besides Identity.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Services {
-    pub controller: bool,
-    pub node: bool,
+/// The plugin's capabilities. The spec asks every instance of a plugin to report
+/// the same set, "the grand sum of all capabilities of all instances", whichever
+/// services it serves itself: a node plugin answers as the controller does.
+/// Volumes carry accessible topology (the local backend's node, a cloud zone), so
+/// the CO must pass topology requirements to CreateVolume.
+pub fn plugin_capabilities() -> Vec<PluginCapability> {
+    let service = |t: service::Type| PluginCapability {
+        r#type: Some(plugin_capability::Type::Service(
+            plugin_capability::Service { r#type: t as i32 },
+        )),
+    };
+    vec![
+        service(service::Type::ControllerService),
+        service(service::Type::VolumeAccessibilityConstraints),
+    ]
 }
 
 pub struct IdentityService {
     name: DriverName,
-    services: Services,
 }
 
 impl IdentityService {
-    pub fn new(name: DriverName, services: Services) -> Self {
-        IdentityService { name, services }
-    }
-
-    fn capabilities(&self) -> Vec<PluginCapability> {
-        let service = |t: service::Type| PluginCapability {
-            r#type: Some(plugin_capability::Type::Service(
-                plugin_capability::Service { r#type: t as i32 },
-            )),
-        };
-        let mut caps = Vec::new();
-        if self.services.controller {
-            caps.push(service(service::Type::ControllerService));
-        }
-        caps
+    pub fn new(name: DriverName) -> Self {
+        IdentityService { name }
     }
 }
 
@@ -59,7 +55,7 @@ impl Identity for IdentityService {
         _request: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
         Ok(Response::new(GetPluginCapabilitiesResponse {
-            capabilities: self.capabilities(),
+            capabilities: plugin_capabilities(),
         }))
     }
 
@@ -76,13 +72,13 @@ impl Identity for IdentityService {
 mod tests {
     use super::*;
 
-    fn svc(services: Services) -> IdentityService {
-        IdentityService::new("cryptdisk.csi.io".parse().unwrap(), services)
+    fn svc() -> IdentityService {
+        IdentityService::new("cryptdisk.csi.io".parse().unwrap())
     }
 
     #[tokio::test]
     async fn plugin_info_names_the_driver_and_version() {
-        let info = svc(Services::default())
+        let info = svc()
             .get_plugin_info(Request::new(GetPluginInfoRequest {}))
             .await
             .unwrap()
@@ -92,39 +88,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn controller_capability_only_where_the_controller_is_served() {
-        let caps = |s| async move {
-            svc(s)
-                .get_plugin_capabilities(Request::new(GetPluginCapabilitiesRequest {}))
-                .await
-                .unwrap()
-                .into_inner()
-                .capabilities
-        };
-        assert!(
-            caps(Services {
-                controller: false,
-                node: true
-            })
+    async fn every_instance_reports_the_whole_plugin() {
+        let caps = svc()
+            .get_plugin_capabilities(Request::new(GetPluginCapabilitiesRequest {}))
             .await
-            .is_empty()
+            .unwrap()
+            .into_inner()
+            .capabilities;
+        let types: Vec<i32> = caps
+            .iter()
+            .filter_map(|c| match c.r#type {
+                Some(plugin_capability::Type::Service(s)) => Some(s.r#type),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            types,
+            [
+                service::Type::ControllerService as i32,
+                service::Type::VolumeAccessibilityConstraints as i32
+            ]
         );
-        let with = caps(Services {
-            controller: true,
-            node: false,
-        })
-        .await;
-        assert_eq!(with.len(), 1);
-        assert!(matches!(
-            with[0].r#type,
-            Some(plugin_capability::Type::Service(plugin_capability::Service { r#type }))
-                if r#type == service::Type::ControllerService as i32
-        ));
     }
 
     #[tokio::test]
     async fn probe_is_ready() {
-        let r = svc(Services::default())
+        let r = svc()
             .probe(Request::new(ProbeRequest {}))
             .await
             .unwrap()

@@ -6,3 +6,4 @@ pub mod identity;
 pub mod node;
 pub mod params;
 pub mod validate;
+pub mod wipe;

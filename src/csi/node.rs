@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
@@ -16,6 +17,7 @@ use tonic::{Request, Response, Status};
 use super::guard::Guards;
 use super::params::VolumeOptions;
 use super::validate::{self, Access};
+use super::wipe::Wipes;
 use crate::crypt::{
     self, DeviceState, FormatOptions, HeaderInfo, KeyId, MapperName, OpenOptions, Token,
 };
@@ -24,6 +26,7 @@ use crate::kms::{DEFAULT_KEY_LEN, DataKey, KeySource};
 use crate::mount::{self, FsProbe, FsType, Unmounted};
 use crate::proto::csi::node_server::Node;
 use crate::proto::csi::node_service_capability::{self, rpc::Type as Rpc};
+use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::csi::*;
 use crate::volume::{BackendKind, VolumeId};
 
@@ -42,6 +45,9 @@ pub struct NodeConfig {
     pub max_volumes: i64,
     /// Crypt and mkfs operations allowed to run at once.
     pub max_parallel_work: usize,
+    /// How long a stage waits for an integrity volume's initial wipe before it
+    /// answers ABORTED and leaves the wipe running for a retry to pick up.
+    pub wipe_budget: Duration,
 }
 
 pub struct NodeService {
@@ -49,6 +55,7 @@ pub struct NodeService {
     keys: Arc<dyn KeySource>,
     guards: Guards,
     work: Arc<Semaphore>,
+    wipes: Wipes,
 }
 
 /// A path from a request: required, absolute, without `..` or NUL.
@@ -63,6 +70,9 @@ fn request_path(field: &str, value: &str) -> Result<PathBuf, Status> {
     Ok(path)
 }
 
+/// Parses a volume id that [`validate::required`] has already accepted: one that is
+/// not ours names no volume we know (NOT_FOUND). Callers check every required
+/// field first, so a request missing one gets INVALID_ARGUMENT whatever its id.
 fn volume_id(value: &str) -> Result<VolumeId, Status> {
     validate::required("volume_id", value)?;
     value
@@ -73,11 +83,13 @@ fn volume_id(value: &str) -> Result<VolumeId, Status> {
 impl NodeService {
     pub fn new(config: NodeConfig, keys: Arc<dyn KeySource>) -> Self {
         let work = Arc::new(Semaphore::new(config.max_parallel_work.max(1)));
+        let wipes = Wipes::new(config.wipe_budget);
         NodeService {
             config,
             keys,
             guards: Guards::default(),
             work,
+            wipes,
         }
     }
 
@@ -145,6 +157,7 @@ impl NodeService {
                         key_version: self.keys.current_version(),
                         kms: self.keys.identity().to_string(),
                         content: None,
+                        wipe_offset: None,
                     },
                     integrity: options.integrity,
                     bypass_workqueues: options.bypass_workqueues,
@@ -158,10 +171,11 @@ impl NodeService {
     }
 
     async fn stage(&self, req: NodeStageVolumeRequest) -> Result<(), Status> {
-        let id = volume_id(&req.volume_id)?;
+        validate::required("volume_id", &req.volume_id)?;
         let staging = request_path("staging_target_path", &req.staging_target_path)?;
         let (access, mode) = validate::one_capability(req.volume_capability.as_ref())?;
         let options = VolumeOptions::from_volume_context(&req.volume_context)?;
+        let id = volume_id(&req.volume_id)?;
         let _held = self.guards.take(&id.to_string())?;
         let _permit = self
             .work
@@ -195,6 +209,17 @@ impl NodeService {
         }
         failpoint::hit("stage:opened");
         let mapped = name.device_path();
+        if let Some(from) = header.token.as_ref().and_then(|t| t.wipe_offset) {
+            if validate::mode_read_only(mode) {
+                return Err(Status::failed_precondition(format!(
+                    "volume {id} is a new integrity volume whose initial wipe has not \
+                     finished; it cannot be staged read-only until a read-write stage wipes it"
+                )));
+            }
+            self.wipes
+                .ensure(&id.to_string(), device.clone(), mapped.clone(), from)
+                .await?;
+        }
         match access {
             Access::Block => match content.as_deref() {
                 None => Ok(crypt::set_content(&device, "block").await?),
@@ -295,9 +320,12 @@ impl NodeService {
     }
 
     async fn unstage(&self, req: NodeUnstageVolumeRequest) -> Result<(), Status> {
-        let id = volume_id(&req.volume_id)?;
+        validate::required("volume_id", &req.volume_id)?;
         let staging = request_path("staging_target_path", &req.staging_target_path)?;
+        let id = volume_id(&req.volume_id)?;
         let _held = self.guards.take(&id.to_string())?;
+        // A wipe still writing through the mapping would keep it from closing.
+        self.wipes.cancel(&id.to_string()).await;
         if let Unmounted::Unmounted = mount::unmount(&staging).await? {
             tracing::info!(staging = %staging.display(), "unmounted");
         }
@@ -312,10 +340,11 @@ impl NodeService {
     }
 
     async fn publish(&self, req: NodePublishVolumeRequest) -> Result<(), Status> {
-        let id = volume_id(&req.volume_id)?;
+        validate::required("volume_id", &req.volume_id)?;
         let staging = request_path("staging_target_path", &req.staging_target_path)?;
         let target = request_path("target_path", &req.target_path)?;
         let (access, mode) = validate::one_capability(req.volume_capability.as_ref())?;
+        let id = volume_id(&req.volume_id)?;
         let read_only = req.readonly || validate::mode_read_only(mode);
         let _held = self.guards.take(&id.to_string())?;
         let name = MapperName::for_volume(&id.to_string());
@@ -351,6 +380,16 @@ impl NodeService {
                 target.display()
             )));
         }
+        if mode == Mode::SingleNodeSingleWriter {
+            let elsewhere = published_elsewhere(want, &staging, &target)?;
+            if let Some(other) = elsewhere.first() {
+                return Err(Status::failed_precondition(format!(
+                    "volume {id} has access mode SINGLE_NODE_SINGLE_WRITER and is already \
+                     published at {}",
+                    other.display()
+                )));
+            }
+        }
         let made = match access {
             Access::Block => {
                 if let Some(parent) = target.parent() {
@@ -372,8 +411,9 @@ impl NodeService {
     }
 
     async fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> Result<(), Status> {
-        let id = volume_id(&req.volume_id)?;
+        validate::required("volume_id", &req.volume_id)?;
         let target = request_path("target_path", &req.target_path)?;
+        let id = volume_id(&req.volume_id)?;
         let _held = self.guards.take(&id.to_string())?;
         mount::unmount(&target).await?;
         match tokio::fs::symlink_metadata(&target).await {
@@ -392,6 +432,21 @@ impl NodeService {
             }
         }
     }
+}
+
+/// Where else the device `want` is mounted, leaving out the staging path and the
+/// target itself: the publications of a volume other than this one.
+fn published_elsewhere(
+    want: (u32, u32),
+    staging: &Path,
+    target: &Path,
+) -> Result<Vec<PathBuf>, Status> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (staging, target) = (canonical(staging), canonical(target));
+    Ok(mount::mount_points_of(want)?
+        .into_iter()
+        .filter(|p| *p != staging && *p != target)
+        .collect())
 }
 
 #[tonic::async_trait]

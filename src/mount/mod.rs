@@ -29,8 +29,8 @@ use std::str::FromStr;
 pub use fs::{FsProbe, Fsck, PROBE_BYTES, XFS_MIN_BYTES, fsck, mkfs, probe_fs, resize_fs};
 pub use mountinfo::{MountEntry, find_mount, is_read_only, mounts};
 pub use sys::{
-    Unmounted, bind_mount, check_options, device_number, is_mount_point, mount_fs, mounted_device,
-    unmount,
+    Unmounted, bind_mount, check_options, device_number, is_mount_point, mount_fs, mount_points_of,
+    mounted_device, unmount,
 };
 
 /// A filesystem the node can make and mount.

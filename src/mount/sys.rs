@@ -289,6 +289,32 @@ pub fn mounted_device(target: &Path) -> Result<Option<(u32, u32)>> {
     }
 }
 
+/// Every mount point where `device` (major, minor) is mounted or bind-mounted,
+/// as a filesystem or, for a published block volume, as a device node. Only
+/// devtmpfs binds are stat'ed, so a hung network mount elsewhere cannot block it.
+pub fn mount_points_of(device: (u32, u32)) -> Result<Vec<std::path::PathBuf>> {
+    let mut found = Vec::new();
+    for entry in super::mountinfo::mounts()? {
+        let same = if (entry.major, entry.minor) == device {
+            true
+        } else if entry.fstype == "devtmpfs" {
+            std::fs::metadata(&entry.mount_point).is_ok_and(|m| {
+                m.file_type().is_block_device()
+                    && (
+                        nix::sys::stat::major(m.rdev()) as u32,
+                        nix::sys::stat::minor(m.rdev()) as u32,
+                    ) == device
+            })
+        } else {
+            false
+        };
+        if same {
+            found.push(entry.mount_point);
+        }
+    }
+    Ok(found)
+}
+
 /// The device number (major, minor) of a block device node, following symlinks.
 /// Also works on a file a device node is bind-mounted on, which is how a
 /// published block volume is recognised.

@@ -63,6 +63,7 @@ async fn format(disk: &Path, integrity: Integrity) -> Result<(KeyId, DataKey), S
             key_version: 1,
             kms: "vm-test".into(),
             content: None,
+            wipe_offset: None,
         },
         integrity,
         bypass_workqueues: true,

@@ -74,8 +74,8 @@ pub fn cases() -> Vec<Case> {
 }
 
 const BIN: &str = env!("CARGO_BIN_EXE_cryptdisk-csi");
-const MIB: i64 = 1 << 20;
-const NODE: &str = "vm-node";
+pub const MIB: i64 = 1 << 20;
+pub const NODE: &str = "vm-node";
 
 /// A running `cryptdisk-csi dev` with its own data directory under /tmp.
 pub struct Driver {
@@ -93,6 +93,17 @@ impl Driver {
     /// Starts (or restarts) the driver on an existing directory, optionally set to
     /// crash at a failpoint.
     pub async fn start_in(dir: PathBuf, failpoint: Option<&str>) -> Result<Driver, String> {
+        Self::start_with(dir, failpoint, &[], &[]).await
+    }
+
+    /// As [`Driver::start_in`], with more flags and environment variables for
+    /// `cryptdisk-csi dev`.
+    pub async fn start_with(
+        dir: PathBuf,
+        failpoint: Option<&str>,
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Driver, String> {
         let socket = dir.join("csi.sock");
         let log = check!(
             std::fs::OpenOptions::new()
@@ -101,6 +112,7 @@ impl Driver {
                 .open(dir.join("driver.log"))
         );
         let mut cmd = Command::new(BIN);
+        cmd.envs(env.iter().copied());
         if let Some(point) = failpoint {
             cmd.env("CRYPTDISK_FAILPOINT", point);
         }
@@ -110,6 +122,7 @@ impl Driver {
                 .arg(format!("--data-dir={}", dir.join("data").display()))
                 .arg(format!("--node-id={NODE}"))
                 .arg("--log-level=debug")
+                .args(flags)
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -140,6 +153,23 @@ impl Driver {
         self.dir.clone()
     }
 
+    /// Waits up to `limit` for the process to exit by itself (a failpoint).
+    pub async fn wait_exit(&mut self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        while let Some(c) = self.child.as_mut() {
+            if check!(c.try_wait()).is_some() {
+                self.child = None;
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the driver did not exit in {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("driver.log")).unwrap_or_default()
     }
@@ -158,7 +188,7 @@ impl Drop for Driver {
 }
 
 /// An empty working directory for one case's driver.
-fn fresh_dir(tag: &str) -> Result<PathBuf, String> {
+pub fn fresh_dir(tag: &str) -> Result<PathBuf, String> {
     let dir = PathBuf::from(format!("/tmp/cryptdisk-vm-{tag}"));
     let _ = std::fs::remove_dir_all(&dir);
     check!(std::fs::create_dir_all(&dir));
@@ -353,7 +383,7 @@ pub fn image_of(d: &Driver, volume_id: &str) -> PathBuf {
     d.dir.join("data/disks").join(format!("{disk}.img"))
 }
 
-fn open_mappings() -> Vec<String> {
+pub fn open_mappings() -> Vec<String> {
     std::fs::read_dir("/dev/mapper")
         .map(|rd| {
             rd.filter_map(|e| e.ok())
@@ -364,14 +394,15 @@ fn open_mappings() -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn code_of<T>(r: Result<T, tonic::Status>) -> Option<Code> {
+pub fn code_of<T>(r: Result<T, tonic::Status>) -> Option<Code> {
     r.err().map(|s| s.code())
 }
 
 /// Fails the case unless the call fails with `code`.
+#[macro_export]
 macro_rules! expect_code {
     ($call:expr, $code:expr, $what:expr) => {{
-        let got = code_of($call.await);
+        let got = $crate::lifecycle_cases::code_of($call.await);
         ensure!(
             got == Some($code),
             "{}: expected {:?}, got {:?}",

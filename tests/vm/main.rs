@@ -9,6 +9,7 @@
 mod crypt_cases;
 mod lifecycle_cases;
 mod mount_cases;
+mod node_cases;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -66,6 +67,7 @@ fn all_cases() -> Vec<Case> {
     let mut v = crypt_cases::cases();
     v.extend(lifecycle_cases::cases());
     v.extend(mount_cases::cases());
+    v.extend(node_cases::cases());
     v
 }
 

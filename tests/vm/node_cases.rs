@@ -1,0 +1,362 @@
+//! Node behaviour that csi-sanity found wrong or that the conformance runs
+//! depend on, each pinned by its own case: request fields checked before the
+//! volume id, SINGLE_NODE_SINGLE_WRITER published once, and the resumable
+//! initial wipe of integrity volumes.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use cryptdisk_csi::crypt;
+use cryptdisk_csi::proto::csi::volume_capability::access_mode::Mode;
+use cryptdisk_csi::proto::csi::*;
+use tonic::Code;
+
+use crate::lifecycle_cases::{
+    Driver, MIB, NODE, Staged, create_req, delete, fresh_dir, mount_cap, open_mappings, provision,
+    publish, release,
+};
+use crate::{Case, CaseResult, Ctx, check, ensure, expect_code};
+
+pub fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "node_fields_are_checked_before_the_volume_id",
+            run: |c| Box::pin(fields_before_id(c)),
+        },
+        Case {
+            name: "node_single_writer_is_published_once",
+            run: |c| Box::pin(single_writer(c)),
+        },
+        Case {
+            name: "node_integrity_wipe_resumes_after_cancel_and_crash",
+            run: |c| Box::pin(integrity_wipe(c)),
+        },
+    ]
+}
+
+/// csi-sanity sends made-up ids with a field missing and expects INVALID_ARGUMENT
+/// for the missing field, not NOT_FOUND for the id.
+async fn fields_before_id(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("node-fields").await?;
+    let fake = "fake-vol-id-1234".to_string();
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let staging = d.dir.join("staging").display().to_string();
+    let target = d.dir.join("target").display().to_string();
+    let stage_req = NodeStageVolumeRequest {
+        volume_id: fake.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    let publish_req = NodePublishVolumeRequest {
+        volume_id: fake.clone(),
+        staging_target_path: staging.clone(),
+        target_path: target.clone(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    expect_code!(
+        d.node.node_stage_volume(NodeStageVolumeRequest {
+            staging_target_path: String::new(),
+            ..stage_req.clone()
+        }),
+        Code::InvalidArgument,
+        "stage without staging path"
+    );
+    expect_code!(
+        d.node.node_stage_volume(NodeStageVolumeRequest {
+            volume_capability: None,
+            ..stage_req.clone()
+        }),
+        Code::InvalidArgument,
+        "stage without capability"
+    );
+    expect_code!(
+        d.node.node_publish_volume(NodePublishVolumeRequest {
+            target_path: String::new(),
+            ..publish_req.clone()
+        }),
+        Code::InvalidArgument,
+        "publish without target"
+    );
+    expect_code!(
+        d.node.node_publish_volume(NodePublishVolumeRequest {
+            volume_capability: None,
+            ..publish_req.clone()
+        }),
+        Code::InvalidArgument,
+        "publish without capability"
+    );
+    expect_code!(
+        d.node.node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: fake.clone(),
+            staging_target_path: String::new(),
+        }),
+        Code::InvalidArgument,
+        "unstage without staging path"
+    );
+    expect_code!(
+        d.node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: fake.clone(),
+            target_path: String::new(),
+        }),
+        Code::InvalidArgument,
+        "unpublish without target"
+    );
+    // With every field present, the made-up id is what is wrong.
+    expect_code!(
+        d.node.node_stage_volume(stage_req),
+        Code::NotFound,
+        "stage of an unknown id"
+    );
+    expect_code!(
+        d.node.node_publish_volume(publish_req),
+        Code::NotFound,
+        "publish of an unknown id"
+    );
+    Ok(())
+}
+
+/// A SINGLE_NODE_SINGLE_WRITER volume is published at one target at a time;
+/// the same target again is idempotent, another one is FAILED_PRECONDITION.
+async fn single_writer(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("node-single-writer").await?;
+    let req = create_req(
+        "pvc-single",
+        32 * MIB,
+        mount_cap("ext4", Mode::SingleNodeSingleWriter),
+    );
+    let s = provision(&mut d, req).await?;
+    let other = Staged {
+        volume: s.volume.clone(),
+        publish_context: s.publish_context.clone(),
+        staging: s.staging.clone(),
+        target: d.dir.join("other-target"),
+        cap: s.cap.clone(),
+    };
+    let second = d
+        .node
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: other.volume.volume_id.clone(),
+            publish_context: other.publish_context.clone(),
+            staging_target_path: other.staging.display().to_string(),
+            target_path: other.target.display().to_string(),
+            volume_capability: Some(other.cap.clone()),
+            volume_context: other.volume.volume_context.clone(),
+            ..Default::default()
+        })
+        .await;
+    ensure!(
+        second
+            .as_ref()
+            .is_err_and(|s| s.code() == Code::FailedPrecondition
+                && s.message().contains("SINGLE_NODE_SINGLE_WRITER")),
+        "second target: {second:?}"
+    );
+    ensure!(
+        !cryptdisk_csi::mount::is_mount_point(&other.target).unwrap_or(true),
+        "the refused target was mounted"
+    );
+    publish(&mut d, &s, false).await?;
+    // Once unpublished from the first target, the other one may take it.
+    check!(
+        d.node
+            .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: s.volume.volume_id.clone(),
+                target_path: s.target.display().to_string(),
+            })
+            .await
+    );
+    publish(&mut d, &other, false).await?;
+    release(&mut d, &other).await?;
+    delete(&mut d, &s.volume.volume_id).await
+}
+
+fn integrity_req(name: &str) -> CreateVolumeRequest {
+    let mut req = create_req(name, 128 * MIB, mount_cap("ext4", Mode::SingleNodeWriter));
+    req.parameters
+        .insert("cryptdisk.csi.io/integrity".into(), "true".into());
+    req
+}
+
+async fn wipe_offset(image: &Path) -> Result<Option<u64>, String> {
+    let header = check!(crypt::read_header(image).await);
+    Ok(header.token.ok_or("no token")?.wipe_offset)
+}
+
+async fn stage_status(
+    d: &mut Driver,
+    volume: &Volume,
+    ctx: &std::collections::HashMap<String, String>,
+    staging: &Path,
+    cap: &VolumeCapability,
+) -> Result<(), tonic::Status> {
+    d.node
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            publish_context: ctx.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            volume_context: volume.volume_context.clone(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+fn is_wipe_in_progress(r: &Result<(), tonic::Status>) -> bool {
+    r.as_ref().is_err_and(|s| {
+        s.code() == Code::Aborted
+            && s.message().contains("integrity wipe in progress")
+            && s.message().contains("% of ")
+    })
+}
+
+/// Stages until the wipe is done: each refusal must be ABORTED with progress.
+async fn stage_until_wiped(
+    d: &mut Driver,
+    volume: &Volume,
+    ctx: &std::collections::HashMap<String, String>,
+    staging: &Path,
+    cap: &VolumeCapability,
+) -> Result<usize, String> {
+    for tries in 1..=120 {
+        let r = stage_status(d, volume, ctx, staging, cap).await;
+        if r.is_ok() {
+            return Ok(tries);
+        }
+        ensure!(is_wipe_in_progress(&r), "stage {tries}: {r:?}");
+    }
+    Err("the wipe never finished".into())
+}
+
+/// The initial wipe of an integrity volume (189 MiB mapped, paced at 32 MiB/s,
+/// checkpoints every 64 MiB) outlasts the stage budget (1 s): the stage answers
+/// ABORTED and the wipe goes on. Unstage cancels it at a checkpoint;
+/// a crash at a checkpoint keeps the offset in the token; the next stage resumes
+/// from there, finishes, and every sector of the mapping then reads back.
+async fn integrity_wipe(_ctx: &mut Ctx) -> CaseResult {
+    let dir = fresh_dir("node-wipe")?;
+    let budget = ["--wipe-budget-seconds=1"];
+    let pace = [("CRYPTDISK_TEST_WIPE_MIB_PER_S", "32")];
+    let mut d = Driver::start_with(dir.clone(), None, &budget, &pace).await?;
+    let req = integrity_req("pvc-wipe");
+    let cap = req.volume_capabilities[0].clone();
+    let volume = check!(d.controller.create_volume(req).await)
+        .into_inner()
+        .volume
+        .ok_or("no volume")?;
+    let ctx = check!(
+        d.controller
+            .controller_publish_volume(ControllerPublishVolumeRequest {
+                volume_id: volume.volume_id.clone(),
+                node_id: NODE.into(),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            })
+            .await
+    )
+    .into_inner()
+    .publish_context;
+    let image = crate::lifecycle_cases::image_of(&d, &volume.volume_id);
+    let staging = dir.join("staging");
+
+    // 1. The budget runs out: ABORTED, then unstage stops the wipe.
+    let first = stage_status(&mut d, &volume, &ctx, &staging, &cap).await;
+    ensure!(is_wipe_in_progress(&first), "first stage: {first:?}");
+    check!(
+        d.node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: volume.volume_id.clone(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await
+    );
+    ensure!(
+        open_mappings().is_empty(),
+        "mappings left: {:?}",
+        open_mappings()
+    );
+    ensure!(
+        d.log().contains("integrity wipe stopped for unstage"),
+        "no cancel in the log"
+    );
+    let after_cancel = wipe_offset(&image).await?;
+    ensure!(
+        after_cancel.is_some(),
+        "the wipe mark is gone after a cancel"
+    );
+    d.kill();
+
+    // 2. A crash at the first checkpoint: the token keeps how far it got.
+    let mut d = Driver::start_with(dir.clone(), Some("wipe:checkpoint"), &budget, &pace).await?;
+    let _ = stage_status(&mut d, &volume, &ctx, &staging, &cap).await;
+    d.wait_exit(Duration::from_secs(120)).await?;
+    ensure!(
+        d.log().contains("failpoint wipe:checkpoint: aborting"),
+        "failpoint not reached"
+    );
+    let at = wipe_offset(&image)
+        .await?
+        .ok_or("no wipe mark after the crash")?;
+    ensure!(
+        at > after_cancel.unwrap_or(0),
+        "the crash recorded {at}, not past {after_cancel:?}"
+    );
+    d.kill();
+
+    // 3. Restarted, the stage resumes from the checkpoint and completes.
+    let mut d = Driver::start_with(dir.clone(), None, &budget, &pace).await?;
+    let tries = stage_until_wiped(&mut d, &volume, &ctx, &staging, &cap).await?;
+    ensure!(
+        tries > 1,
+        "a wipe of 128 MiB finished within the 1 s budget"
+    );
+    ensure!(
+        d.log().contains(&format!("from={at}")),
+        "the wipe did not resume from {at}"
+    );
+    ensure!(
+        wipe_offset(&image).await?.is_none(),
+        "wipe mark left after the wipe"
+    );
+    // Every sector now carries a valid tag: the whole mapping reads.
+    let mapped = crypt::MapperName::for_volume(&volume.volume_id).device_path();
+    let mut f = check!(std::fs::File::open(&mapped));
+    let mut buf = vec![0u8; 4 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = check!(f.read(&mut buf));
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    drop(f);
+    ensure!(total >= 128 * MIB as u64, "read only {total} bytes");
+
+    let s = Staged {
+        volume: volume.clone(),
+        publish_context: ctx,
+        staging,
+        target: dir.join("target"),
+        cap,
+    };
+    publish(&mut d, &s, false).await?;
+    check!(std::fs::write(s.target.join("marker"), b"after the wipe"));
+    release(&mut d, &s).await?;
+    // A restage finds no wipe to do and the data intact.
+    let before = d.log().len();
+    let s = provision(&mut d, integrity_req("pvc-wipe")).await?;
+    ensure!(
+        check!(std::fs::read(s.target.join("marker"))) == b"after the wipe",
+        "marker lost"
+    );
+    ensure!(
+        !d.log()[before..].contains("integrity wipe starting"),
+        "a second wipe started"
+    );
+    release(&mut d, &s).await?;
+    delete(&mut d, &s.volume.volume_id).await
+}
