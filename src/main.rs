@@ -115,6 +115,12 @@ struct ControllerArgs {
     /// The node the local backend's disks live on (default: the host name).
     #[arg(long, env = "CRYPTDISK_LOCAL_NODE")]
     local_node: Option<String>,
+
+    /// Most volumes attached to one node at a time; ControllerPublishVolume past
+    /// it is RESOURCE_EXHAUSTED (0: no limit). Match the node plugins'
+    /// --max-volumes.
+    #[arg(long, default_value_t = 0, env = "CRYPTDISK_MAX_VOLUMES_PER_NODE")]
+    max_volumes_per_node: u64,
 }
 
 #[derive(Args)]
@@ -232,7 +238,8 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Controller(args) => {
-            let controller = controller_service(&args.backend, &args.local, args.local_node)?;
+            let controller = controller_service(&args.backend, &args.local, args.local_node)?
+                .with_attach_limit(args.max_volumes_per_node);
             serve_csi(args.csi, Some(controller), None).await
         }
         Command::Node(args) => {
@@ -247,7 +254,8 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 _ => MasterSecret::load_or_generate(&args.local.data_dir.join("kms"))?,
             };
             let keys = Arc::new(LocalKeySource::new(master, "embedded"));
-            let controller = controller_service("local", &args.local, Some(node_id.clone()))?;
+            let controller = controller_service("local", &args.local, Some(node_id.clone()))?
+                .with_attach_limit(u64::try_from(args.node.max_volumes).unwrap_or(0));
             let node_args = NodeIdArgs {
                 node_id: Some(node_id),
                 ..args.node

@@ -104,6 +104,8 @@ struct DiskEntry {
     /// Node id → attachment.
     #[serde(default)]
     attachments: BTreeMap<String, Attachment>,
+    #[serde(default)]
+    options: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -117,6 +119,8 @@ struct SnapshotEntry {
     source: VolumeId,
     size_bytes: u64,
     created_unix_nanos: i64,
+    #[serde(default)]
+    options: BTreeMap<String, String>,
 }
 
 /// `index.json`: keyed by file stem, so iteration order is the stable list order.
@@ -722,6 +726,7 @@ impl Inner {
             source: e.source.clone(),
             topology: vec![self.topology.clone()],
             attached_to: e.attachments.keys().cloned().collect(),
+            options: e.options.clone(),
         }))
     }
 
@@ -736,6 +741,7 @@ impl Inner {
             size_bytes: size,
             created_unix_nanos: e.created_unix_nanos,
             ready: true,
+            options: e.options.clone(),
         }))
     }
 
@@ -823,7 +829,7 @@ impl Inner {
                     describe_source(spec.source.as_ref())
                 ));
             }
-            if e.parameters != spec.parameters {
+            if e.parameters != spec.parameters || e.options != spec.options {
                 diffs.push("other parameters".to_string());
             }
             if diffs.is_empty() {
@@ -891,6 +897,7 @@ impl Inner {
                 source: spec.source.clone(),
                 parameters: spec.parameters.clone(),
                 attachments: BTreeMap::new(),
+                options: spec.options.clone(),
             },
         );
         if let Err(e) = self.commit(&mut index, new).await {
@@ -1112,6 +1119,11 @@ impl Inner {
 
         let mut index = self.index.lock().await;
         let mut new = index.clone();
+        let options = index
+            .disks
+            .get(source.disk())
+            .map(|d| d.options.clone())
+            .unwrap_or_default();
         new.snapshots.insert(
             stem.clone(),
             SnapshotEntry {
@@ -1119,6 +1131,7 @@ impl Inner {
                 source: source.clone(),
                 size_bytes: len,
                 created_unix_nanos: now_unix_nanos(),
+                options,
             },
         );
         if let Err(e) = self.commit(&mut index, new).await {
@@ -1346,6 +1359,7 @@ mod tests {
             source: None,
             parameters: BTreeMap::new(),
             accessibility: None,
+            options: BTreeMap::new(),
         }
     }
 

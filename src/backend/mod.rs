@@ -72,6 +72,10 @@ pub struct DiskSpec {
     /// it does not know ([`DiskBackend::validate_parameters`]).
     pub parameters: BTreeMap<String, String>,
     pub accessibility: Option<TopologyRequirement>,
+    /// The driver's own options of the volume (its volume context: integrity and
+    /// activation flags), kept with the disk so that later calls (expansion,
+    /// ControllerGetVolume, snapshots) know them. Opaque to the backend.
+    pub options: BTreeMap<String, String>,
 }
 
 /// A disk as the backend reports it.
@@ -87,6 +91,8 @@ pub struct Disk {
     pub topology: Vec<Topology>,
     /// Node ids the disk is attached to, sorted.
     pub attached_to: Vec<String>,
+    /// The options it was created with ([`DiskSpec::options`]).
+    pub options: BTreeMap<String, String>,
 }
 
 /// A snapshot as the backend reports it.
@@ -100,6 +106,9 @@ pub struct Snapshot {
     pub created_unix_nanos: i64,
     /// Whether the snapshot can be restored from.
     pub ready: bool,
+    /// The source disk's options when the snapshot was taken: a restore holds the
+    /// same LUKS2 header, hence the same layout.
+    pub options: BTreeMap<String, String>,
 }
 
 /// Why a backend operation failed. Each variant is the gRPC code of the same

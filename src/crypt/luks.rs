@@ -338,6 +338,35 @@ pub fn status(name: &MapperName) -> Result<Option<MappingStatus>> {
     }))
 }
 
+/// Grows the open mapping `name` to fill its (grown) device. The table reload
+/// needs the volume key: `key` unlocks it from the keyslot into this thread's
+/// keyring for the reload, so nothing depends on a key left in the kernel
+/// keyring since the open. Returns the mapping's new size in bytes.
+pub fn resize(name: &MapperName, key: &DataKey) -> Result<u64> {
+    let mut cd = CryptInit::init_by_name_and_header(name.as_str(), None)
+        .map_err(lib("find mapping", name))?;
+    let device = cd
+        .status_handle()
+        .get_device_path()
+        .map_err(lib("read device", name))?
+        .to_path_buf();
+    super::header::read_validated(&device)?;
+    cd.context_handle()
+        .load::<CryptParamsLuks2Ref<'_>>(Some(EncryptionFormat::Luks2), None)
+        .map_err(lib("load LUKS2 header", device.display()))?;
+    cd.activate_handle()
+        .activate_by_passphrase(None, None, key.expose(), CryptActivate::KEYRING_KEY)
+        .map_err(|err| wrong_key_or(&device, "unlock volume key", err))?;
+    cd.context_handle()
+        .resize(name.as_str(), 0)
+        .map_err(lib("resize mapping", name))?;
+    let active = cd
+        .runtime_handle(name.as_str())
+        .get_active_device()
+        .map_err(lib("read mapping", name))?;
+    Ok(active.size * 512)
+}
+
 /// Whether two paths name the same block device (by device number), so that
 /// `/dev/vda` and a symlink to it compare equal.
 fn same_device(a: &Path, b: &Path) -> Result<bool> {

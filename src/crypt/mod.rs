@@ -327,6 +327,13 @@ pub fn wipe_blocking(
     Ok(out)
 }
 
+/// Grows the open mapping `name` to fill its device, which has grown; `key` is
+/// the volume's data key, fetched again for this. Returns the new size in bytes.
+pub async fn resize(name: &MapperName, key: &DataKey) -> Result<u64> {
+    let (name, key) = (name.clone(), key.clone());
+    blocking(move || luks::resize(&name, &key)).await
+}
+
 /// Records how far the initial wipe of an integrity volume got; `None` when done.
 pub async fn set_wipe_offset(device: &Path, offset: Option<u64>) -> Result<()> {
     let device = device.to_path_buf();

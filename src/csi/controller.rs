@@ -39,6 +39,21 @@ pub fn disk_bytes_for(usable: u64, integrity: Integrity) -> u64 {
     (usable + LUKS2_HEADER_BYTES + overhead).div_ceil(MIB) * MIB
 }
 
+/// What remains usable of a disk of `disk_bytes` after the LUKS2 header (plain
+/// volumes; integrity volumes are never resized, and their overhead is estimated
+/// the same way [`disk_bytes_for`] adds it).
+pub fn usable_of_disk(disk_bytes: u64, integrity: Integrity) -> u64 {
+    let after_header = disk_bytes.saturating_sub(LUKS2_HEADER_BYTES);
+    let usable = match integrity {
+        Integrity::None => after_header,
+        Integrity::HmacSha256 { .. } => {
+            // Inverse of `usable + usable/4096*32 + 64 MiB`, rounded down.
+            after_header.saturating_sub(64 * MIB) / 4128 * 4096
+        }
+    };
+    usable / 4096 * 4096
+}
+
 /// The usable size a capacity range asks for, in whole 4 KiB sectors.
 pub fn usable_bytes(range: Option<&CapacityRange>) -> Result<u64, Status> {
     let (required, limit) = match range {
@@ -75,6 +90,10 @@ pub struct ControllerService {
     /// Nodes the local backend can attach to (the machine it runs on).
     local_nodes: Option<Vec<String>>,
     guards: Guards,
+    /// Most disks attached to one node (0: no limit), and the lock that makes
+    /// counting and attaching one step.
+    attach_limit: u64,
+    attach_lock: tokio::sync::Mutex<()>,
 }
 
 impl ControllerService {
@@ -83,7 +102,38 @@ impl ControllerService {
             backend,
             local_nodes,
             guards: Guards::default(),
+            attach_limit: 0,
+            attach_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Refuses to attach more than `limit` disks to one node (0: no limit).
+    pub fn with_attach_limit(mut self, limit: u64) -> Self {
+        self.attach_limit = limit;
+        self
+    }
+
+    /// RESOURCE_EXHAUSTED when `node` already has the most disks attached.
+    async fn check_attach_limit(&self, node: &str) -> Result<(), Status> {
+        let mut attached = 0u64;
+        let mut token: Option<String> = None;
+        loop {
+            let (disks, next) = self.backend.list_disks(token.as_deref(), 0).await?;
+            attached += disks
+                .iter()
+                .filter(|d| d.attached_to.iter().any(|n| n == node))
+                .count() as u64;
+            match next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        if attached >= self.attach_limit {
+            return Err(Status::resource_exhausted(format!(
+                "node {node:?} has {attached} volumes attached, its limit; detach one first"
+            )));
+        }
+        Ok(())
     }
 
     fn volume(&self, disk: &Disk, options: Option<VolumeOptions>) -> Volume {
@@ -100,9 +150,10 @@ impl ControllerService {
         Volume {
             capacity_bytes: disk.capacity_bytes as i64,
             volume_id: disk.id.to_string(),
-            volume_context: options
-                .map(VolumeOptions::to_volume_context)
-                .unwrap_or_default(),
+            volume_context: match options {
+                Some(o) => o.to_volume_context(),
+                None => disk.options.clone().into_iter().collect(),
+            },
             content_source,
             accessible_topology: disk
                 .topology
@@ -131,6 +182,37 @@ impl ControllerService {
         Ok(parsed)
     }
 
+    /// A copy holds its source's LUKS2 header, so it has the source's layout: a
+    /// clone or restore must ask for the same integrity setting, or its size and
+    /// everything later computed from its options would be wrong.
+    async fn check_source_layout(
+        &self,
+        source: &DiskSource,
+        wanted: &VolumeOptions,
+    ) -> Result<(), Status> {
+        let (what, options) = match source {
+            DiskSource::Disk(id) => match self.backend.get_disk(id).await? {
+                Some(d) => (format!("source volume {id}"), d.options),
+                None => return Ok(()), // the backend reports the missing source
+            },
+            DiskSource::Snapshot(id) => match self.backend.get_snapshot(id).await? {
+                Some(s) => (format!("source snapshot {id}"), s.options),
+                None => return Ok(()),
+            },
+        };
+        let had = disk_options(&options)?;
+        if had.integrity != wanted.integrity {
+            return Err(Status::invalid_argument(format!(
+                "{what} has integrity {}, the new volume asks for {}; a copy keeps its \
+                 source's layout, so use a StorageClass with the same \
+                 cryptdisk.csi.io/integrity",
+                describe_integrity(had.integrity),
+                describe_integrity(wanted.integrity)
+            )));
+        }
+        Ok(())
+    }
+
     async fn existing_disk(&self, field: &str, id: &str) -> Result<Disk, Status> {
         let id = self.parse_volume_id(field, id)?;
         self.backend
@@ -138,6 +220,22 @@ impl ControllerService {
             .await?
             .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))
     }
+}
+
+fn describe_integrity(i: Integrity) -> &'static str {
+    match i {
+        Integrity::None => "off",
+        Integrity::HmacSha256 { journal: false } => "hmac(sha256)",
+        Integrity::HmacSha256 { journal: true } => "hmac(sha256) with a journal",
+    }
+}
+
+/// The options a disk was created with; a disk from before options were kept
+/// reads as the defaults.
+fn disk_options(options: &BTreeMap<String, String>) -> Result<VolumeOptions, Status> {
+    let ctx: HashMap<String, String> = options.clone().into_iter().collect();
+    VolumeOptions::from_volume_context(&ctx)
+        .map_err(|e| Status::internal(format!("stored volume options: {}", e.message())))
 }
 
 fn topology_requirement(req: Option<&TopologyRequirementProto>) -> Option<TopologyRequirement> {
@@ -208,6 +306,9 @@ impl Controller for ControllerService {
                 self.parse_volume_id("source volume_id", &v.volume_id)?,
             )),
         };
+        if let Some(source) = &source {
+            self.check_source_layout(source, &options).await?;
+        }
         let _held = self.guards.take(&format!("create/{}", req.name))?;
         let spec = DiskSpec {
             name: req.name.clone(),
@@ -215,6 +316,7 @@ impl Controller for ControllerService {
             source,
             parameters: backend_params,
             accessibility: topology_requirement(req.accessibility_requirements.as_ref()),
+            options: options.to_volume_context().into_iter().collect(),
         };
         let disk = self.backend.create_disk(&spec).await?;
         tracing::info!(volume = %disk.id, bytes = usable, "volume ready");
@@ -267,6 +369,14 @@ impl Controller for ControllerService {
             )));
         }
         let _held = self.guards.take(&disk.id.to_string())?;
+        let new_attachment = !disk.attached_to.contains(&req.node_id);
+        let _counting = if self.attach_limit > 0 && new_attachment {
+            let lock = self.attach_lock.lock().await;
+            self.check_attach_limit(&req.node_id).await?;
+            Some(lock)
+        } else {
+            None
+        };
         let context = self
             .backend
             .attach(&disk.id, &req.node_id, req.readonly)
@@ -417,6 +527,8 @@ impl Controller for ControllerService {
                 Rpc::ListVolumesPublishedNodes,
                 Rpc::GetVolume,
                 Rpc::SingleNodeMultiWriter,
+                Rpc::ExpandVolume,
+                Rpc::GetSnapshot,
             ]
             .into_iter()
             .map(rpc)
@@ -502,6 +614,79 @@ impl Controller for ControllerService {
         }))
     }
 
+    async fn get_snapshot(
+        &self,
+        request: Request<GetSnapshotRequest>,
+    ) -> Result<Response<GetSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        validate::required("snapshot_id", &req.snapshot_id)?;
+        let id: SnapshotId = req
+            .snapshot_id
+            .parse()
+            .map_err(|e| Status::not_found(format!("snapshot_id: no such snapshot: {e}")))?;
+        let snap = self
+            .backend
+            .get_snapshot(&id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("snapshot {id} does not exist")))?;
+        Ok(Response::new(GetSnapshotResponse {
+            snapshot: Some(snapshot(&snap)),
+        }))
+    }
+
+    /// Grows the disk so that the requested size stays usable after the LUKS2
+    /// header; the node then grows the mapping and the filesystem, online.
+    #[tracing::instrument(skip_all, fields(volume = %request.get_ref().volume_id))]
+    async fn controller_expand_volume(
+        &self,
+        request: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        validate::required("volume_id", &req.volume_id)?;
+        let range = req
+            .capacity_range
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
+        if range.required_bytes <= 0 && range.limit_bytes <= 0 {
+            return Err(Status::invalid_argument(
+                "capacity_range must give required_bytes or limit_bytes",
+            ));
+        }
+        if let Some(cap) = &req.volume_capability {
+            validate::capability(cap).map_err(Status::invalid_argument)?;
+        }
+        let usable = usable_bytes(Some(range))?;
+        let id = self.parse_volume_id("volume_id", &req.volume_id)?;
+        let _held = self.guards.take(&id.to_string())?;
+        let disk = self
+            .backend
+            .get_disk(&id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+        let options = disk_options(&disk.options)?;
+        if options.integrity != Integrity::None {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is an integrity volume; libcryptsetup cannot resize a \
+                 dm-integrity mapping, so integrity volumes keep their size: copy the \
+                 data to a larger volume instead"
+            )));
+        }
+        let wanted = disk_bytes_for(usable, options.integrity);
+        let now_usable = usable_of_disk(disk.capacity_bytes, options.integrity);
+        let new_disk_bytes = if wanted <= disk.capacity_bytes {
+            disk.capacity_bytes
+        } else {
+            self.backend.expand(&id, wanted).await?
+        };
+        let usable_now = usable_of_disk(new_disk_bytes, options.integrity).max(now_usable);
+        tracing::info!(volume = %id, bytes = usable_now, "volume expanded");
+        Ok(Response::new(ControllerExpandVolumeResponse {
+            capacity_bytes: usable_now as i64,
+            // Block volumes need the mapping grown too, so the node is always asked.
+            node_expansion_required: true,
+        }))
+    }
+
     async fn controller_get_volume(
         &self,
         request: Request<ControllerGetVolumeRequest>,
@@ -537,6 +722,18 @@ mod tests {
         assert_eq!(code(5000, 6000), tonic::Code::OutOfRange);
         assert_eq!(code(10, 5), tonic::Code::OutOfRange);
         assert_eq!(code(-1, 0), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn usable_of_disk_inverts_disk_bytes_for() {
+        for usable in [4096, MIB, 5 * MIB + 4096, 1 << 30, 10 << 30] {
+            for integrity in [Integrity::None, Integrity::HmacSha256 { journal: false }] {
+                let disk = disk_bytes_for(usable, integrity);
+                let back = usable_of_disk(disk, integrity);
+                assert!(back >= usable, "{usable} {integrity:?}: {back}");
+                assert!(back - usable < 2 * MIB, "{usable} {integrity:?}: {back}");
+            }
+        }
     }
 
     #[test]

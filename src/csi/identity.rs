@@ -14,7 +14,7 @@ use crate::proto::csi::{
 /// the same set, "the grand sum of all capabilities of all instances", whichever
 /// services it serves itself: a node plugin answers as the controller does.
 /// Volumes carry accessible topology (the local backend's node, a cloud zone), so
-/// the CO must pass topology requirements to CreateVolume.
+/// the CO must pass topology requirements to CreateVolume; they grow while in use.
 pub fn plugin_capabilities() -> Vec<PluginCapability> {
     let service = |t: service::Type| PluginCapability {
         r#type: Some(plugin_capability::Type::Service(
@@ -24,6 +24,13 @@ pub fn plugin_capabilities() -> Vec<PluginCapability> {
     vec![
         service(service::Type::ControllerService),
         service(service::Type::VolumeAccessibilityConstraints),
+        PluginCapability {
+            r#type: Some(plugin_capability::Type::VolumeExpansion(
+                plugin_capability::VolumeExpansion {
+                    r#type: plugin_capability::volume_expansion::Type::Online as i32,
+                },
+            )),
+        },
     ]
 }
 
@@ -109,6 +116,11 @@ mod tests {
                 service::Type::VolumeAccessibilityConstraints as i32
             ]
         );
+        assert!(caps.iter().any(|c| matches!(
+            c.r#type,
+            Some(plugin_capability::Type::VolumeExpansion(e))
+                if e.r#type == plugin_capability::volume_expansion::Type::Online as i32
+        )));
     }
 
     #[tokio::test]

@@ -73,6 +73,19 @@ fn request_path(field: &str, value: &str) -> Result<PathBuf, Status> {
 /// Parses a volume id that [`validate::required`] has already accepted: one that is
 /// not ours names no volume we know (NOT_FOUND). Callers check every required
 /// field first, so a request missing one gets INVALID_ARGUMENT whatever its id.
+/// The path of a volume the node is asked about (stats, expansion): required,
+/// and NOT_FOUND unless absolute and plain, since nothing of ours is anywhere else.
+fn existing_volume_path(field: &str, value: &str) -> Result<PathBuf, Status> {
+    validate::required(field, value)?;
+    let path = PathBuf::from(value);
+    if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(Status::not_found(format!(
+            "{field} {value:?} is not an absolute path, so no volume of ours is there"
+        )));
+    }
+    Ok(path)
+}
+
 fn volume_id(value: &str) -> Result<VolumeId, Status> {
     validate::required("volume_id", value)?;
     value
@@ -434,6 +447,144 @@ impl NodeService {
     }
 }
 
+impl NodeService {
+    /// Grows an open mapping (and its filesystem) after its disk grew: the disk's
+    /// new size made visible, the mapping reloaded with the key fetched again, the
+    /// filesystem grown online. Each step is a no-op when already done.
+    async fn expand(&self, req: NodeExpandVolumeRequest) -> Result<u64, Status> {
+        validate::required("volume_id", &req.volume_id)?;
+        let volume_path = existing_volume_path("volume_path", &req.volume_path)?;
+        let staging = match req.staging_target_path.as_str() {
+            "" => None,
+            p => Some(request_path("staging_target_path", p)?),
+        };
+        let access = match &req.volume_capability {
+            None => None,
+            Some(cap) => Some(
+                validate::capability(cap)
+                    .map_err(Status::invalid_argument)?
+                    .0,
+            ),
+        };
+        let id = volume_id(&req.volume_id)?;
+        let _held = self.guards.take(&id.to_string())?;
+        if tokio::fs::symlink_metadata(&volume_path).await.is_err() {
+            return Err(Status::not_found(format!(
+                "volume_path {} does not exist",
+                volume_path.display()
+            )));
+        }
+        let name = MapperName::for_volume(&id.to_string());
+        let status = crypt::status(&name).await?.ok_or_else(|| {
+            Status::failed_precondition(format!("volume {id} is not staged on this node"))
+        })?;
+        if status.integrity {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is an integrity volume; libcryptsetup cannot resize a \
+                 dm-integrity mapping"
+            )));
+        }
+        if status.read_only {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is staged read-only and cannot be grown"
+            )));
+        }
+        if mount::loopdev::is_loop_device(&status.device) {
+            mount::loopdev::refresh_size(&status.device).await?;
+        }
+        let header = crypt::read_header(&status.device).await?;
+        let key = self
+            .keys
+            .data_key(header.key_id.as_str(), DEFAULT_KEY_LEN)
+            .await?;
+        let size = crypt::resize(&name, &key).await?;
+        let required = req
+            .capacity_range
+            .as_ref()
+            .map_or(0, |r| r.required_bytes.max(0) as u64);
+        if size < required {
+            return Err(Status::out_of_range(format!(
+                "volume {id} is {size} bytes after the resize, short of the {required} \
+                 asked for: has the disk grown (ControllerExpandVolume)?"
+            )));
+        }
+        let content = header.token.and_then(|t| t.content);
+        let block = matches!(access, Some(Access::Block)) || content.as_deref() == Some("block");
+        if !block {
+            let fs: FsType = content
+                .as_deref()
+                .unwrap_or_default()
+                .parse()
+                .map_err(|_| {
+                    Status::failed_precondition(format!(
+                        "volume {id} records no filesystem ({content:?}); stage it first"
+                    ))
+                })?;
+            let mapped = name.device_path();
+            let mount_point = match staging {
+                Some(s) if mount::is_mount_point(&s)? => s,
+                _ => volume_path,
+            };
+            mount::resize_fs(&mapped, &mount_point, fs).await?;
+        }
+        tracing::info!(volume = %id, bytes = size, "volume grown on the node");
+        Ok(size)
+    }
+
+    /// Usage of a published volume: bytes and inodes of its filesystem, or the
+    /// size of a block volume.
+    async fn stats(&self, req: NodeGetVolumeStatsRequest) -> Result<Vec<VolumeUsage>, Status> {
+        validate::required("volume_id", &req.volume_id)?;
+        let path = existing_volume_path("volume_path", &req.volume_path)?;
+        let id = volume_id(&req.volume_id)?;
+        let mapped = MapperName::for_volume(&id.to_string()).device_path();
+        let not_here = || {
+            Status::not_found(format!(
+                "volume {id} is not published or staged at {}",
+                path.display()
+            ))
+        };
+        let want = mount::device_number(&mapped).map_err(|_| not_here())?;
+        if mount::mounted_device(&path)? != Some(want) {
+            return Err(not_here());
+        }
+        let usage = |unit: volume_usage::Unit, total: u64, available: u64, used: u64| VolumeUsage {
+            total: total as i64,
+            available: available as i64,
+            used: used as i64,
+            unit: unit as i32,
+        };
+        let meta = tokio::fs::metadata(&path).await?;
+        if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+            let size = mount::loopdev::size_bytes(&path)?;
+            return Ok(vec![usage(volume_usage::Unit::Bytes, size, 0, 0)]);
+        }
+        let st = nix::sys::statvfs::statvfs(&path)
+            .map_err(|e| Status::internal(format!("statvfs {}: {e}", path.display())))?;
+        let frsize = st.fragment_size() as u64;
+        let (blocks, bfree, bavail) = (
+            st.blocks() as u64,
+            st.blocks_free() as u64,
+            st.blocks_available() as u64,
+        );
+        let (files, ffree) = (st.files() as u64, st.files_free() as u64);
+        Ok(vec![
+            usage(
+                volume_usage::Unit::Bytes,
+                blocks * frsize,
+                bavail * frsize,
+                (blocks - bfree) * frsize,
+            ),
+            usage(
+                volume_usage::Unit::Inodes,
+                files,
+                st.files_available() as u64,
+                files - ffree,
+            ),
+        ])
+    }
+}
+
 /// Where else the device `want` is mounted, leaving out the staging path and the
 /// target itself: the publications of a volume other than this one.
 fn published_elsewhere(
@@ -487,6 +638,25 @@ impl Node for NodeService {
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
+    #[tracing::instrument(skip_all, fields(volume = %request.get_ref().volume_id))]
+    async fn node_expand_volume(
+        &self,
+        request: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        let size = self.expand(request.into_inner()).await?;
+        Ok(Response::new(NodeExpandVolumeResponse {
+            capacity_bytes: size as i64,
+        }))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let usage = self.stats(request.into_inner()).await?;
+        Ok(Response::new(NodeGetVolumeStatsResponse { usage }))
+    }
+
     async fn node_get_capabilities(
         &self,
         _request: Request<NodeGetCapabilitiesRequest>,
@@ -500,6 +670,8 @@ impl Node for NodeService {
             capabilities: vec![
                 rpc(Rpc::StageUnstageVolume),
                 rpc(Rpc::SingleNodeMultiWriter),
+                rpc(Rpc::GetVolumeStats),
+                rpc(Rpc::ExpandVolume),
             ],
         }))
     }

@@ -341,6 +341,12 @@ fn detach_blocking(file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether `device` is a loop device (major 7), following symlinks.
+pub fn is_loop_device(device: &Path) -> bool {
+    const LOOP_MAJOR: u32 = 7;
+    super::device_number(device).is_ok_and(|(major, _)| major == LOOP_MAJOR)
+}
+
 /// The size in bytes of a block device (`BLKGETSIZE64`, any block device), or of
 /// a regular file, so that an image can be measured like the disk it backs.
 pub fn size_bytes(device: &Path) -> Result<u64> {

@@ -3,8 +3,10 @@
 //! volume id, SINGLE_NODE_SINGLE_WRITER published once, and the resumable
 //! initial wipe of integrity volumes.
 
-use std::io::Read;
-use std::path::Path;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cryptdisk_csi::crypt;
@@ -13,8 +15,8 @@ use cryptdisk_csi::proto::csi::*;
 use tonic::Code;
 
 use crate::lifecycle_cases::{
-    Driver, MIB, NODE, Staged, create_req, delete, fresh_dir, mount_cap, open_mappings, provision,
-    publish, release,
+    Driver, MIB, NODE, Staged, block_cap, create_req, delete, fresh_dir, mount_cap, open_mappings,
+    provision, publish, release,
 };
 use crate::{Case, CaseResult, Ctx, check, ensure, expect_code};
 
@@ -31,6 +33,14 @@ pub fn cases() -> Vec<Case> {
         Case {
             name: "node_integrity_wipe_resumes_after_cancel_and_crash",
             run: |c| Box::pin(integrity_wipe(c)),
+        },
+        Case {
+            name: "node_online_expansion_with_a_writer_ext4_xfs_block",
+            run: |c| Box::pin(online_expansion(c)),
+        },
+        Case {
+            name: "node_attach_limit_get_snapshot_and_layout_checks",
+            run: |c| Box::pin(limits_and_snapshots(c)),
         },
     ]
 }
@@ -359,4 +369,351 @@ async fn integrity_wipe(_ctx: &mut Ctx) -> CaseResult {
     );
     release(&mut d, &s).await?;
     delete(&mut d, &s.volume.volume_id).await
+}
+
+/// Appends numbered 4 KiB records to `file` until told to stop, syncing as it
+/// goes; returns how many it wrote.
+fn start_writer(
+    file: PathBuf,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<u64, String>> {
+    std::thread::spawn(move || {
+        let mut f = check!(std::fs::File::create(&file));
+        let mut n = 0u64;
+        // At most 8 MiB, well inside the smallest volume.
+        while !stop.load(Ordering::Relaxed) && n < 2048 {
+            let mut record = vec![(n % 251) as u8; 4096];
+            record[..8].copy_from_slice(&n.to_le_bytes());
+            check!(f.write_all(&record));
+            if n.is_multiple_of(16) {
+                check!(f.sync_data());
+            }
+            n += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        check!(f.sync_all());
+        Ok(n)
+    })
+}
+
+fn verify_records(file: &Path, count: u64) -> CaseResult {
+    let data = check!(std::fs::read(file));
+    ensure!(
+        data.len() as u64 == count * 4096,
+        "{} bytes for {count} records",
+        data.len()
+    );
+    for (i, record) in data.chunks(4096).enumerate() {
+        let n = u64::from_le_bytes(record[..8].try_into().unwrap());
+        ensure!(n == i as u64, "record {i} holds {n}");
+        ensure!(
+            record[8..].iter().all(|&b| b == (n % 251) as u8),
+            "record {i} corrupted"
+        );
+    }
+    Ok(())
+}
+
+async fn stats(d: &mut Driver, s: &Staged) -> Result<Vec<VolumeUsage>, String> {
+    Ok(check!(
+        d.node
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: s.volume.volume_id.clone(),
+                volume_path: s.target.display().to_string(),
+                staging_target_path: s.staging.display().to_string(),
+            })
+            .await
+    )
+    .into_inner()
+    .usage)
+}
+
+fn total_bytes(usage: &[VolumeUsage]) -> i64 {
+    usage
+        .iter()
+        .find(|u| u.unit == volume_usage::Unit::Bytes as i32)
+        .map_or(-1, |u| u.total)
+}
+
+/// ControllerExpandVolume then NodeExpandVolume, each twice (idempotent).
+async fn grow(d: &mut Driver, s: &Staged, bytes: i64) -> Result<i64, String> {
+    let range = CapacityRange {
+        required_bytes: bytes,
+        limit_bytes: 0,
+    };
+    for _ in 0..2 {
+        let r = check!(
+            d.controller
+                .controller_expand_volume(ControllerExpandVolumeRequest {
+                    volume_id: s.volume.volume_id.clone(),
+                    capacity_range: Some(range),
+                    volume_capability: Some(s.cap.clone()),
+                    ..Default::default()
+                })
+                .await
+        )
+        .into_inner();
+        ensure!(
+            r.capacity_bytes >= bytes,
+            "controller gave {}",
+            r.capacity_bytes
+        );
+        ensure!(r.node_expansion_required, "no node expansion asked for");
+    }
+    let mut size = 0;
+    for _ in 0..2 {
+        size = check!(
+            d.node
+                .node_expand_volume(NodeExpandVolumeRequest {
+                    volume_id: s.volume.volume_id.clone(),
+                    volume_path: s.target.display().to_string(),
+                    capacity_range: Some(range),
+                    staging_target_path: s.staging.display().to_string(),
+                    volume_capability: Some(s.cap.clone()),
+                    ..Default::default()
+                })
+                .await
+        )
+        .into_inner()
+        .capacity_bytes;
+        ensure!(size >= bytes, "node gave {size}, asked {bytes}");
+    }
+    Ok(size)
+}
+
+/// ext4 and xfs grown online while a writer appends and syncs, its records all
+/// intact afterwards and the filesystem's size (NodeGetVolumeStats, statvfs)
+/// grown; a block volume's mapping grown; the data kept across a restage.
+async fn online_expansion(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("node-expand").await?;
+    for (fs, from, to) in [("ext4", 64 * MIB, 160 * MIB), ("xfs", 300 * MIB, 420 * MIB)] {
+        let req = create_req(
+            &format!("pvc-grow-{fs}"),
+            from,
+            mount_cap(fs, Mode::SingleNodeWriter),
+        );
+        let s = provision(&mut d, req.clone()).await?;
+        let before = total_bytes(&stats(&mut d, &s).await?);
+        ensure!(before > 0 && before <= from, "{fs}: {before} bytes before");
+        let usage = stats(&mut d, &s).await?;
+        ensure!(
+            usage
+                .iter()
+                .any(|u| u.unit == volume_usage::Unit::Inodes as i32 && u.total > 0),
+            "{fs}: no inode figures in {usage:?}"
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let records = s.target.join("records");
+        let writer = start_writer(records.clone(), stop.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let grown = grow(&mut d, &s, to).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::Relaxed);
+        let written = writer.join().map_err(|_| "writer panicked")??;
+        grown?;
+        ensure!(written > 0, "{fs}: the writer wrote nothing");
+        verify_records(&records, written)?;
+        let after = total_bytes(&stats(&mut d, &s).await?);
+        ensure!(
+            after > before + (to - from) / 2,
+            "{fs}: {before} bytes before, {after} after growing to {to}"
+        );
+        release(&mut d, &s).await?;
+        let s = provision(&mut d, req).await?;
+        verify_records(&s.target.join("records"), written)?;
+        release(&mut d, &s).await?;
+        delete(&mut d, &s.volume.volume_id).await?;
+    }
+
+    let req = create_req("pvc-grow-block", 32 * MIB, block_cap());
+    let s = provision(&mut d, req).await?;
+    ensure!(
+        total_bytes(&stats(&mut d, &s).await?) >= 32 * MIB,
+        "block stats"
+    );
+    let size = grow(&mut d, &s, 80 * MIB).await?;
+    let seen = total_bytes(&stats(&mut d, &s).await?);
+    ensure!(
+        seen == size && seen >= 80 * MIB,
+        "block: NodeExpandVolume said {size}, stats say {seen}"
+    );
+    release(&mut d, &s).await?;
+    delete(&mut d, &s.volume.volume_id).await
+}
+
+/// With --max-volumes=1 a second attach to the node is RESOURCE_EXHAUSTED until
+/// the first is detached; GetSnapshot finds snapshots; integrity volumes refuse
+/// expansion; a clone must keep its source's integrity setting.
+async fn limits_and_snapshots(_ctx: &mut Ctx) -> CaseResult {
+    let dir = fresh_dir("node-limits")?;
+    let mut d = Driver::start_with(dir, None, &["--max-volumes=1"], &[]).await?;
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let mut ids = Vec::new();
+    for name in ["pvc-a", "pvc-b"] {
+        let v = check!(
+            d.controller
+                .create_volume(create_req(name, 16 * MIB, cap.clone()))
+                .await
+        )
+        .into_inner()
+        .volume
+        .ok_or("no volume")?;
+        ids.push(v.volume_id);
+    }
+    let attach = |id: &str| ControllerPublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: NODE.into(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    check!(
+        d.controller
+            .controller_publish_volume(attach(&ids[0]))
+            .await
+    );
+    check!(
+        d.controller
+            .controller_publish_volume(attach(&ids[0]))
+            .await
+    );
+    expect_code!(
+        d.controller.controller_publish_volume(attach(&ids[1])),
+        Code::ResourceExhausted,
+        "second attach past the limit"
+    );
+    check!(
+        d.controller
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: ids[0].clone(),
+                node_id: NODE.into(),
+                ..Default::default()
+            })
+            .await
+    );
+    check!(
+        d.controller
+            .controller_publish_volume(attach(&ids[1]))
+            .await
+    );
+
+    // GetSnapshot.
+    let snap = check!(
+        d.controller
+            .create_snapshot(CreateSnapshotRequest {
+                source_volume_id: ids[0].clone(),
+                name: "snap-a".into(),
+                ..Default::default()
+            })
+            .await
+    )
+    .into_inner()
+    .snapshot
+    .ok_or("no snapshot")?;
+    let got = check!(
+        d.controller
+            .get_snapshot(GetSnapshotRequest {
+                snapshot_id: snap.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+    )
+    .into_inner()
+    .snapshot
+    .ok_or("no snapshot")?;
+    ensure!(
+        got.snapshot_id == snap.snapshot_id && got.source_volume_id == ids[0] && got.ready_to_use,
+        "GetSnapshot gave {got:?}"
+    );
+    expect_code!(
+        d.controller.get_snapshot(GetSnapshotRequest {
+            snapshot_id: "nonsense".into(),
+            ..Default::default()
+        }),
+        Code::NotFound,
+        "GetSnapshot of an unknown id"
+    );
+    expect_code!(
+        d.controller.get_snapshot(GetSnapshotRequest::default()),
+        Code::InvalidArgument,
+        "GetSnapshot without an id"
+    );
+
+    // A restore must keep the source's layout.
+    let mut restore = integrity_req("pvc-restore");
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            },
+        )),
+    });
+    expect_code!(
+        d.controller.create_volume(restore),
+        Code::InvalidArgument,
+        "integrity restore of a plain snapshot"
+    );
+
+    // Integrity volumes keep their size.
+    let integrity = check!(d.controller.create_volume(integrity_req("pvc-int")).await)
+        .into_inner()
+        .volume
+        .ok_or("no volume")?;
+    let refused = d
+        .controller
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: integrity.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 256 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await;
+    ensure!(
+        refused.as_ref().is_err_and(
+            |s| s.code() == Code::FailedPrecondition && s.message().contains("integrity")
+        ),
+        "integrity expansion: {refused:?}"
+    );
+    // ControllerGetVolume reports the options the volume was made with.
+    let vol = check!(
+        d.controller
+            .controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: integrity.volume_id.clone(),
+            })
+            .await
+    )
+    .into_inner()
+    .volume
+    .ok_or("no volume")?;
+    ensure!(
+        vol.volume_context
+            .get("cryptdisk.csi.io/integrity")
+            .map(String::as_str)
+            == Some("true"),
+        "volume context {:?}",
+        vol.volume_context
+    );
+
+    check!(
+        d.controller
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: snap.snapshot_id,
+                ..Default::default()
+            })
+            .await
+    );
+    check!(
+        d.controller
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: ids[1].clone(),
+                node_id: NODE.into(),
+                ..Default::default()
+            })
+            .await
+    );
+    for id in ids.iter().chain([&integrity.volume_id]) {
+        delete(&mut d, id).await?;
+    }
+    Ok(())
 }
