@@ -15,6 +15,7 @@ pub mod error;
 pub mod failpoint;
 pub mod kms;
 pub mod logging;
+pub mod metrics;
 pub mod mount;
 pub mod proto;
 pub mod server;

@@ -20,7 +20,6 @@ use cryptdisk_csi::proto::csi::identity_server::IdentityServer;
 use cryptdisk_csi::proto::csi::node_server::NodeServer;
 use cryptdisk_csi::proto::kms::api_server::ApiServer;
 use cryptdisk_csi::server;
-use tonic::transport::Server;
 
 /// A Kubernetes CSI driver that encrypts every volume it serves with dm-crypt
 /// (LUKS2), using per-volume keys derived by a cluster KMS.
@@ -86,6 +85,11 @@ struct CsiArgs {
         env = "CRYPTDISK_DRIVER_NAME"
     )]
     driver_name: DriverName,
+
+    /// Serve Prometheus /metrics and /healthz over HTTP on this address
+    /// (IP:PORT); off when not given.
+    #[arg(long, env = "CRYPTDISK_METRICS_ADDRESS")]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -208,6 +212,11 @@ struct KmsArgs {
     /// tests and for a KMS reachable from the node plugins alone.
     #[arg(long, env = "CRYPTDISK_KMS_INSECURE")]
     insecure: bool,
+
+    /// Serve Prometheus /metrics and /healthz over HTTP on this address
+    /// (IP:PORT); off when not given.
+    #[arg(long, env = "CRYPTDISK_METRICS_ADDRESS")]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -331,7 +340,10 @@ async fn serve_csi(
         node = node.is_some(),
         "starting"
     );
-    let router = Server::builder()
+    if let Some(addr) = args.metrics_address {
+        cryptdisk_csi::metrics::serve(addr).await?;
+    }
+    let router = server::builder()
         .add_service(IdentityServer::new(identity))
         .add_optional_service(controller.map(ControllerServer::new))
         .add_optional_service(node.map(NodeServer::new));
@@ -349,7 +361,10 @@ async fn serve_kms(args: KmsArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let master = MasterSecret::from_files(&args.master_secret_file, &args.salt_file)?;
     tracing::warn!("serving the KMS without TLS (--insecure)");
-    let router = Server::builder().add_service(ApiServer::new(KmsService::new(master)));
+    if let Some(addr) = args.metrics_address {
+        cryptdisk_csi::metrics::serve(addr).await?;
+    }
+    let router = server::builder().add_service(ApiServer::new(KmsService::new(master)));
     server::serve(router, &args.listen, server::shutdown_signal()).await?;
     Ok(())
 }

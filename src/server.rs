@@ -10,7 +10,19 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::server::Router;
+use tonic::transport::server::Router as TonicRouter;
+
+/// A tonic router with the layers every server of ours carries: RPC metrics.
+pub type Router = TonicRouter<
+    tower::layer::util::Stack<crate::metrics::RpcMetricsLayer, tower::layer::util::Identity>,
+>;
+
+/// A server builder with those layers, to add services to.
+pub fn builder() -> tonic::transport::server::Server<
+    tower::layer::util::Stack<crate::metrics::RpcMetricsLayer, tower::layer::util::Identity>,
+> {
+    tonic::transport::Server::builder().layer(crate::metrics::RpcMetricsLayer)
+}
 
 use crate::config::Endpoint;
 

@@ -235,3 +235,72 @@ fn every_flag_reads_its_environment_variable() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"bogus\""));
 }
+
+/// One HTTP/1.0 GET against the metrics server: (status line, body).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_every_rpc_by_method_and_code() {
+    use cryptdisk_csi::proto::csi::ControllerGetVolumeRequest;
+    use cryptdisk_csi::proto::csi::controller_client::ControllerClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let plugin = Plugin::start(
+        "controller",
+        &socket,
+        &[
+            &format!("--data-dir={}", dir.path().join("data").display()),
+            &format!("--metrics-address={addr}"),
+        ],
+    );
+    let channel = client::connect(&plugin.endpoint(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut identity = IdentityClient::new(channel.clone());
+    for _ in 0..2 {
+        identity
+            .get_plugin_info(GetPluginInfoRequest {})
+            .await
+            .unwrap();
+    }
+    let missing = ControllerClient::new(channel)
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "fake-volume".into(),
+        })
+        .await;
+    assert_eq!(missing.unwrap_err().code(), tonic::Code::NotFound);
+
+    let (status, body) = http_get(addr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    for want in [
+        r#"cryptdisk_rpc_requests_total{method="GetPluginInfo",code="Ok"} 2"#,
+        r#"cryptdisk_rpc_requests_total{method="ControllerGetVolume",code="NotFound"} 1"#,
+        r#"cryptdisk_rpc_duration_seconds_count{method="GetPluginInfo"} 2"#,
+        "cryptdisk_active_mappings ",
+    ] {
+        assert!(body.contains(want), "{want} missing from\n{body}");
+    }
+    let (status, body) = http_get(addr, "/healthz");
+    assert!(
+        status.contains("200") && body == "ok\n",
+        "{status} {body:?}"
+    );
+    let (status, _) = http_get(addr, "/other");
+    assert!(status.contains("404"), "{status}");
+}

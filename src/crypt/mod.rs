@@ -252,6 +252,17 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// [`blocking`], timed into the `crypt_duration_seconds{op}` metric.
+async fn timed<T: Send + 'static>(
+    op: &'static str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let started = std::time::Instant::now();
+    let out = blocking(f).await;
+    crate::metrics::global().record_crypt(op, started);
+    out
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     log::route_to_tracing();
     tokio::task::spawn_blocking(f)
@@ -265,7 +276,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 pub async fn format(device: BlankDevice, key: &DataKey, opts: &FormatOptions) -> Result<()> {
     let key = key.clone();
     let opts = opts.clone();
-    blocking(move || luks::format(device.path(), &key, &opts)).await
+    timed("format", move || luks::format(device.path(), &key, &opts)).await
 }
 
 /// What a device holds, as far as the node is concerned.
@@ -318,12 +329,14 @@ pub fn wipe_blocking(
     cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<wipe::Wiped> {
     log::route_to_tracing();
+    let started = std::time::Instant::now();
     let out = wipe::zero_fill(mapped, from, progress, cancel, |offset| {
         luks::set_wipe_offset(device, Some(offset))
     })?;
     if out == wipe::Wiped::Done {
         luks::set_wipe_offset(device, None)?;
     }
+    crate::metrics::global().record_crypt("wipe", started);
     Ok(out)
 }
 
@@ -331,7 +344,7 @@ pub fn wipe_blocking(
 /// the volume's data key, fetched again for this. Returns the new size in bytes.
 pub async fn resize(name: &MapperName, key: &DataKey) -> Result<u64> {
     let (name, key) = (name.clone(), key.clone());
-    blocking(move || luks::resize(&name, &key)).await
+    timed("resize", move || luks::resize(&name, &key)).await
 }
 
 /// Records how far the initial wipe of an integrity volume got; `None` when done.
@@ -366,14 +379,14 @@ pub async fn open(
         key.clone(),
         opts.clone(),
     );
-    blocking(move || luks::open(&device, &name, &key, &opts)).await
+    timed("open", move || luks::open(&device, &name, &key, &opts)).await
 }
 
 /// Closes the mapping and any integrity device under it; an absent mapping is no
 /// error.
 pub async fn close(name: &MapperName) -> Result<Closed> {
     let name = name.clone();
-    blocking(move || luks::close(&name)).await
+    timed("close", move || luks::close(&name)).await
 }
 
 /// Reports the mapping, or `None` when it is not open.

@@ -79,11 +79,25 @@ pub fn zero_fill(
     let (mut since_bytes, mut since) = (0u64, Instant::now());
     let (start_offset, started) = (offset, Instant::now());
     let pace = crate::failpoint::wipe_rate_limit();
+    let mapping = mapped
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let metrics = crate::metrics::global();
+    // The gauges go when the wipe stops, however it stops.
+    struct Clear<'a>(&'a str);
+    impl Drop for Clear<'_> {
+        fn drop(&mut self) {
+            crate::metrics::global().wipe_progress(self.0, None);
+        }
+    }
+    let _clear = Clear(&mapping);
     while offset < total {
         let len = (total - offset).min(CHUNK as u64) as usize;
         file.write_all_at(&zeros[..len], offset)
             .map_err(io("write zeros"))?;
         offset += len as u64;
+        metrics.wipe_progress(&mapping, Some((offset, total)));
         if let Some(bytes_per_s) = pace {
             let due = Duration::from_secs_f64((offset - start_offset) as f64 / bytes_per_s as f64);
             std::thread::sleep(due.saturating_sub(started.elapsed()));

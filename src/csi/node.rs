@@ -585,6 +585,73 @@ impl NodeService {
     }
 }
 
+impl NodeService {
+    /// What is wrong with a volume on this node; empty when nothing is. The
+    /// mapping must be open on a device that still exists, and the paths given
+    /// must hold the mapped device.
+    async fn health(&self, req: NodeGetVolumeHealthRequest) -> Result<VolumeHealth, Status> {
+        validate::required("volume_id", &req.volume_id)?;
+        let optional = |field: &str, v: &str| match v {
+            "" => Ok(None),
+            v => existing_volume_path(field, v).map(Some),
+        };
+        let publish = optional("volume_publish_path", &req.volume_publish_path)?;
+        let staging = optional("staging_target_path", &req.staging_target_path)?;
+        let id = volume_id(&req.volume_id)?;
+        let mut issues = Vec::new();
+        let mut issue = |status: VolumeHealthErrorType, reason: &str, message: String| {
+            issues.push(volume_health::VolumeHealthEntry {
+                status: status as i32,
+                reason: reason.to_string(),
+                message,
+            })
+        };
+        let name = MapperName::for_volume(&id.to_string());
+        match crypt::status(&name).await? {
+            None => issue(
+                VolumeHealthErrorType::Inaccessible,
+                "MappingClosed",
+                format!("the dm-crypt mapping {name} is not open: the volume is not staged here"),
+            ),
+            Some(st) => {
+                if !st.device.exists() {
+                    issue(
+                        VolumeHealthErrorType::Inaccessible,
+                        "DeviceGone",
+                        format!(
+                            "the device under the mapping, {}, is gone",
+                            st.device.display()
+                        ),
+                    );
+                }
+                let want = mount::device_number(&name.device_path())?;
+                for (what, path) in [("publish path", &publish), ("staging path", &staging)] {
+                    let Some(path) = path else { continue };
+                    match mount::mounted_device(path)? {
+                        Some(found) if found == want => {}
+                        // Block volumes are not mounted at their staging path.
+                        None if what == "staging path" => {}
+                        Some(_) => issue(
+                            VolumeHealthErrorType::Inaccessible,
+                            "WrongDevice",
+                            format!("the {what} {} holds another device", path.display()),
+                        ),
+                        None => issue(
+                            VolumeHealthErrorType::Inaccessible,
+                            "NotMounted",
+                            format!("nothing is mounted at the {what} {}", path.display()),
+                        ),
+                    }
+                }
+            }
+        }
+        Ok(VolumeHealth {
+            volume_id: id.to_string(),
+            health_statuses: issues,
+        })
+    }
+}
+
 /// Where else the device `want` is mounted, leaving out the staging path and the
 /// target itself: the publications of a volume other than this one.
 fn published_elsewhere(
@@ -657,6 +724,16 @@ impl Node for NodeService {
         Ok(Response::new(NodeGetVolumeStatsResponse { usage }))
     }
 
+    async fn node_get_volume_health(
+        &self,
+        request: Request<NodeGetVolumeHealthRequest>,
+    ) -> Result<Response<NodeGetVolumeHealthResponse>, Status> {
+        let health = self.health(request.into_inner()).await?;
+        Ok(Response::new(NodeGetVolumeHealthResponse {
+            volume_health: Some(health),
+        }))
+    }
+
     async fn node_get_capabilities(
         &self,
         _request: Request<NodeGetCapabilitiesRequest>,
@@ -672,6 +749,7 @@ impl Node for NodeService {
                 rpc(Rpc::SingleNodeMultiWriter),
                 rpc(Rpc::GetVolumeStats),
                 rpc(Rpc::ExpandVolume),
+                rpc(Rpc::GetVolumeHealth),
             ],
         }))
     }

@@ -37,20 +37,18 @@ impl KeySource for GrpcKeySource {
             length: len as u32,
         });
         request.set_timeout(CALL_TIMEOUT);
-        let response = self
-            .client
-            .clone()
-            .get_data_key(request)
-            .await
-            .map_err(|s| {
-                let msg = format!("{} ({}): {}", self.identity, s.code(), s.message());
-                match s.code() {
-                    tonic::Code::Unavailable
-                    | tonic::Code::DeadlineExceeded
-                    | tonic::Code::Cancelled => KeyError::Unavailable(msg),
-                    _ => KeyError::Refused(msg),
-                }
-            })?;
+        let started = std::time::Instant::now();
+        let response = self.client.clone().get_data_key(request).await;
+        crate::metrics::global().record_kms(response.is_ok(), started);
+        let response = response.map_err(|s| {
+            let msg = format!("{} ({}): {}", self.identity, s.code(), s.message());
+            match s.code() {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled => KeyError::Unavailable(msg),
+                _ => KeyError::Refused(msg),
+            }
+        })?;
         let key = zeroize::Zeroizing::new(response.into_inner().data_key);
         if key.len() != len {
             return Err(KeyError::Refused(format!(

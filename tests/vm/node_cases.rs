@@ -39,6 +39,10 @@ pub fn cases() -> Vec<Case> {
             run: |c| Box::pin(online_expansion(c)),
         },
         Case {
+            name: "node_volume_health_sees_unmounts_and_closed_mappings",
+            run: |c| Box::pin(volume_health(c)),
+        },
+        Case {
             name: "node_attach_limit_get_snapshot_and_layout_checks",
             run: |c| Box::pin(limits_and_snapshots(c)),
         },
@@ -716,4 +720,87 @@ async fn limits_and_snapshots(_ctx: &mut Ctx) -> CaseResult {
         delete(&mut d, id).await?;
     }
     Ok(())
+}
+
+async fn health_reasons(
+    d: &mut Driver,
+    s: &Staged,
+    with_paths: bool,
+) -> Result<Vec<(i32, String)>, String> {
+    let (publish, staging) = if with_paths {
+        (
+            s.target.display().to_string(),
+            s.staging.display().to_string(),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    let health = check!(
+        d.node
+            .node_get_volume_health(NodeGetVolumeHealthRequest {
+                volume_id: s.volume.volume_id.clone(),
+                volume_publish_path: publish,
+                staging_target_path: staging,
+            })
+            .await
+    )
+    .into_inner()
+    .volume_health
+    .ok_or("no health")?;
+    ensure!(
+        health.volume_id == s.volume.volume_id,
+        "health of {}",
+        health.volume_id
+    );
+    Ok(health
+        .health_statuses
+        .into_iter()
+        .map(|e| (e.status, e.reason))
+        .collect())
+}
+
+/// A healthy published volume reports no issue; an unmount or a closed mapping
+/// behind the driver's back is INACCESSIBLE with its reason.
+async fn volume_health(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("node-health").await?;
+    let req = create_req(
+        "pvc-health",
+        32 * MIB,
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    );
+    let s = provision(&mut d, req).await?;
+    let healthy = health_reasons(&mut d, &s, true).await?;
+    ensure!(healthy.is_empty(), "healthy volume reports {healthy:?}");
+    let inaccessible = VolumeHealthErrorType::Inaccessible as i32;
+
+    check!(nix::mount::umount(&s.target));
+    let r = health_reasons(&mut d, &s, true).await?;
+    ensure!(
+        r == vec![(inaccessible, "NotMounted".to_string())],
+        "after unmounting the target: {r:?}"
+    );
+    check!(nix::mount::umount(&s.staging));
+    let status = check!(
+        std::process::Command::new("cryptsetup")
+            .args([
+                "close",
+                &crypt::MapperName::for_volume(&s.volume.volume_id).to_string()
+            ])
+            .status()
+    );
+    ensure!(status.success(), "cryptsetup close: {status}");
+    let r = health_reasons(&mut d, &s, false).await?;
+    ensure!(
+        r == vec![(inaccessible, "MappingClosed".to_string())],
+        "after closing the mapping: {r:?}"
+    );
+    expect_code!(
+        d.node
+            .node_get_volume_health(NodeGetVolumeHealthRequest::default()),
+        Code::InvalidArgument,
+        "health without a volume id"
+    );
+    // The driver cleans up what is left.
+    release(&mut d, &s).await?;
+    delete(&mut d, &s.volume.volume_id).await
 }
