@@ -246,7 +246,11 @@ impl NodeService {
                 self.make_filesystem(&device, &mapped, fs, content.as_deref(), read_only)
                     .await?;
                 self.mount_staging(&mapped, &staging, fs, &flags, read_only)
-                    .await
+                    .await?;
+                if content.is_some() && !read_only {
+                    grow_if_behind(&mapped, &staging, fs).await?;
+                }
+                Ok(())
             }
         }
     }
@@ -492,12 +496,14 @@ impl NodeService {
         if mount::loopdev::is_loop_device(&status.device) {
             mount::loopdev::refresh_size(&status.device).await?;
         }
+        failpoint::hit("expand:device-grown");
         let header = crypt::read_header(&status.device).await?;
         let key = self
             .keys
             .data_key(header.key_id.as_str(), DEFAULT_KEY_LEN)
             .await?;
         let size = crypt::resize(&name, &key).await?;
+        failpoint::hit("expand:mapping-grown");
         let required = req
             .capacity_range
             .as_ref()
@@ -650,6 +656,25 @@ impl NodeService {
             health_statuses: issues,
         })
     }
+}
+
+/// A volume grown while it was not staged: its mapping opened at the new size,
+/// and its filesystem is grown to match, as NodeExpandVolume would.
+async fn grow_if_behind(mapped: &Path, mount_point: &Path, fs: FsType) -> Result<(), Status> {
+    let device_bytes = mount::loopdev::size_bytes(mapped)?;
+    let Some(fs_bytes) = mount::fs_size_bytes(mapped).await? else {
+        return Ok(());
+    };
+    // Less than a MiB is rounding, not growth.
+    if fs_bytes + (1 << 20) <= device_bytes {
+        tracing::info!(
+            fs_bytes,
+            device_bytes,
+            "growing the filesystem: the volume grew while unstaged"
+        );
+        mount::resize_fs(mapped, mount_point, fs).await?;
+    }
+    Ok(())
 }
 
 /// Where else the device `want` is mounted, leaving out the staging path and the

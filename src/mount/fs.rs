@@ -79,6 +79,46 @@ pub async fn probe_fs(device: &Path) -> Result<FsProbe> {
     .await
 }
 
+/// How many bytes of `device` the ext4 or xfs filesystem on it spans, read from
+/// its superblock; `None` when it holds neither. Tells a filesystem that has not
+/// caught up with its grown device.
+pub async fn fs_size_bytes(device: &Path) -> Result<Option<u64>> {
+    let device = device.to_path_buf();
+    blocking(move || {
+        let file = File::open(&device).map_err(Error::io("open for probing", device.display()))?;
+        let mut head = Vec::with_capacity(PROBE_BYTES);
+        file.take(PROBE_BYTES as u64)
+            .read_to_end(&mut head)
+            .map_err(Error::io("read", device.display()))?;
+        Ok(fs_size(&head))
+    })
+    .await
+}
+
+fn fs_size(head: &[u8]) -> Option<u64> {
+    match classify(head) {
+        FsProbe::Fs(FsType::Ext4) => {
+            const SB: usize = 1024;
+            const INCOMPAT_64BIT: u32 = 0x80;
+            let lo = u64::from(le_u32(head, SB + 0x04)?);
+            let incompat = le_u32(head, SB + 0x60)?;
+            let hi = if incompat & INCOMPAT_64BIT != 0 {
+                u64::from(le_u32(head, SB + 0x150)?)
+            } else {
+                0
+            };
+            let block = 1024u64 << le_u32(head, SB + 0x18)?;
+            Some(((hi << 32) | lo) * block)
+        }
+        FsProbe::Fs(FsType::Xfs) => {
+            let block = u64::from(u32::from_be_bytes(head.get(4..8)?.try_into().ok()?));
+            let dblocks = u64::from_be_bytes(head.get(8..16)?.try_into().ok()?);
+            Some(dblocks * block)
+        }
+        _ => None,
+    }
+}
+
 fn classify(head: &[u8]) -> FsProbe {
     match (is_ext(head), is_xfs(head)) {
         (true, false) => FsProbe::Fs(FsType::Ext4),
@@ -334,6 +374,19 @@ fn bounded(mut s: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn filesystem_size_comes_from_the_superblock() {
+        for (fs, size) in [(FsType::Ext4, 24u64 << 20), (FsType::Xfs, XFS_MIN_BYTES)] {
+            let img = image(size);
+            mkfs(img.path(), fs).await.unwrap();
+            assert_eq!(fs_size_bytes(img.path()).await.unwrap(), Some(size), "{fs}");
+            // The device grows; the filesystem has not yet.
+            img.as_file().set_len(size * 2).unwrap();
+            assert_eq!(fs_size_bytes(img.path()).await.unwrap(), Some(size), "{fs}");
+        }
+        assert_eq!(fs_size_bytes(image(1 << 20).path()).await.unwrap(), None);
+    }
 
     fn image(size: u64) -> tempfile::NamedTempFile {
         let f = tempfile::NamedTempFile::new().unwrap();

@@ -26,7 +26,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-pub use fs::{FsProbe, Fsck, PROBE_BYTES, XFS_MIN_BYTES, fsck, mkfs, probe_fs, resize_fs};
+pub use fs::{
+    FsProbe, Fsck, PROBE_BYTES, XFS_MIN_BYTES, fs_size_bytes, fsck, mkfs, probe_fs, resize_fs,
+};
 pub use mountinfo::{MountEntry, find_mount, is_read_only, mounts};
 pub use sys::{
     Unmounted, bind_mount, check_options, device_number, is_mount_point, mount_fs, mount_points_of,

@@ -39,6 +39,10 @@ pub fn cases() -> Vec<Case> {
             run: |c| Box::pin(online_expansion(c)),
         },
         Case {
+            name: "node_expansion_recovers_from_crashes_and_catches_up_at_stage",
+            run: |c| Box::pin(expansion_crashes(c)),
+        },
+        Case {
             name: "node_volume_health_sees_unmounts_and_closed_mappings",
             run: |c| Box::pin(volume_health(c)),
         },
@@ -320,9 +324,28 @@ async fn integrity_wipe(_ctx: &mut Ctx) -> CaseResult {
     );
     d.kill();
 
-    // 3. Restarted, the stage resumes from the checkpoint and completes.
-    let mut d = Driver::start_with(dir.clone(), None, &budget, &pace).await?;
-    let tries = stage_until_wiped(&mut d, &volume, &ctx, &staging, &cap).await?;
+    // 3. Restarted, the stage resumes from the checkpoint and completes; the
+    //    metrics show the running wipe, then the open mapping.
+    let metrics = free_port()?;
+    let metrics_flag = format!("--metrics-address={metrics}");
+    let mut d = Driver::start_with(
+        dir.clone(),
+        None,
+        &[budget[0], metrics_flag.as_str()],
+        &pace,
+    )
+    .await?;
+    let running = stage_status(&mut d, &volume, &ctx, &staging, &cap).await;
+    ensure!(is_wipe_in_progress(&running), "resumed stage: {running:?}");
+    let mapping = crypt::MapperName::for_volume(&volume.volume_id).to_string();
+    let scraped = scrape(metrics)?;
+    ensure!(
+        scraped.contains(&format!(
+            "cryptdisk_wipe_bytes_done{{mapping=\"{mapping}\"}}"
+        )),
+        "no wipe progress in\n{scraped}"
+    );
+    let tries = 1 + stage_until_wiped(&mut d, &volume, &ctx, &staging, &cap).await?;
     ensure!(
         tries > 1,
         "a wipe of 128 MiB finished within the 1 s budget"
@@ -803,4 +826,98 @@ async fn volume_health(_ctx: &mut Ctx) -> CaseResult {
     // The driver cleans up what is left.
     release(&mut d, &s).await?;
     delete(&mut d, &s.volume.volume_id).await
+}
+
+/// The driver killed after each NodeExpandVolume step: the retried call finishes
+/// the growth with the data intact. A volume grown while unstaged has its
+/// filesystem grown at the next stage, without NodeExpandVolume.
+async fn expansion_crashes(_ctx: &mut Ctx) -> CaseResult {
+    for point in ["expand:device-grown", "expand:mapping-grown"] {
+        let dir = fresh_dir(&format!("node-{}", point.replace(':', "-")))?;
+        let mut d = Driver::start_with(dir.clone(), Some(point), &[], &[]).await?;
+        let req = create_req(
+            "pvc-crash-grow",
+            48 * MIB,
+            mount_cap("ext4", Mode::SingleNodeWriter),
+        );
+        let s = provision(&mut d, req).await?;
+        check!(std::fs::write(s.target.join("marker"), point.as_bytes()));
+        let before = total_bytes(&stats(&mut d, &s).await?);
+        let crashed = grow(&mut d, &s, 96 * MIB).await;
+        ensure!(crashed.is_err(), "{point}: the expansion did not crash");
+        d.wait_exit(Duration::from_secs(30)).await?;
+        ensure!(
+            d.log().contains(&format!("failpoint {point}: aborting")),
+            "{point}: not reached"
+        );
+        d.kill();
+        let mut d = Driver::start_with(dir, None, &[], &[]).await?;
+        grow(&mut d, &s, 96 * MIB)
+            .await
+            .map_err(|e| format!("{point}: retry: {e}"))?;
+        let after = total_bytes(&stats(&mut d, &s).await?);
+        ensure!(
+            after > before + 40 * MIB,
+            "{point}: {before} -> {after} bytes"
+        );
+        ensure!(
+            check!(std::fs::read(s.target.join("marker"))) == point.as_bytes(),
+            "{point}: marker lost"
+        );
+        release(&mut d, &s).await?;
+        delete(&mut d, &s.volume.volume_id).await?;
+    }
+
+    // Grown while unstaged: only the controller is asked; the stage catches up.
+    let mut d = Driver::start("node-offline-grow").await?;
+    let req = create_req(
+        "pvc-offline",
+        48 * MIB,
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    );
+    let s = provision(&mut d, req.clone()).await?;
+    let before = total_bytes(&stats(&mut d, &s).await?);
+    release(&mut d, &s).await?;
+    check!(
+        d.controller
+            .controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: s.volume.volume_id.clone(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 112 * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+    );
+    let s = provision(&mut d, req).await?;
+    let after = total_bytes(&stats(&mut d, &s).await?);
+    ensure!(
+        after > before + 56 * MIB,
+        "offline growth: {before} -> {after} bytes"
+    );
+    ensure!(
+        d.log().contains("the volume grew while unstaged"),
+        "no catch-up growth in the log"
+    );
+    release(&mut d, &s).await?;
+    delete(&mut d, &s.volume.volume_id).await
+}
+
+fn free_port() -> Result<std::net::SocketAddr, String> {
+    let probe = check!(std::net::TcpListener::bind("127.0.0.1:0"));
+    Ok(check!(probe.local_addr()))
+}
+
+/// GET /metrics over plain HTTP/1.0.
+fn scrape(addr: std::net::SocketAddr) -> Result<String, String> {
+    let mut stream = check!(std::net::TcpStream::connect(addr));
+    check!(write!(stream, "GET /metrics HTTP/1.0\r\n\r\n"));
+    let mut reply = String::new();
+    check!(stream.read_to_string(&mut reply));
+    ensure!(
+        reply.starts_with("HTTP/1.0 200"),
+        "metrics answered {reply:.80}"
+    );
+    Ok(reply)
 }
