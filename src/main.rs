@@ -11,8 +11,9 @@ use cryptdisk_csi::config::{DriverName, Endpoint};
 use cryptdisk_csi::csi::controller::ControllerService;
 use cryptdisk_csi::csi::identity::IdentityService;
 use cryptdisk_csi::csi::node::{NodeConfig, NodeService, TOPOLOGY_NODE};
-use cryptdisk_csi::kms::client::GrpcKeySource;
+use cryptdisk_csi::kms::client::{GrpcKeySource, KmsAddress};
 use cryptdisk_csi::kms::server::{KmsService, MasterSecret};
+use cryptdisk_csi::kms::tls::TlsFiles;
 use cryptdisk_csi::kms::{KeySource, LocalKeySource};
 use cryptdisk_csi::logging::{self, LogFormat};
 use cryptdisk_csi::proto::csi::controller_server::ControllerServer;
@@ -157,9 +158,26 @@ struct NodeArgs {
     #[command(flatten)]
     node: NodeIdArgs,
 
-    /// The cluster KMS: tcp://IP:PORT or unix:///path.
+    /// The cluster KMS: https://HOST:PORT (mutual TLS, with the three --kms-*-file
+    /// flags), tcp://HOST:PORT (plaintext, with --kms-insecure) or unix:///path.
     #[arg(long, env = "CRYPTDISK_KMS")]
-    kms: Endpoint,
+    kms: KmsAddress,
+
+    /// CA certificate (PEM) the KMS's certificate must chain to.
+    #[arg(long, env = "CRYPTDISK_KMS_CA_FILE", requires_all = ["kms_cert_file", "kms_key_file"])]
+    kms_ca_file: Option<PathBuf>,
+
+    /// This node's client certificate (PEM) for the KMS.
+    #[arg(long, env = "CRYPTDISK_KMS_CERT_FILE", requires_all = ["kms_ca_file", "kms_key_file"])]
+    kms_cert_file: Option<PathBuf>,
+
+    /// The private key (PEM) of --kms-cert-file.
+    #[arg(long, env = "CRYPTDISK_KMS_KEY_FILE", requires_all = ["kms_ca_file", "kms_cert_file"])]
+    kms_key_file: Option<PathBuf>,
+
+    /// Talk to a tcp:// KMS in plaintext: only for tests.
+    #[arg(long, env = "CRYPTDISK_KMS_INSECURE")]
+    kms_insecure: bool,
 
     /// Serve local-backend volumes whose images live in this directory (only on
     /// the machine that holds them).
@@ -208,9 +226,22 @@ struct KmsArgs {
     #[arg(long, env = "CRYPTDISK_SALT_FILE")]
     salt_file: PathBuf,
 
+    /// The KMS's TLS certificate (PEM), with its chain.
+    #[arg(long, env = "CRYPTDISK_TLS_CERT_FILE", requires_all = ["tls_key_file", "client_ca_file"])]
+    tls_cert_file: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert-file.
+    #[arg(long, env = "CRYPTDISK_TLS_KEY_FILE", requires_all = ["tls_cert_file", "client_ca_file"])]
+    tls_key_file: Option<PathBuf>,
+
+    /// CA certificate (PEM) that node plugins' client certificates must chain to;
+    /// clients without one are refused during the TLS handshake.
+    #[arg(long, env = "CRYPTDISK_CLIENT_CA_FILE", requires_all = ["tls_cert_file", "tls_key_file"])]
+    client_ca_file: Option<PathBuf>,
+
     /// Serve without TLS. Anyone who reaches the port can then ask for keys: only for
-    /// tests and for a KMS reachable from the node plugins alone.
-    #[arg(long, env = "CRYPTDISK_KMS_INSECURE")]
+    /// tests and for a KMS on a unix socket.
+    #[arg(long, env = "CRYPTDISK_KMS_INSECURE", conflicts_with = "tls_cert_file")]
     insecure: bool,
 
     /// Serve Prometheus /metrics and /healthz over HTTP on this address
@@ -252,7 +283,15 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             serve_csi(args.csi, Some(controller), None).await
         }
         Command::Node(args) => {
-            let keys = Arc::new(GrpcKeySource::new(&args.kms)?);
+            let tls = match (args.kms_ca_file, args.kms_cert_file, args.kms_key_file) {
+                (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { cert, key, ca }),
+                _ => None,
+            };
+            let keys = Arc::new(GrpcKeySource::new(
+                &args.kms,
+                tls.as_ref(),
+                args.kms_insecure,
+            )?);
             let node = node_service(args.node, args.local_data_dir, keys)?;
             serve_csi(args.csi, None, Some(node)).await
         }
@@ -352,19 +391,27 @@ async fn serve_csi(
 }
 
 async fn serve_kms(args: KmsArgs) -> Result<(), Box<dyn std::error::Error>> {
-    if !args.insecure {
-        return Err(
-            "the KMS serves only with --insecure until TLS with client certificates \
-                    lands; pass --insecure on a network only node plugins reach"
-                .into(),
-        );
-    }
+    let tls = match (args.tls_cert_file, args.tls_key_file, args.client_ca_file) {
+        (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
+        _ if args.insecure => None,
+        _ => {
+            return Err(
+                "the KMS serves keys only over mutual TLS: pass --tls-cert-file, \
+                        --tls-key-file and --client-ca-file (or --insecure for tests)"
+                    .into(),
+            );
+        }
+    };
     let master = MasterSecret::from_files(&args.master_secret_file, &args.salt_file)?;
-    tracing::warn!("serving the KMS without TLS (--insecure)");
     if let Some(addr) = args.metrics_address {
         cryptdisk_csi::metrics::serve(addr).await?;
     }
-    let router = server::builder().add_service(ApiServer::new(KmsService::new(master)));
+    let mut builder = server::builder();
+    match &tls {
+        Some(files) => builder = builder.tls_config(files.server_config()?)?,
+        None => tracing::warn!("serving the KMS without TLS (--insecure)"),
+    }
+    let router = builder.add_service(ApiServer::new(KmsService::new(master)));
     server::serve(router, &args.listen, server::shutdown_signal()).await?;
     Ok(())
 }

@@ -146,11 +146,16 @@ async fn a_live_socket_is_not_taken_over_and_a_stale_one_is() {
     let first = Plugin::start(
         "node",
         &socket,
-        &["--node-id=n1", "--kms=tcp://127.0.0.1:9"],
+        &["--node-id=n1", "--kms=tcp://127.0.0.1:9", "--kms-insecure"],
     );
 
     let second = Command::new(BIN)
-        .args(["node", "--node-id=n1", "--kms=tcp://127.0.0.1:9"])
+        .args([
+            "node",
+            "--node-id=n1",
+            "--kms=tcp://127.0.0.1:9",
+            "--kms-insecure",
+        ])
         .arg(format!("--endpoint=unix://{}", socket.display()))
         .output()
         .unwrap();
@@ -173,7 +178,7 @@ async fn a_live_socket_is_not_taken_over_and_a_stale_one_is() {
     let third = Plugin::start(
         "node",
         &socket,
-        &["--node-id=n1", "--kms=tcp://127.0.0.1:9"],
+        &["--node-id=n1", "--kms=tcp://127.0.0.1:9", "--kms-insecure"],
     );
     let channel = client::connect(&third.endpoint(), Duration::from_secs(5))
         .await
@@ -196,6 +201,7 @@ fn bad_flags_get_clear_errors() {
     let (code, err) = run(&[
         "node",
         "--kms=tcp://127.0.0.1:9",
+        "--kms-insecure",
         "--endpoint=/no/scheme.sock",
     ]);
     assert_eq!(code, Some(2));
@@ -203,7 +209,12 @@ fn bad_flags_get_clear_errors() {
     let (code, err) = run(&["controller", "--driver-name=-bad-"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("at most 63 characters"), "{err}");
-    let (code, err) = run(&["--log-level=loud", "node", "--kms=tcp://127.0.0.1:9"]);
+    let (code, err) = run(&[
+        "--log-level=loud",
+        "node",
+        "--kms=tcp://127.0.0.1:9",
+        "--kms-insecure",
+    ]);
     assert_ne!(code, Some(0));
     assert!(err.contains("log level"), "{err}");
 }
@@ -228,7 +239,7 @@ fn every_flag_reads_its_environment_variable() {
     }
     // And the variable is honoured: a bad endpoint from the environment is refused.
     let out = Command::new(BIN)
-        .args(["node", "--kms=tcp://127.0.0.1:9"])
+        .args(["node", "--kms=tcp://127.0.0.1:9", "--kms-insecure"])
         .env("CRYPTDISK_ENDPOINT", "bogus")
         .output()
         .unwrap();

@@ -6,6 +6,8 @@
 
 pub mod client;
 pub mod server;
+pub mod tls;
+pub mod wrap;
 
 use hkdf::Hkdf;
 use sha2::Sha256;

@@ -150,7 +150,29 @@ impl Api for KmsService {
         &self,
         request: Request<GetDataKeyRequest>,
     ) -> Result<Response<GetDataKeyResponse>, Status> {
+        let client = match request.peer_certs() {
+            Some(certs) if !certs.is_empty() => super::tls::client_identity(certs[0].as_ref()),
+            _ => request
+                .remote_addr()
+                .map_or_else(|| "local socket".to_string(), |a| a.to_string()),
+        };
         let req = request.into_inner();
+        let result = self.serve(&req);
+        // The audit line: who asked for which key, never the key.
+        match &result {
+            Ok(_) => {
+                tracing::info!(target: "cryptdisk::audit", %client, key_id = %req.data_key_id, length = req.length, "data key served")
+            }
+            Err(s) => {
+                tracing::warn!(target: "cryptdisk::audit", %client, key_id = %req.data_key_id.escape_debug(), length = req.length, code = ?s.code(), "data key refused")
+            }
+        }
+        result.map(Response::new)
+    }
+}
+
+impl KmsService {
+    fn serve(&self, req: &GetDataKeyRequest) -> Result<GetDataKeyResponse, Status> {
         if req.data_key_id.is_empty() || req.data_key_id.len() > MAX_KEY_ID_LEN {
             return Err(Status::invalid_argument(format!(
                 "data_key_id must be 1..={MAX_KEY_ID_LEN} bytes; got {}",
@@ -169,10 +191,9 @@ impl Api for KmsService {
             .master
             .derive(&req.data_key_id, len)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        tracing::info!(key_id = %req.data_key_id, length = len, "served data key");
-        Ok(Response::new(GetDataKeyResponse {
+        Ok(GetDataKeyResponse {
             data_key: key.expose().to_vec(),
-        }))
+        })
     }
 }
 

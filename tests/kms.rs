@@ -1,0 +1,261 @@
+//! The real `cryptdisk-csi kms` over TCP loopback with mutual TLS: a node with a
+//! certificate from the cluster CA gets the derived key; a certificate from
+//! another CA, an expired one, no certificate at all, and plaintext are refused.
+//! Every request leaves one audit line with the client's identity and the key
+//! id, never the key. The node's client retries an unreachable KMS, then says
+//! UNAVAILABLE.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cryptdisk_csi::kms::client::{GrpcKeySource, KmsAddress};
+use cryptdisk_csi::kms::tls::TlsFiles;
+use cryptdisk_csi::kms::{KeyError, KeySource, derive_data_key};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cryptdisk-csi");
+const KEY_ID: &str = "6f2a7c54-2d39-4c4e-9b0e-1a3d5f7b9c11";
+
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+struct Ca {
+    params: CertificateParams,
+    key: KeyPair,
+    pem: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let key = KeyPair::generate().unwrap();
+    let pem = params.self_signed(&key).unwrap().pem();
+    Ca { params, key, pem }
+}
+
+/// A leaf certificate for `dns`, signed by `ca`; `expired` puts its validity in
+/// the past. Returns (cert PEM, key PEM).
+fn leaf(ca: &Ca, dns: &str, client: bool, expired: bool) -> (String, String) {
+    let mut params = CertificateParams::new(vec![dns.to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, dns);
+    params.extended_key_usages = vec![if client {
+        ExtendedKeyUsagePurpose::ClientAuth
+    } else {
+        ExtendedKeyUsagePurpose::ServerAuth
+    }];
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let key = KeyPair::generate().unwrap();
+    let issuer = Issuer::new(ca.params.clone(), &ca.key);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+impl Pki {
+    fn write(&self, name: &str, body: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    fn client(&self, ca: &Path, name: &str, pair: (String, String)) -> TlsFiles {
+        TlsFiles {
+            cert: self.write(&format!("{name}.crt"), &pair.0),
+            key: self.write(&format!("{name}.key"), &pair.1),
+            ca: ca.to_path_buf(),
+        }
+    }
+}
+
+struct Kms {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Kms {
+    fn start(args: &[String], log: PathBuf) -> Kms {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(BIN)
+            .args(["--log-level", "info"])
+            .arg("kms")
+            .arg(format!("--listen=tcp://127.0.0.1:{port}"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the KMS never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Kms { child, port, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Kms {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn secret_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_serves_the_cluster_ca_and_refuses_the_rest() {
+    let pki = Pki {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let cluster = ca("cryptdisk cluster CA");
+    let other = ca("some other CA");
+    let ca_file = pki.write("ca.crt", &cluster.pem);
+    let (server_cert, server_key) = leaf(&cluster, "localhost", false, false);
+    let master = [7u8; 32];
+    let salt = [9u8; 32];
+    let args = vec![
+        format!(
+            "--tls-cert-file={}",
+            pki.write("kms.crt", &server_cert).display()
+        ),
+        format!(
+            "--tls-key-file={}",
+            pki.write("kms.key", &server_key).display()
+        ),
+        format!("--client-ca-file={}", ca_file.display()),
+        format!(
+            "--master-secret-file={}",
+            secret_file(pki.dir.path(), "master", &master).display()
+        ),
+        format!(
+            "--salt-file={}",
+            secret_file(pki.dir.path(), "salt", &salt).display()
+        ),
+    ];
+    let kms = Kms::start(&args, pki.dir.path().join("kms.log"));
+    let address: KmsAddress = format!("https://localhost:{}", kms.port).parse().unwrap();
+
+    // A node certificate from the cluster CA: served, the same key as derived.
+    let good = pki.client(
+        &ca_file,
+        "node",
+        leaf(&cluster, "node-1.cluster", true, false),
+    );
+    let source = GrpcKeySource::new(&address, Some(&good), false).unwrap();
+    let key = source.data_key(KEY_ID, 32).await.unwrap();
+    let want = derive_data_key(&master, &salt, KEY_ID, 32).unwrap();
+    assert_eq!(key.expose(), want.expose());
+
+    // Refused: another CA's certificate, an expired one.
+    for (name, pair) in [
+        ("other-ca", leaf(&other, "node-2.cluster", true, false)),
+        ("expired", leaf(&cluster, "node-3.cluster", true, true)),
+    ] {
+        let files = pki.client(&ca_file, name, pair);
+        let source = GrpcKeySource::new(&address, Some(&files), false).unwrap();
+        let err = source.data_key(KEY_ID, 32).await.err().expect("refused");
+        eprintln!("{name}: {err}");
+        assert!(err.to_string().contains("transport error"), "{name}: {err}");
+    }
+
+    // Refused: TLS without a client certificate, and plaintext.
+    let ca_cert = tonic::transport::Certificate::from_pem(cluster.pem.clone());
+    let bare = tonic::transport::Endpoint::from_shared(format!("https://localhost:{}", kms.port))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(ca_cert)
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect_lazy();
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", kms.port))
+        .unwrap()
+        .connect_lazy();
+    for (name, channel) in [("no client certificate", bare), ("plaintext", plain)] {
+        let mut client = cryptdisk_csi::proto::kms::api_client::ApiClient::new(channel);
+        let r = client
+            .get_data_key(cryptdisk_csi::proto::kms::GetDataKeyRequest {
+                data_key_id: KEY_ID.into(),
+                length: 32,
+            })
+            .await;
+        assert!(r.is_err(), "{name} was served");
+    }
+
+    // One audit line for the one request served, naming the node and the key.
+    let log = kms.log();
+    let served: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("data key served"))
+        .collect();
+    assert_eq!(served.len(), 1, "{log}");
+    assert!(served[0].contains("client=node-1.cluster"), "{}", served[0]);
+    assert!(served[0].contains(KEY_ID), "{}", served[0]);
+    assert!(
+        !log.contains(&hex::encode(want.expose())),
+        "key bytes in the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_kms_is_retried_then_unavailable() {
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address: KmsAddress = format!("tcp://127.0.0.1:{port}").parse().unwrap();
+    assert!(
+        GrpcKeySource::new(&address, None, false).is_err(),
+        "plaintext allowed without --kms-insecure"
+    );
+    let source = GrpcKeySource::new(&address, None, true).unwrap();
+    let started = Instant::now();
+    let err = source.data_key(KEY_ID, 32).await.err().expect("refused");
+    let took = started.elapsed();
+    match err {
+        KeyError::Unavailable(msg) => assert!(msg.contains("after 3 attempt(s)"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    // Two pauses of at least 200 ms and 400 ms between the three attempts.
+    assert!(took >= Duration::from_millis(600), "{took:?}");
+}
+
+#[test]
+fn the_kms_refuses_to_start_without_tls_or_insecure() {
+    let out = Command::new(BIN)
+        .args([
+            "kms",
+            "--master-secret-file=/nonexistent",
+            "--salt-file=/nonexistent",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mutual TLS"), "{err}");
+}
