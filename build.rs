@@ -12,7 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // RPCs a service does not implement answer UNIMPLEMENTED, as the spec asks.
         .generate_default_stubs(true)
         // Key bytes must never reach a log through a derived Debug.
-        .skip_debug(["kms.GetDataKeyResponse"])
+        .skip_debug(["kms.GetDataKeyResponse", "kms.GetVersionedDataKeyResponse"])
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -66,6 +66,17 @@ enum Command {
     /// one socket, the local backend and an embedded KMS. For trying the driver
     /// and for tests.
     Dev(DevArgs),
+    /// Add a master-secret version beside --master-secret-file (32 random bytes,
+    /// mode 0600, named <file>-v<N>). Restart the KMS to serve it: new volumes use
+    /// it, and each older volume's keyslot moves to it at its next stage.
+    AddKeyVersion(AddKeyVersionArgs),
+}
+
+#[derive(Args)]
+struct AddKeyVersionArgs {
+    /// The master secret file (version 1) the KMS is started with.
+    #[arg(long, env = "CRYPTDISK_MASTER_SECRET_FILE")]
+    master_secret_file: PathBuf,
 }
 
 #[derive(Args)]
@@ -312,6 +323,11 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             serve_csi(args.csi, Some(controller), Some(node)).await
         }
         Command::Kms(args) => serve_kms(args).await,
+        Command::AddKeyVersion(args) => {
+            let (version, path) = MasterSecret::add_version_file(&args.master_secret_file)?;
+            println!("added master-secret version {version}: {}", path.display());
+            Ok(())
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use cryptdisk_csi::kms::client::{GrpcKeySource, KmsAddress};
 use cryptdisk_csi::kms::tls::TlsFiles;
 use cryptdisk_csi::kms::{KeyError, KeySource, derive_data_key};
+
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
@@ -87,17 +88,28 @@ impl Kms {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(BIN)
-            .args(["--log-level", "info"])
-            .arg("kms")
-            .arg(format!("--listen=tcp://127.0.0.1:{port}"))
+        // A unix socket given in `args` replaces the TCP port.
+        let unix = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--listen=unix://"))
+            .map(PathBuf::from);
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--log-level", "info"]).arg("kms");
+        if unix.is_none() {
+            cmd.arg(format!("--listen=tcp://127.0.0.1:{port}"));
+        }
+        let child = cmd
             .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        let up = || match &unix {
+            Some(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+            None => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        };
+        while !up() {
             assert!(Instant::now() < deadline, "the KMS never listened");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -164,9 +176,10 @@ async fn mutual_tls_serves_the_cluster_ca_and_refuses_the_rest() {
         leaf(&cluster, "node-1.cluster", true, false),
     );
     let source = GrpcKeySource::new(&address, Some(&good), false).unwrap();
-    let key = source.data_key(KEY_ID, 32).await.unwrap();
+    let (key, version) = source.versioned_key(KEY_ID, 32, None).await.unwrap();
     let want = derive_data_key(&master, &salt, KEY_ID, 32).unwrap();
     assert_eq!(key.expose(), want.expose());
+    assert_eq!(version, 1);
 
     // Refused: another CA's certificate, an expired one.
     for (name, pair) in [
@@ -175,7 +188,11 @@ async fn mutual_tls_serves_the_cluster_ca_and_refuses_the_rest() {
     ] {
         let files = pki.client(&ca_file, name, pair);
         let source = GrpcKeySource::new(&address, Some(&files), false).unwrap();
-        let err = source.data_key(KEY_ID, 32).await.err().expect("refused");
+        let err = source
+            .versioned_key(KEY_ID, 32, None)
+            .await
+            .err()
+            .expect("refused");
         eprintln!("{name}: {err}");
         assert!(err.to_string().contains("transport error"), "{name}: {err}");
     }
@@ -235,13 +252,18 @@ async fn an_unreachable_kms_is_retried_then_unavailable() {
     );
     let source = GrpcKeySource::new(&address, None, true).unwrap();
     let started = Instant::now();
-    let err = source.data_key(KEY_ID, 32).await.err().expect("refused");
+    let err = source
+        .versioned_key(KEY_ID, 32, None)
+        .await
+        .err()
+        .expect("refused");
     let took = started.elapsed();
     match err {
         KeyError::Unavailable(msg) => assert!(msg.contains("after 3 attempt(s)"), "{msg}"),
         other => panic!("{other:?}"),
     }
     // Two pauses of at least 200 ms and 400 ms between the three attempts.
+    // (The plaintext KMS below shows the retries end where the KMS answers.)
     assert!(took >= Duration::from_millis(600), "{took:?}");
 }
 
@@ -258,4 +280,78 @@ fn the_kms_refuses_to_start_without_tls_or_insecure() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mutual TLS"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_the_current_one_for_new_keys_and_version_one_for_get_data_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = secret_file(dir.path(), "master.key", &[1; 32]);
+    let salt = secret_file(dir.path(), "salt", &[2; 32]);
+    let out = Command::new(BIN)
+        .args([
+            "add-key-version",
+            &format!("--master-secret-file={}", master.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v2 = std::fs::read(dir.path().join("master.key-v2")).unwrap();
+    assert_eq!(v2.len(), 32);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("master.key-v2"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let socket = dir.path().join("kms.sock");
+    let kms = Kms::start(
+        &[
+            format!("--listen=unix://{}", socket.display()),
+            "--insecure".into(),
+            format!("--master-secret-file={}", master.display()),
+            format!("--salt-file={}", salt.display()),
+        ],
+        dir.path().join("kms.log"),
+    );
+    let _ = kms.port;
+    let address: KmsAddress = format!("unix://{}", socket.display()).parse().unwrap();
+    let source = GrpcKeySource::new(&address, None, false).unwrap();
+    let (current, version) = source.versioned_key(KEY_ID, 32, None).await.unwrap();
+    assert_eq!(version, 2);
+    assert_eq!(
+        current.expose(),
+        derive_data_key(&v2, &[2; 32], KEY_ID, 32).unwrap().expose()
+    );
+    let (first, version) = source.versioned_key(KEY_ID, 32, Some(1)).await.unwrap();
+    assert_eq!(version, 1);
+    let v1_key = derive_data_key(&[1; 32], &[2; 32], KEY_ID, 32).unwrap();
+    assert_eq!(first.expose(), v1_key.expose());
+    let missing = source
+        .versioned_key(KEY_ID, 32, Some(9))
+        .await
+        .err()
+        .expect("refused");
+    assert!(missing.to_string().contains("version 9"), "{missing}");
+    // Constellation's GetDataKey keeps serving version 1.
+    let channel = cryptdisk_csi::client::connect(
+        &cryptdisk_csi::config::Endpoint::Unix(socket.clone()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let plain = cryptdisk_csi::proto::kms::api_client::ApiClient::new(channel)
+        .get_data_key(cryptdisk_csi::proto::kms::GetDataKeyRequest {
+            data_key_id: KEY_ID.into(),
+            length: 32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .data_key;
+    assert_eq!(plain, v1_key.expose());
 }

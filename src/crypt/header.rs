@@ -323,9 +323,24 @@ pub fn validate(json: &Value) -> std::result::Result<(), String> {
         return Err("token.key_version is missing or not a number".to_string());
     }
     let token_slots = string_set(&token["keyslots"], "token keyslots")?;
-    if token_slots != slot_ids {
+    // Mid-rotation, the keyslots the rotation names may exist beside the token's.
+    let rotating: BTreeSet<&str> = match token.get("rotation") {
+        None => BTreeSet::new(),
+        Some(r) => match r["phase"].as_str() {
+            Some("adding") if r["to_version"].is_u64() => [r["keyslot"]
+                .as_str()
+                .ok_or("token.rotation.keyslot is not a string")?]
+            .into(),
+            Some("retiring") => string_set(&r["keyslots"], "token.rotation keyslots")?,
+            _ => return Err(format!("token.rotation {r} is not one we write")),
+        },
+    };
+    let allowed: BTreeSet<&str> = token_slots.union(&rotating).copied().collect();
+    if token_slots.is_empty() || !token_slots.is_subset(&slot_ids) || !slot_ids.is_subset(&allowed)
+    {
         return Err(format!(
-            "the token names keyslots {token_slots:?}, the header has {slot_ids:?}"
+            "the token names keyslots {token_slots:?} (rotating {rotating:?}), the header has \
+             {slot_ids:?}"
         ));
     }
 
@@ -510,6 +525,35 @@ mod tests {
         h["digests"]["0"]["keyslots"] = json!(["0", "1"]);
         h["tokens"]["0"]["keyslots"] = json!(["0", "1"]);
         validate(&h).unwrap();
+    }
+
+    #[test]
+    fn a_rotation_may_hold_the_keyslot_it_names_and_no_other() {
+        let two = || {
+            let mut h = ours();
+            h["keyslots"]["1"] = h["keyslots"]["0"].clone();
+            h["digests"]["0"]["keyslots"] = json!(["0", "1"]);
+            h
+        };
+        // Adding keyslot 1 (before and after it exists), then retiring keyslot 0.
+        let mut h = ours();
+        h["tokens"]["0"]["rotation"] = json!({"phase": "adding", "keyslot": "1", "to_version": 2});
+        validate(&h).unwrap();
+        let mut h = two();
+        h["tokens"]["0"]["rotation"] = json!({"phase": "adding", "keyslot": "1", "to_version": 2});
+        validate(&h).unwrap();
+        let mut h = two();
+        h["tokens"]["0"]["keyslots"] = json!(["1"]);
+        h["tokens"]["0"]["rotation"] = json!({"phase": "retiring", "keyslots": ["0"]});
+        validate(&h).unwrap();
+        // A rotation naming another keyslot does not excuse keyslot 1.
+        let mut h = two();
+        h["tokens"]["0"]["rotation"] = json!({"phase": "adding", "keyslot": "2", "to_version": 2});
+        assert!(validate(&h).unwrap_err().contains("token names keyslots"));
+        // Nor does a phase we never write.
+        let mut h = two();
+        h["tokens"]["0"]["rotation"] = json!({"phase": "whatever", "keyslot": "1"});
+        assert!(validate(&h).unwrap_err().contains("token.rotation"));
     }
 
     #[test]

@@ -194,7 +194,10 @@ pub fn set_wipe_offset(device: &Path, offset: Option<u64>) -> Result<()> {
 }
 
 /// Rewrites our token in place; libcryptsetup writes both header copies.
-fn update_token(device: &Path, change: impl FnOnce(&mut serde_json::Value)) -> Result<()> {
+pub(super) fn update_token(
+    device: &Path,
+    change: impl FnOnce(&mut serde_json::Value),
+) -> Result<()> {
     let mut cd = load_luks2(device)?;
     let target = device.display();
     for slot in 0..MAX_TOKENS {
@@ -365,6 +368,130 @@ pub fn resize(name: &MapperName, key: &DataKey) -> Result<u64> {
         .get_active_device()
         .map_err(lib("read mapping", name))?;
     Ok(active.size * 512)
+}
+
+/// See [`super::rotate`]. Each pass of the loop reads the header afresh and
+/// takes the next step from the state the token records.
+pub fn rotate(device: &Path, old_key: &DataKey, new_key: &DataKey, to_version: u32) -> Result<()> {
+    use super::Rotation;
+    use crate::failpoint::hit;
+    let target = device.display().to_string();
+    let bad = |reason: String| Error::BadToken {
+        device: device.to_path_buf(),
+        reason,
+    };
+    for _ in 0..8 {
+        let json = super::header::read_validated(device)?;
+        let slots: std::collections::BTreeSet<u32> = json["keyslots"]
+            .as_object()
+            .map(|o| o.keys().filter_map(|k| k.parse().ok()).collect())
+            .unwrap_or_default();
+        let token = read_header(device)?
+            .token
+            .ok_or_else(|| bad("no cryptdisk token".into()))?;
+        let token_slots: Vec<String> = json["tokens"]
+            .as_object()
+            .and_then(|t| t.values().next())
+            .and_then(|t| t["keyslots"].as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        match token.rotation {
+            None if token.key_version == to_version => return Ok(()),
+            None => {
+                let free = (0..32u32)
+                    .find(|n| !slots.contains(n))
+                    .ok_or_else(|| bad("no free keyslot".into()))?;
+                update_token(device, |t| {
+                    t["rotation"] = serde_json::json!({
+                        "phase": "adding", "keyslot": free.to_string(), "to_version": to_version,
+                    })
+                })?;
+                hit("rotate:intent");
+            }
+            Some(Rotation::Adding {
+                keyslot,
+                to_version: aimed,
+            }) => {
+                let slot: u32 = keyslot
+                    .parse()
+                    .map_err(|_| bad(format!("rotation keyslot {keyslot:?}")))?;
+                let mut cd = load_luks2(device)?;
+                let opens = |cd: &mut CryptDevice| {
+                    cd.activate_handle()
+                        .activate_by_passphrase(
+                            None,
+                            Some(slot),
+                            new_key.expose(),
+                            CryptActivate::empty(),
+                        )
+                        .is_ok()
+                };
+                if aimed != to_version || (slots.contains(&slot) && !opens(&mut cd)) {
+                    // Another target, or a keyslot half made: start this one again.
+                    if slots.contains(&slot) {
+                        cd.keyslot_handle()
+                            .destroy(slot)
+                            .map_err(lib("destroy keyslot", &target))?;
+                    }
+                    update_token(device, |t| {
+                        if let Some(o) = t.as_object_mut() {
+                            o.remove("rotation");
+                        }
+                    })?;
+                    continue;
+                }
+                if !slots.contains(&slot) {
+                    cd.settings_handle()
+                        .set_pbkdf_type(&pbkdf())
+                        .map_err(lib("set PBKDF", &target))?;
+                    cd.keyslot_handle()
+                        .add_by_passphrase(Some(slot), old_key.expose(), new_key.expose())
+                        .map_err(|err| wrong_key_or(device, "add keyslot", err))?;
+                    hit("rotate:added");
+                    let mut check = load_luks2(device)?;
+                    if !opens(&mut check) {
+                        return Err(bad(format!(
+                            "the new keyslot {slot} does not open with its key"
+                        )));
+                    }
+                }
+                let retiring: Vec<String> = token_slots
+                    .iter()
+                    .filter(|s| **s != keyslot)
+                    .cloned()
+                    .collect();
+                update_token(device, |t| {
+                    t["key_version"] = serde_json::Value::from(to_version);
+                    t["keyslots"] = serde_json::json!([keyslot]);
+                    t["rotation"] = serde_json::json!({"phase": "retiring", "keyslots": retiring});
+                })?;
+                hit("rotate:switched");
+            }
+            Some(Rotation::Retiring { keyslots }) => {
+                let mut cd = load_luks2(device)?;
+                for old in &keyslots {
+                    if let Ok(n) = old.parse::<u32>()
+                        && slots.contains(&n)
+                    {
+                        cd.keyslot_handle()
+                            .destroy(n)
+                            .map_err(lib("destroy keyslot", &target))?;
+                    }
+                }
+                hit("rotate:destroyed");
+                update_token(device, |t| {
+                    if let Some(o) = t.as_object_mut() {
+                        o.remove("rotation");
+                    }
+                })?;
+            }
+        }
+    }
+    Err(bad("the rotation did not settle".into()))
 }
 
 /// Whether two paths name the same block device (by device number), so that

@@ -129,6 +129,23 @@ pub struct Token {
     /// Formatting sets it to 0 whatever the caller passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wipe_offset: Option<u64>,
+    /// A key rotation under way; see [`rotate`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<Rotation>,
+}
+
+/// A key rotation in progress, recorded in the token before each step so that a
+/// crash anywhere is finished by the next stage. The keyslots it names are the
+/// only ones a header may hold beyond those the token lists.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Rotation {
+    /// A keyslot for `to_version` is being added at `keyslot` (it may not exist
+    /// yet); the token still names the old keyslots and version.
+    Adding { keyslot: String, to_version: u32 },
+    /// The token names the new keyslot and version; `keyslots`, the old ones,
+    /// are being destroyed.
+    Retiring { keyslots: Vec<String> },
 }
 
 /// Values [`Token::content`] may hold.
@@ -347,6 +364,25 @@ pub async fn resize(name: &MapperName, key: &DataKey) -> Result<u64> {
     timed("resize", move || luks::resize(&name, &key)).await
 }
 
+/// Moves `device`'s keyslot to the key of master-secret version `to_version`:
+/// adds a keyslot with `new_key` (unlocked with `old_key`, the key of the
+/// token's version), checks that it opens, switches the token to it, then
+/// destroys the old keyslot. The volume key, and so the data, do not change.
+/// Every step is recorded in the token first, so this finishes whatever a crash
+/// interrupted; a volume already on `to_version` is left alone.
+pub async fn rotate(
+    device: &Path,
+    old_key: &DataKey,
+    new_key: &DataKey,
+    to_version: u32,
+) -> Result<()> {
+    let (device, old_key, new_key) = (device.to_path_buf(), old_key.clone(), new_key.clone());
+    timed("rotate", move || {
+        luks::rotate(&device, &old_key, &new_key, to_version)
+    })
+    .await
+}
+
 /// Records how far the initial wipe of an integrity volume got; `None` when done.
 pub async fn set_wipe_offset(device: &Path, offset: Option<u64>) -> Result<()> {
     let device = device.to_path_buf();
@@ -443,10 +479,48 @@ mod tests {
                 kms: "unit-test".into(),
                 content: None,
                 wipe_offset: None,
+                rotation: None,
             },
             integrity,
             bypass_workqueues: true,
         }
+    }
+
+    #[tokio::test]
+    async fn rotation_moves_the_keyslot_to_the_new_key_and_is_idempotent() {
+        let img = image(64 << 20);
+        let key_id = KeyId::new_random();
+        let v1 = key(&key_id);
+        let v2 = crate::kms::derive_data_key(&[5; 32], &[4; 32], key_id.as_str(), 32).unwrap();
+        let blank = probe_blank(img.path()).unwrap();
+        format(blank, &v1, &options(&key_id, Integrity::None))
+            .await
+            .unwrap();
+        // A crash right after the intent was recorded: rotate finishes from there.
+        luks::update_token(img.path(), |t| {
+            t["rotation"] = serde_json::json!({"phase": "adding", "keyslot": "1", "to_version": 4});
+        })
+        .unwrap();
+        header::read_validated(img.path()).unwrap();
+        for _ in 0..2 {
+            rotate(img.path(), &v1, &v2, 4).await.unwrap();
+        }
+        let token = read_header(img.path()).await.unwrap().token.unwrap();
+        assert_eq!(token.key_version, 4);
+        assert_eq!(token.rotation, None);
+        verify_key(img.path(), &v2).await.unwrap();
+        let old = verify_key(img.path(), &v1).await.unwrap_err();
+        assert!(matches!(old, Error::WrongKey { .. }), "{old:?}");
+        let json = header::read_validated(img.path()).unwrap();
+        assert_eq!(json["keyslots"].as_object().unwrap().len(), 1);
+        assert_eq!(json["keyslots"]["1"]["kdf"]["type"], "pbkdf2");
+        // With the wrong old key nothing changes but the recorded intent.
+        let v3 = crate::kms::derive_data_key(&[6; 32], &[4; 32], key_id.as_str(), 32).unwrap();
+        let err = rotate(img.path(), &v1, &v3, 5).await.unwrap_err();
+        assert!(matches!(err, Error::WrongKey { .. }), "{err:?}");
+        verify_key(img.path(), &v2).await.unwrap();
+        rotate(img.path(), &v2, &v3, 5).await.unwrap();
+        verify_key(img.path(), &v3).await.unwrap();
     }
 
     #[tokio::test]

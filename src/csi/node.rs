@@ -162,15 +162,19 @@ impl NodeService {
             DeviceState::Blank(blank) => {
                 let key_id = KeyId::new_random();
                 // A key that cannot be had means nothing is written.
-                let key = self.keys.data_key(key_id.as_str(), DEFAULT_KEY_LEN).await?;
+                let (key, key_version) = self
+                    .keys
+                    .versioned_key(key_id.as_str(), DEFAULT_KEY_LEN, None)
+                    .await?;
                 let format = FormatOptions {
                     key_id: key_id.clone(),
                     token: Token {
                         key_id: key_id.to_string(),
-                        key_version: self.keys.current_version(),
+                        key_version,
                         kms: self.keys.identity().to_string(),
                         content: None,
                         wipe_offset: None,
+                        rotation: None,
                     },
                     integrity: options.integrity,
                     bypass_workqueues: options.bypass_workqueues,
@@ -181,6 +185,50 @@ impl NodeService {
                 Ok((header, Some(key)))
             }
         }
+    }
+
+    /// The key that opens a volume. When the volume's keyslot uses an older
+    /// master-secret version than the KMS's current one, a read-write stage first
+    /// rotates it (see [`crypt::rotate`]), finishing any rotation a crash cut
+    /// short, and the current key opens it.
+    async fn key_for(
+        &self,
+        device: &Path,
+        header: &HeaderInfo,
+        read_only: bool,
+    ) -> Result<DataKey, Status> {
+        let token = header.token.as_ref().ok_or_else(|| {
+            Status::failed_precondition("the volume's header has no cryptdisk token")
+        })?;
+        let id = header.key_id.as_str();
+        let (current, current_version) = self.keys.versioned_key(id, DEFAULT_KEY_LEN, None).await?;
+        if token.key_version == current_version && token.rotation.is_none() {
+            return Ok(current);
+        }
+        let (old, _) = if token.key_version == current_version {
+            (current.clone(), current_version)
+        } else {
+            self.keys
+                .versioned_key(id, DEFAULT_KEY_LEN, Some(token.key_version))
+                .await?
+        };
+        if read_only || token.key_version > current_version {
+            if token.key_version > current_version {
+                tracing::warn!(
+                    volume_version = token.key_version,
+                    kms_version = current_version,
+                    "the volume uses a newer master-secret version than the KMS's current one; not rotating"
+                );
+            }
+            return Ok(old);
+        }
+        tracing::info!(
+            from = token.key_version,
+            to = current_version,
+            "rotating the volume's keyslot to the current master-secret version"
+        );
+        crypt::rotate(device, &old, &current, current_version).await?;
+        Ok(current)
     }
 
     async fn stage(&self, req: NodeStageVolumeRequest) -> Result<(), Status> {
@@ -207,8 +255,7 @@ impl NodeService {
             let key = match fresh_key {
                 Some(k) => k,
                 None => {
-                    self.keys
-                        .data_key(header.key_id.as_str(), DEFAULT_KEY_LEN)
+                    self.key_for(&device, &header, validate::mode_read_only(mode))
                         .await?
                 }
             };
@@ -498,9 +545,10 @@ impl NodeService {
         }
         failpoint::hit("expand:device-grown");
         let header = crypt::read_header(&status.device).await?;
-        let key = self
+        let version = header.token.as_ref().map(|t| t.key_version);
+        let (key, _) = self
             .keys
-            .data_key(header.key_id.as_str(), DEFAULT_KEY_LEN)
+            .versioned_key(header.key_id.as_str(), DEFAULT_KEY_LEN, version)
             .await?;
         let size = crypt::resize(&name, &key).await?;
         failpoint::hit("expand:mapping-grown");

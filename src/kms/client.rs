@@ -6,7 +6,7 @@ use tonic::transport::Channel;
 
 use super::{DataKey, KeyError, KeySource};
 use crate::config::Endpoint;
-use crate::proto::kms::GetDataKeyRequest;
+use crate::proto::kms::GetVersionedDataKeyRequest;
 use crate::proto::kms::api_client::ApiClient;
 
 /// Deadline of one GetDataKey attempt.
@@ -137,17 +137,24 @@ impl GrpcKeySource {
         })
     }
 
-    async fn attempt(&self, data_key_id: &str, len: usize) -> Result<DataKey, tonic::Status> {
-        let mut request = tonic::Request::new(GetDataKeyRequest {
+    async fn attempt(
+        &self,
+        data_key_id: &str,
+        len: usize,
+        version: Option<u32>,
+    ) -> Result<(DataKey, u32), tonic::Status> {
+        let mut request = tonic::Request::new(GetVersionedDataKeyRequest {
             data_key_id: data_key_id.to_string(),
             length: len as u32,
+            key_version: version.unwrap_or(0),
         });
         request.set_timeout(CALL_TIMEOUT);
         let started = std::time::Instant::now();
-        let response = self.client.clone().get_data_key(request).await;
+        let response = self.client.clone().get_versioned_data_key(request).await;
         crate::metrics::global().record_kms(response.is_ok(), started);
-        let key = zeroize::Zeroizing::new(response?.into_inner().data_key);
-        Ok(DataKey::from_bytes(key))
+        let response = response?.into_inner();
+        let key = zeroize::Zeroizing::new(response.data_key);
+        Ok((DataKey::from_bytes(key), response.key_version))
     }
 }
 
@@ -170,11 +177,16 @@ fn backoff(attempt: u32) -> Duration {
 
 #[tonic::async_trait]
 impl KeySource for GrpcKeySource {
-    async fn data_key(&self, data_key_id: &str, len: usize) -> Result<DataKey, KeyError> {
+    async fn versioned_key(
+        &self,
+        data_key_id: &str,
+        len: usize,
+        version: Option<u32>,
+    ) -> Result<(DataKey, u32), KeyError> {
         let mut attempt = 0;
-        let key = loop {
-            match self.attempt(data_key_id, len).await {
-                Ok(key) => break key,
+        let (key, got_version) = loop {
+            match self.attempt(data_key_id, len, version).await {
+                Ok(got) => break got,
                 Err(s) if transient(s.code()) && attempt + 1 < ATTEMPTS => {
                     let pause = backoff(attempt);
                     tracing::warn!(kms = %self.identity, code = ?s.code(), attempt = attempt + 1, ?pause, "KMS request failed; retrying");
@@ -211,14 +223,16 @@ impl KeySource for GrpcKeySource {
                 key.len()
             )));
         }
-        Ok(key)
+        if version.is_some_and(|v| v != got_version) || got_version == 0 {
+            return Err(KeyError::Refused(format!(
+                "{} answered with version {got_version}; asked for {version:?}",
+                self.identity
+            )));
+        }
+        Ok((key, got_version))
     }
 
     fn identity(&self) -> &str {
         &self.identity
-    }
-
-    fn current_version(&self) -> u32 {
-        1
     }
 }

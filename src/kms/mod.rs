@@ -150,12 +150,17 @@ pub enum KeyError {
 /// cluster KMS over gRPC.
 #[tonic::async_trait]
 pub trait KeySource: Send + Sync {
-    /// The key for `data_key_id` (a LUKS2 header UUID), `len` bytes long.
-    async fn data_key(&self, data_key_id: &str, len: usize) -> Result<DataKey, KeyError>;
+    /// The key for `data_key_id` (a LUKS2 header UUID), `len` bytes long, from
+    /// master-secret `version`, or from the current version when `None`; with
+    /// the version it came from.
+    async fn versioned_key(
+        &self,
+        data_key_id: &str,
+        len: usize,
+        version: Option<u32>,
+    ) -> Result<(DataKey, u32), KeyError>;
     /// Which KMS this is, recorded in each volume's token.
     fn identity(&self) -> &str;
-    /// The master-secret version new keyslots use.
-    fn current_version(&self) -> u32;
 }
 
 /// Derives keys in process from a master secret held in memory.
@@ -175,15 +180,18 @@ impl LocalKeySource {
 
 #[tonic::async_trait]
 impl KeySource for LocalKeySource {
-    async fn data_key(&self, data_key_id: &str, len: usize) -> Result<DataKey, KeyError> {
-        Ok(self.master.derive(data_key_id, len)?)
+    async fn versioned_key(
+        &self,
+        data_key_id: &str,
+        len: usize,
+        version: Option<u32>,
+    ) -> Result<(DataKey, u32), KeyError> {
+        self.master
+            .derive_version(data_key_id, len, version)
+            .map_err(|e| KeyError::Refused(e.to_string()))
     }
 
     fn identity(&self) -> &str {
         &self.identity
-    }
-
-    fn current_version(&self) -> u32 {
-        1
     }
 }

@@ -7,15 +7,29 @@ use zeroize::Zeroizing;
 
 use super::{KEY_LEN_RANGE, MIN_MASTER_SECRET_LEN, derive_data_key};
 use crate::proto::kms::api_server::Api;
-use crate::proto::kms::{GetDataKeyRequest, GetDataKeyResponse};
+use crate::proto::kms::{
+    GetDataKeyRequest, GetDataKeyResponse, GetVersionedDataKeyRequest, GetVersionedDataKeyResponse,
+};
 
 /// Longest data key id accepted; ours are 36-character UUIDs.
 pub const MAX_KEY_ID_LEN: usize = 256;
 
-/// The master secret and salt every key is derived from. No `Debug`.
+/// The master secret's versions and the salt every key is derived from. Version 1
+/// is the file named on the command line (`master.key`); version N > 1 is the
+/// file beside it named `<that name>-v<N>`. The highest version is the current
+/// one: new volumes use it, and staging rotates older volumes to it. No `Debug`.
 pub struct MasterSecret {
-    secret: Zeroizing<Vec<u8>>,
+    versions: std::collections::BTreeMap<u32, Zeroizing<Vec<u8>>>,
     salt: Zeroizing<Vec<u8>>,
+}
+
+/// A key asked for from a version this KMS does not hold.
+#[derive(Debug, thiserror::Error)]
+pub enum VersionError {
+    #[error("master-secret version {0} is not held by this KMS")]
+    Unknown(u32),
+    #[error(transparent)]
+    Derive(#[from] super::DeriveError),
 }
 
 /// Why a master secret could not be loaded.
@@ -41,15 +55,66 @@ pub enum SecretError {
 
 impl MasterSecret {
     pub fn new(secret: Zeroizing<Vec<u8>>, salt: Zeroizing<Vec<u8>>) -> Self {
-        MasterSecret { secret, salt }
+        MasterSecret {
+            versions: [(1, secret)].into(),
+            salt,
+        }
     }
 
-    /// Reads the secret and salt from files that only their owner may read.
+    /// Reads the secret (version 1), its later versions beside it, and the salt,
+    /// from files that only their owner may read.
     pub fn from_files(secret: &Path, salt: &Path) -> Result<Self, SecretError> {
-        Ok(MasterSecret {
-            secret: read_secret_file(secret, "master secret")?,
-            salt: read_secret_file(salt, "salt")?,
-        })
+        let mut master = MasterSecret::new(
+            read_secret_file(secret, "master secret")?,
+            read_secret_file(salt, "salt")?,
+        );
+        for (version, path) in later_versions(secret)? {
+            master
+                .versions
+                .insert(version, read_secret_file(&path, "master secret")?);
+        }
+        Ok(master)
+    }
+
+    /// Adds the version after the current one to the files (as
+    /// `<secret>-v<N>`, 32 random bytes, mode 0600) and returns N and its path.
+    pub fn add_version_file(secret: &Path) -> Result<(u32, std::path::PathBuf), SecretError> {
+        use rand_core::{OsRng, RngCore};
+        let current = later_versions(secret)?
+            .last()
+            .map_or(1, |(version, _)| *version);
+        let next = current + 1;
+        let path = version_path(secret, next);
+        let mut bytes = Zeroizing::new(vec![0u8; MIN_MASTER_SECRET_LEN]);
+        OsRng.fill_bytes(&mut bytes);
+        let dir = secret.parent().unwrap_or(Path::new("."));
+        write_private(dir, &path, &bytes)?;
+        Ok((next, path))
+    }
+
+    /// The version new keys come from.
+    pub fn current_version(&self) -> u32 {
+        *self
+            .versions
+            .keys()
+            .next_back()
+            .expect("version 1 is always held")
+    }
+
+    /// The key of `id` from `version` (the current one when `None`), with the
+    /// version used.
+    pub fn derive_version(
+        &self,
+        id: &str,
+        len: usize,
+        version: Option<u32>,
+    ) -> Result<(super::DataKey, u32), VersionError> {
+        let version = version.unwrap_or_else(|| self.current_version());
+        let secret = self
+            .versions
+            .get(&version)
+            .ok_or(VersionError::Unknown(version))?;
+        Ok((derive_data_key(secret, &self.salt, id, len)?, version))
     }
 
     /// A fresh random secret and salt, for `dev`.
@@ -59,7 +124,7 @@ impl MasterSecret {
         let mut salt = Zeroizing::new(vec![0u8; 32]);
         OsRng.fill_bytes(&mut secret);
         OsRng.fill_bytes(&mut salt);
-        MasterSecret { secret, salt }
+        MasterSecret::new(secret, salt)
     }
 
     /// The secret and salt kept in `dir` (`master.key`, `salt`), generated on
@@ -68,16 +133,51 @@ impl MasterSecret {
         let (secret, salt) = (dir.join("master.key"), dir.join("salt"));
         if !secret.exists() || !salt.exists() {
             let fresh = Self::generate();
-            write_private(dir, &secret, &fresh.secret)?;
+            write_private(dir, &secret, &fresh.versions[&1])?;
             write_private(dir, &salt, &fresh.salt)?;
             tracing::info!(dir = %dir.display(), "generated a master secret for the embedded KMS");
         }
         Self::from_files(&secret, &salt)
     }
 
+    /// The key of `id` from version 1: what GetDataKey serves.
     pub fn derive(&self, id: &str, len: usize) -> Result<super::DataKey, super::DeriveError> {
-        derive_data_key(&self.secret, &self.salt, id, len)
+        derive_data_key(&self.versions[&1], &self.salt, id, len)
     }
+}
+
+fn version_path(secret: &Path, version: u32) -> std::path::PathBuf {
+    let mut name = secret.file_name().unwrap_or_default().to_os_string();
+    name.push(format!("-v{version}"));
+    secret.with_file_name(name)
+}
+
+/// The `<secret>-v<N>` files beside `secret`, N ≥ 2, in version order.
+fn later_versions(secret: &Path) -> Result<Vec<(u32, std::path::PathBuf)>, SecretError> {
+    let dir = match secret.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let base = secret
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let prefix = format!("{base}-v");
+    let entries = std::fs::read_dir(dir).map_err(|source| SecretError::Read {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let mut found: Vec<(u32, std::path::PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let version = name.strip_prefix(&prefix)?.parse::<u32>().ok()?;
+            (version >= 2).then(|| (version, e.path()))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
 }
 
 /// Writes a secret file atomically with mode 0600: temporary file, fsync, rename.
@@ -150,36 +250,80 @@ impl Api for KmsService {
         &self,
         request: Request<GetDataKeyRequest>,
     ) -> Result<Response<GetDataKeyResponse>, Status> {
-        let client = match request.peer_certs() {
-            Some(certs) if !certs.is_empty() => super::tls::client_identity(certs[0].as_ref()),
-            _ => request
-                .remote_addr()
-                .map_or_else(|| "local socket".to_string(), |a| a.to_string()),
-        };
+        let client = client_of(&request);
         let req = request.into_inner();
-        let result = self.serve(&req);
-        // The audit line: who asked for which key, never the key.
-        match &result {
-            Ok(_) => {
-                tracing::info!(target: "cryptdisk::audit", %client, key_id = %req.data_key_id, length = req.length, "data key served")
-            }
-            Err(s) => {
-                tracing::warn!(target: "cryptdisk::audit", %client, key_id = %req.data_key_id.escape_debug(), length = req.length, code = ?s.code(), "data key refused")
-            }
+        let result = Self::check(&req.data_key_id, req.length).and_then(|len| {
+            self.master
+                .derive(&req.data_key_id, len)
+                .map_err(|e| Status::invalid_argument(e.to_string()))
+        });
+        audit(&client, &req.data_key_id, req.length, 1, &result);
+        result.map(|key| {
+            Response::new(GetDataKeyResponse {
+                data_key: key.expose().to_vec(),
+            })
+        })
+    }
+
+    async fn get_versioned_data_key(
+        &self,
+        request: Request<GetVersionedDataKeyRequest>,
+    ) -> Result<Response<GetVersionedDataKeyResponse>, Status> {
+        let client = client_of(&request);
+        let req = request.into_inner();
+        let wanted = (req.key_version != 0).then_some(req.key_version);
+        let result = Self::check(&req.data_key_id, req.length).and_then(|len| {
+            self.master
+                .derive_version(&req.data_key_id, len, wanted)
+                .map_err(|e| match e {
+                    VersionError::Unknown(_) => Status::not_found(e.to_string()),
+                    VersionError::Derive(_) => Status::invalid_argument(e.to_string()),
+                })
+        });
+        let version = result.as_ref().map_or(req.key_version, |(_, v)| *v);
+        audit(&client, &req.data_key_id, req.length, version, &result);
+        result.map(|(key, key_version)| {
+            Response::new(GetVersionedDataKeyResponse {
+                data_key: key.expose().to_vec(),
+                key_version,
+            })
+        })
+    }
+}
+
+/// Who is asking, for the audit log: the client certificate's name over TLS,
+/// else the peer address.
+fn client_of<T>(request: &Request<T>) -> String {
+    match request.peer_certs() {
+        Some(certs) if !certs.is_empty() => super::tls::client_identity(certs[0].as_ref()),
+        _ => request
+            .remote_addr()
+            .map_or_else(|| "local socket".to_string(), |a| a.to_string()),
+    }
+}
+
+/// One audit line per request: who asked for which key, never the key.
+fn audit<T>(client: &str, key_id: &str, length: u32, version: u32, result: &Result<T, Status>) {
+    let key_id: String = key_id.chars().take(MAX_KEY_ID_LEN).collect();
+    match result {
+        Ok(_) => {
+            tracing::info!(target: "cryptdisk::audit", %client, key_id = %key_id.escape_debug(), length, version, "data key served")
         }
-        result.map(Response::new)
+        Err(s) => {
+            tracing::warn!(target: "cryptdisk::audit", %client, key_id = %key_id.escape_debug(), length, version, code = ?s.code(), reason = %s.message(), "data key refused")
+        }
     }
 }
 
 impl KmsService {
-    fn serve(&self, req: &GetDataKeyRequest) -> Result<GetDataKeyResponse, Status> {
-        if req.data_key_id.is_empty() || req.data_key_id.len() > MAX_KEY_ID_LEN {
+    fn check(data_key_id: &str, length: u32) -> Result<usize, Status> {
+        if data_key_id.is_empty() || data_key_id.len() > MAX_KEY_ID_LEN {
             return Err(Status::invalid_argument(format!(
                 "data_key_id must be 1..={MAX_KEY_ID_LEN} bytes; got {}",
-                req.data_key_id.len()
+                data_key_id.len()
             )));
         }
-        let len = req.length as usize;
+        let len = length as usize;
         if !KEY_LEN_RANGE.contains(&len) {
             return Err(Status::invalid_argument(format!(
                 "length must be {}..={} bytes; got {len}",
@@ -187,13 +331,7 @@ impl KmsService {
                 KEY_LEN_RANGE.end()
             )));
         }
-        let key = self
-            .master
-            .derive(&req.data_key_id, len)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(GetDataKeyResponse {
-            data_key: key.expose().to_vec(),
-        })
+        Ok(len)
     }
 }
 

@@ -64,6 +64,7 @@ async fn format(disk: &Path, integrity: Integrity) -> Result<(KeyId, DataKey), S
             kms: "vm-test".into(),
             content: None,
             wipe_offset: None,
+            rotation: None,
         },
         integrity,
         bypass_workqueues: true,

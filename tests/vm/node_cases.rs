@@ -43,6 +43,10 @@ pub fn cases() -> Vec<Case> {
             run: |c| Box::pin(expansion_crashes(c)),
         },
         Case {
+            name: "node_key_rotation_survives_a_crash_at_every_step",
+            run: |c| Box::pin(rotation_crashes(c)),
+        },
+        Case {
             name: "node_volume_health_sees_unmounts_and_closed_mappings",
             run: |c| Box::pin(volume_health(c)),
         },
@@ -920,4 +924,118 @@ fn scrape(addr: std::net::SocketAddr) -> Result<String, String> {
         "metrics answered {reply:.80}"
     );
     Ok(reply)
+}
+
+/// The key of `id` from master-secret `version` of a `dev` driver's files.
+fn dev_key(dir: &Path, id: &str, version: u32) -> Result<cryptdisk_csi::kms::DataKey, String> {
+    let kms = dir.join("data/kms");
+    let secret = match version {
+        1 => kms.join("master.key"),
+        n => kms.join(format!("master.key-v{n}")),
+    };
+    let master = check!(std::fs::read(&secret));
+    let salt = check!(std::fs::read(kms.join("salt")));
+    Ok(check!(cryptdisk_csi::kms::derive_data_key(
+        &master, &salt, id, 32
+    )))
+}
+
+/// A volume made under master-secret version 1; then version 2 is added with the
+/// admin command and the driver killed at each step of the rotation its next
+/// stage does. The header stays valid and opens with the key of the version its
+/// token names throughout; the restarted driver's stage finishes the rotation,
+/// the data intact, one keyslot left, and the version-1 key no longer opens it.
+async fn rotation_crashes(_ctx: &mut Ctx) -> CaseResult {
+    let bin = env!("CARGO_BIN_EXE_cryptdisk-csi");
+    for point in [
+        "rotate:intent",
+        "rotate:added",
+        "rotate:switched",
+        "rotate:destroyed",
+    ] {
+        let dir = fresh_dir(&format!("node-{}", point.replace(':', "-")))?;
+        let mut d = Driver::start_in(dir.clone(), None).await?;
+        let req = create_req(
+            "pvc-rotate",
+            32 * MIB,
+            mount_cap("ext4", Mode::SingleNodeWriter),
+        );
+        let s = provision(&mut d, req.clone()).await?;
+        check!(std::fs::write(s.target.join("marker"), point.as_bytes()));
+        release(&mut d, &s).await?;
+        let image = crate::lifecycle_cases::image_of(&d, &s.volume.volume_id);
+        drop(d);
+        let key_id = check!(crypt::read_header(&image).await).key_id;
+
+        let out = check!(
+            std::process::Command::new(bin)
+                .arg("add-key-version")
+                .arg(format!(
+                    "--master-secret-file={}",
+                    dir.join("data/kms/master.key").display()
+                ))
+                .output()
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && said.contains("version 2"),
+            "add-key-version: {said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let mut d = Driver::start_in(dir.clone(), Some(point)).await?;
+        let crashed = d
+            .controller
+            .controller_publish_volume(ControllerPublishVolumeRequest {
+                volume_id: s.volume.volume_id.clone(),
+                node_id: NODE.into(),
+                volume_capability: Some(s.cap.clone()),
+                ..Default::default()
+            })
+            .await;
+        check!(crashed);
+        let staged = stage_status(&mut d, &s.volume, &s.publish_context, &s.staging, &s.cap).await;
+        ensure!(staged.is_err(), "{point}: the stage did not crash");
+        d.wait_exit(Duration::from_secs(30)).await?;
+        ensure!(
+            d.log().contains(&format!("failpoint {point}: aborting")),
+            "{point}: not reached"
+        );
+        d.kill();
+        // Between steps: a valid header that opens with its token's key.
+        let header = check!(crypt::read_header(&image).await);
+        let token = header.token.ok_or("no token")?;
+        check!(cryptdisk_csi::crypt::header::read_validated(&image));
+        let key = dev_key(&dir, key_id.as_str(), token.key_version)?;
+        check!(crypt::verify_key(&image, &key).await);
+
+        let mut d = Driver::start_in(dir.clone(), None).await?;
+        let s = provision(&mut d, req)
+            .await
+            .map_err(|e| format!("{point}: restage: {e}"))?;
+        ensure!(
+            check!(std::fs::read(s.target.join("marker"))) == point.as_bytes(),
+            "{point}: marker lost"
+        );
+        release(&mut d, &s).await?;
+        let token = check!(crypt::read_header(&image).await)
+            .token
+            .ok_or("no token")?;
+        ensure!(
+            token.key_version == 2 && token.rotation.is_none(),
+            "{point}: token after the rotation: {token:?}"
+        );
+        let json = check!(cryptdisk_csi::crypt::header::read_validated(&image));
+        let slots = json["keyslots"].as_object().map_or(0, |o| o.len());
+        ensure!(slots == 1, "{point}: {slots} keyslots left");
+        check!(crypt::verify_key(&image, &dev_key(&dir, key_id.as_str(), 2)?).await);
+        ensure!(
+            crypt::verify_key(&image, &dev_key(&dir, key_id.as_str(), 1)?)
+                .await
+                .is_err(),
+            "{point}: the version-1 key still opens the volume"
+        );
+        delete(&mut d, &s.volume.volume_id).await?;
+    }
+    Ok(())
 }
