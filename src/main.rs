@@ -250,6 +250,14 @@ struct KmsArgs {
     #[arg(long, env = "CRYPTDISK_CLIENT_CA_FILE", requires_all = ["tls_cert_file", "tls_key_file"])]
     client_ca_file: Option<PathBuf>,
 
+    /// The master secret files hold ciphertext, unwrapped at start by this cloud
+    /// key: azure-keyvault:https://VAULT.vault.azure.net/keys/NAME[/VERSION]
+    /// (unwrapKey, RSA-OAEP-256; workload identity or managed identity) or
+    /// gcp-kms:projects/P/locations/L/keyRings/R/cryptoKeys/K (decrypt; the
+    /// metadata server's credentials).
+    #[arg(long, env = "CRYPTDISK_MASTER_SECRET_WRAPPED_BY")]
+    master_secret_wrapped_by: Option<cryptdisk_csi::kms::wrap::WrapKey>,
+
     /// Serve without TLS. Anyone who reaches the port can then ask for keys: only for
     /// tests and for a KMS on a unix socket.
     #[arg(long, env = "CRYPTDISK_KMS_INSECURE", conflicts_with = "tls_cert_file")]
@@ -418,7 +426,23 @@ async fn serve_kms(args: KmsArgs) -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     };
-    let master = MasterSecret::from_files(&args.master_secret_file, &args.salt_file)?;
+    let master = match &args.master_secret_wrapped_by {
+        None => MasterSecret::from_files(&args.master_secret_file, &args.salt_file)?,
+        Some(key) => {
+            let config = cryptdisk_csi::kms::wrap::WrapConfig::from_env();
+            let master = MasterSecret::from_wrapped_files(
+                &args.master_secret_file,
+                &args.salt_file,
+                |wrapped| {
+                    let config = config.clone();
+                    async move { cryptdisk_csi::kms::wrap::unwrap(key, &wrapped, &config).await }
+                },
+            )
+            .await?;
+            tracing::info!(%key, versions = master.current_version(), "unwrapped the master secret");
+            master
+        }
+    };
     if let Some(addr) = args.metrics_address {
         cryptdisk_csi::metrics::serve(addr).await?;
     }

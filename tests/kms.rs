@@ -355,3 +355,124 @@ async fn versions_the_current_one_for_new_keys_and_version_one_for_get_data_key(
         .data_key;
     assert_eq!(plain, v1_key.expose());
 }
+
+/// A GCP fake: the metadata server's token endpoint and Cloud KMS's decrypt for
+/// one key, checking headers, path and body; the "decryption" reverses the
+/// bytes. Any other key gets Cloud KMS's 403 error shape.
+async fn gcp_fake() -> std::net::SocketAddr {
+    use base64::Engine;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let reply = |status: u16, body: String| {
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        };
+                        let path = req.uri().path().to_string();
+                        let header = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string()
+                        };
+                        if path == "/computeMetadata/v1/instance/service-accounts/default/token" {
+                            if header("metadata-flavor") != "Google" {
+                                return reply(403, "missing Metadata-Flavor".into());
+                            }
+                            return reply(200, r#"{"access_token":"fake-token","expires_in":3599,"token_type":"Bearer"}"#.into());
+                        }
+                        let auth = header("authorization");
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        if path != "/v1/projects/p/locations/global/keyRings/r/cryptoKeys/k:decrypt"
+                        {
+                            return reply(403, r#"{"error":{"code":403,"message":"Permission 'cloudkms.cryptoKeyVersions.useToDecrypt' denied","status":"PERMISSION_DENIED"}}"#.into());
+                        }
+                        if auth != "Bearer fake-token" {
+                            return reply(401, r#"{"error":{"code":401,"message":"no token","status":"UNAUTHENTICATED"}}"#.into());
+                        }
+                        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        let b64 = base64::engine::general_purpose::STANDARD;
+                        let mut bytes = b64.decode(json["ciphertext"].as_str().unwrap()).unwrap();
+                        bytes.reverse();
+                        reply(200, format!(r#"{{"plaintext":"{}"}}"#, b64.encode(bytes)))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_secret_wrapped_by_gcp_kms_is_unwrapped_at_start() {
+    let fake = gcp_fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let plain: Vec<u8> = (1..=32).collect();
+    let mut wrapped = plain.clone();
+    wrapped.reverse();
+    let master = secret_file(dir.path(), "master.key", &wrapped);
+    let salt = secret_file(dir.path(), "salt", &[2; 32]);
+    let start = |key: &str, log: &str| {
+        let socket = dir.path().join(format!("{log}.sock"));
+        let child = Command::new(BIN)
+            .arg("kms")
+            .arg(format!("--listen=unix://{}", socket.display()))
+            .arg("--insecure")
+            .arg(format!("--master-secret-file={}", master.display()))
+            .arg(format!("--salt-file={}", salt.display()))
+            .arg(format!("--master-secret-wrapped-by={key}"))
+            .env("GCE_METADATA_HOST", fake.to_string())
+            .env("CRYPTDISK_GCP_KMS_ENDPOINT", format!("http://{fake}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
+            .spawn()
+            .unwrap();
+        (child, socket)
+    };
+
+    let (mut child, socket) = start(
+        "gcp-kms:projects/p/locations/global/keyRings/r/cryptoKeys/k",
+        "good",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "the KMS never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let address: KmsAddress = format!("unix://{}", socket.display()).parse().unwrap();
+    let (key, _) = GrpcKeySource::new(&address, None, false)
+        .unwrap()
+        .versioned_key(KEY_ID, 32, None)
+        .await
+        .unwrap();
+    let want = derive_data_key(&plain, &[2; 32], KEY_ID, 32).unwrap();
+    assert_eq!(key.expose(), want.expose());
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A key the service account may not use: the KMS does not start, and says why.
+    let (child, _) = start(
+        "gcp-kms:projects/p/locations/global/keyRings/r/cryptoKeys/other",
+        "denied",
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let log = std::fs::read_to_string(dir.path().join("denied")).unwrap();
+    assert!(log.contains("PERMISSION_DENIED"), "{log}");
+}

@@ -76,6 +76,40 @@ impl MasterSecret {
         Ok(master)
     }
 
+    /// As [`MasterSecret::from_files`], with every version's file holding
+    /// ciphertext that `unwrap` turns into the secret (a cloud KMS's decrypt).
+    pub async fn from_wrapped_files<F, Fut, E>(
+        secret: &Path,
+        salt: &Path,
+        unwrap: F,
+    ) -> Result<Self, String>
+    where
+        F: Fn(Zeroizing<Vec<u8>>) -> Fut,
+        Fut: std::future::Future<Output = Result<Zeroizing<Vec<u8>>, E>>,
+        E: std::fmt::Display,
+    {
+        let mut files = vec![(1, secret.to_path_buf())];
+        files.extend(later_versions(secret).map_err(|e| e.to_string())?);
+        let salt = read_secret_file(salt, "salt").map_err(|e| e.to_string())?;
+        let mut versions = std::collections::BTreeMap::new();
+        for (version, path) in files {
+            let wrapped =
+                read_secret_file(&path, "wrapped master secret").map_err(|e| e.to_string())?;
+            let plain = unwrap(wrapped)
+                .await
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if plain.len() < MIN_MASTER_SECRET_LEN {
+                return Err(format!(
+                    "{}: unwraps to {} bytes; a master secret needs at least {MIN_MASTER_SECRET_LEN}",
+                    path.display(),
+                    plain.len()
+                ));
+            }
+            versions.insert(version, plain);
+        }
+        Ok(MasterSecret { versions, salt })
+    }
+
     /// Adds the version after the current one to the files (as
     /// `<secret>-v<N>`, 32 random bytes, mode 0600) and returns N and its path.
     pub fn add_version_file(secret: &Path) -> Result<(u32, std::path::PathBuf), SecretError> {

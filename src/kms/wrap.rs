@@ -260,6 +260,20 @@ impl WrapConfig {
         if let Some(host) = var("AZURE_AUTHORITY_HOST") {
             endpoints.azure_authority_host = host;
         }
+        // Google's client libraries read GCE_METADATA_HOST (host[:port]); the
+        // others are ours, for private endpoints and for tests.
+        if let Some(host) = var("GCE_METADATA_HOST") {
+            endpoints.gcp_metadata = format!("http://{host}");
+        }
+        if let Some(url) = var("CRYPTDISK_GCP_KMS_ENDPOINT") {
+            endpoints.gcp_kms = url;
+        }
+        if let Some(url) = var("CRYPTDISK_AZURE_IMDS_ENDPOINT") {
+            endpoints.azure_imds = url;
+        }
+        if let Some(url) = var("CRYPTDISK_AZURE_VAULT_ENDPOINT") {
+            endpoints.azure_vault = Some(url);
+        }
         WrapConfig {
             endpoints,
             azure: AzureIdentity {
