@@ -152,7 +152,18 @@ impl GrpcKeySource {
         let started = std::time::Instant::now();
         let response = self.client.clone().get_versioned_data_key(request).await;
         crate::metrics::global().record_kms(response.is_ok(), started);
-        let response = response?.into_inner();
+        // tonic reports its own client-side timeout as CANCELLED.
+        let response = response
+            .map_err(|s| {
+                if s.code() == tonic::Code::Cancelled && s.message().contains("Timeout expired") {
+                    tonic::Status::deadline_exceeded(format!(
+                        "no answer within the {CALL_TIMEOUT:?} deadline"
+                    ))
+                } else {
+                    s
+                }
+            })?
+            .into_inner();
         let key = zeroize::Zeroizing::new(response.data_key);
         Ok((DataKey::from_bytes(key), response.key_version))
     }

@@ -47,6 +47,10 @@ pub fn cases() -> Vec<Case> {
             run: |c| Box::pin(rotation_crashes(c)),
         },
         Case {
+            name: "node_kms_down_or_slow_fails_the_stage_and_writes_nothing",
+            run: |c| Box::pin(kms_down_and_slow(c)),
+        },
+        Case {
             name: "node_volume_health_sees_unmounts_and_closed_mappings",
             run: |c| Box::pin(volume_health(c)),
         },
@@ -1037,5 +1041,221 @@ async fn rotation_crashes(_ctx: &mut Ctx) -> CaseResult {
         );
         delete(&mut d, &s.volume.volume_id).await?;
     }
+    Ok(())
+}
+
+/// A KMS that answers too late: every call outlives the node's deadline.
+struct SlowKms;
+
+#[tonic::async_trait]
+impl cryptdisk_csi::proto::kms::api_server::Api for SlowKms {
+    async fn get_versioned_data_key(
+        &self,
+        _request: tonic::Request<cryptdisk_csi::proto::kms::GetVersionedDataKeyRequest>,
+    ) -> Result<
+        tonic::Response<cryptdisk_csi::proto::kms::GetVersionedDataKeyResponse>,
+        tonic::Status,
+    > {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Err(tonic::Status::internal("too late"))
+    }
+}
+
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(dir: &Path, log: &str, args: &[String]) -> Result<Process, String> {
+    let log = check!(std::fs::File::create(dir.join(log)));
+    Ok(Process(check!(
+        std::process::Command::new(env!("CARGO_BIN_EXE_cryptdisk-csi"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+    )))
+}
+
+async fn wait_socket(path: &Path) -> CaseResult {
+    for _ in 0..200 {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("{} never accepted", path.display()))
+}
+
+/// Separate controller, node and KMS processes. With no KMS, and then with a KMS
+/// slower than the node's deadline, a stage of a blank volume fails UNAVAILABLE
+/// after its retries and the disk stays blank; with the KMS up, it completes.
+async fn kms_down_and_slow(_ctx: &mut Ctx) -> CaseResult {
+    let dir = fresh_dir("node-kms-down")?;
+    let data = dir.join("data");
+    let kms_sock = dir.join("kms.sock");
+    let (ctl_sock, node_sock) = (dir.join("controller.sock"), dir.join("node.sock"));
+    let _controller = spawn(
+        &dir,
+        "controller.log",
+        &[
+            "controller".into(),
+            format!("--endpoint=unix://{}", ctl_sock.display()),
+            format!("--data-dir={}", data.display()),
+            format!("--local-node={NODE}"),
+        ],
+    )?;
+    let _node = spawn(
+        &dir,
+        "node.log",
+        &[
+            "node".into(),
+            format!("--endpoint=unix://{}", node_sock.display()),
+            format!("--kms=unix://{}", kms_sock.display()),
+            format!("--local-data-dir={}", data.display()),
+            format!("--node-id={NODE}"),
+        ],
+    )?;
+    wait_socket(&ctl_sock).await?;
+    wait_socket(&node_sock).await?;
+    let (ctl_ep, node_ep) = (
+        cryptdisk_csi::config::Endpoint::Unix(ctl_sock.clone()),
+        cryptdisk_csi::config::Endpoint::Unix(node_sock.clone()),
+    );
+    let timeout = Duration::from_secs(5);
+    let mut controller = cryptdisk_csi::proto::csi::controller_client::ControllerClient::new(
+        check!(cryptdisk_csi::client::connect(&ctl_ep, timeout).await),
+    );
+    let mut node = cryptdisk_csi::proto::csi::node_client::NodeClient::new(check!(
+        cryptdisk_csi::client::connect(&node_ep, timeout).await
+    ));
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let volume = check!(
+        controller
+            .create_volume(create_req("pvc-kms", 32 * MIB, cap.clone()))
+            .await
+    )
+    .into_inner()
+    .volume
+    .ok_or("no volume")?;
+    let publish_context = check!(
+        controller
+            .controller_publish_volume(ControllerPublishVolumeRequest {
+                volume_id: volume.volume_id.clone(),
+                node_id: NODE.into(),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            })
+            .await
+    )
+    .into_inner()
+    .publish_context;
+    let disk = volume.volume_id.rsplit(':').next().unwrap_or_default();
+    let image = data.join("disks").join(format!("{disk}.img"));
+    let stage_req = NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        publish_context,
+        staging_target_path: dir.join("staging").display().to_string(),
+        volume_capability: Some(cap),
+        volume_context: volume.volume_context.clone(),
+        ..Default::default()
+    };
+
+    // 1. No KMS at all.
+    let down = node.node_stage_volume(stage_req.clone()).await;
+    ensure!(
+        down.as_ref().is_err_and(
+            |s| s.code() == Code::Unavailable && s.message().contains("after 3 attempt(s)")
+        ),
+        "KMS down: {down:?}"
+    );
+    check!(crypt::probe_blank(&image));
+
+    // 2. A KMS slower than the deadline.
+    let listener = check!(tokio::net::UnixListener::bind(&kms_sock));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let slow = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(cryptdisk_csi::proto::kms::api_server::ApiServer::new(
+                SlowKms,
+            ))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    let started = std::time::Instant::now();
+    let late = node.node_stage_volume(stage_req.clone()).await;
+    let took = started.elapsed();
+    // The slow KMS goes away as a process would: its connections close.
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(40), slow).await;
+    let _ = std::fs::remove_file(&kms_sock);
+    ensure!(
+        late.as_ref().is_err_and(
+            |s| s.code() == Code::Unavailable && s.message().contains("DeadlineExceeded")
+        ),
+        "KMS slow: {late:?}"
+    );
+    ensure!(took >= Duration::from_secs(10), "gave up after {took:?}");
+    check!(crypt::probe_blank(&image));
+
+    // 3. The KMS is up: the same stage completes.
+    use std::os::unix::fs::PermissionsExt;
+    for name in ["master.key", "salt"] {
+        let path = dir.join(name);
+        check!(std::fs::write(&path, [name.len() as u8; 32]));
+        check!(std::fs::set_permissions(
+            &path,
+            std::fs::Permissions::from_mode(0o600)
+        ));
+    }
+    let _kms = spawn(
+        &dir,
+        "kms.log",
+        &[
+            "kms".into(),
+            format!("--listen=unix://{}", kms_sock.display()),
+            "--insecure".into(),
+            format!("--master-secret-file={}", dir.join("master.key").display()),
+            format!("--salt-file={}", dir.join("salt").display()),
+        ],
+    )?;
+    wait_socket(&kms_sock).await?;
+    check!(node.node_stage_volume(stage_req.clone()).await);
+    ensure!(
+        crypt::probe_blank(&image).is_err(),
+        "the volume was not formatted"
+    );
+    check!(
+        node.node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            staging_target_path: stage_req.staging_target_path.clone(),
+        })
+        .await
+    );
+    check!(
+        controller
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: volume.volume_id.clone(),
+                node_id: NODE.into(),
+                ..Default::default()
+            })
+            .await
+    );
+    check!(
+        controller
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: volume.volume_id,
+                ..Default::default()
+            })
+            .await
+    );
     Ok(())
 }
