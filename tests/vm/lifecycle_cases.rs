@@ -227,6 +227,37 @@ pub fn create_req(name: &str, bytes: i64, cap: VolumeCapability) -> CreateVolume
     }
 }
 
+/// ControllerPublishVolume of `volume_id` to the test node.
+pub fn attach_req(volume_id: &str, cap: &VolumeCapability) -> ControllerPublishVolumeRequest {
+    ControllerPublishVolumeRequest {
+        volume_id: volume_id.into(),
+        node_id: NODE.into(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    }
+}
+
+/// CreateVolume, then ControllerPublishVolume to the test node: the volume and
+/// its publish context.
+pub async fn create_attached(
+    controller: &mut ControllerClient<Channel>,
+    req: CreateVolumeRequest,
+) -> Result<(Volume, HashMap<String, String>), String> {
+    let cap = req.volume_capabilities[0].clone();
+    let volume = check!(controller.create_volume(req).await)
+        .into_inner()
+        .volume
+        .ok_or("no volume")?;
+    let context = check!(
+        controller
+            .controller_publish_volume(attach_req(&volume.volume_id, &cap))
+            .await
+    )
+    .into_inner()
+    .publish_context;
+    Ok((volume, context))
+}
+
 /// Everything a staged and published volume needs to be found again.
 pub struct Staged {
     pub volume: Volume,
@@ -1264,22 +1295,7 @@ async fn crash_stage(_ctx: &mut Ctx) -> CaseResult {
             mount_cap("ext4", Mode::SingleNodeWriter),
         );
         let cap = req.volume_capabilities[0].clone();
-        let volume = check!(d.controller.create_volume(req.clone()).await)
-            .into_inner()
-            .volume
-            .ok_or("no volume")?;
-        let ctx = check!(
-            d.controller
-                .controller_publish_volume(ControllerPublishVolumeRequest {
-                    volume_id: volume.volume_id.clone(),
-                    node_id: NODE.into(),
-                    volume_capability: Some(cap.clone()),
-                    ..Default::default()
-                })
-                .await
-        )
-        .into_inner()
-        .publish_context;
+        let (volume, ctx) = create_attached(&mut d.controller, req.clone()).await?;
         let staging = dir.join("staging");
         let crashed = stage(&mut d, &volume, &ctx, &staging, &cap).await;
         ensure!(crashed.is_err(), "{point}: stage did not crash");

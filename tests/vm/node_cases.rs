@@ -15,8 +15,8 @@ use cryptdisk_csi::proto::csi::*;
 use tonic::Code;
 
 use crate::lifecycle_cases::{
-    Driver, MIB, NODE, Staged, block_cap, create_req, delete, fresh_dir, mount_cap, open_mappings,
-    provision, publish, release,
+    Driver, MIB, NODE, Staged, attach_req, block_cap, create_attached, create_req, delete,
+    fresh_dir, mount_cap, open_mappings, provision, publish, release,
 };
 use crate::{Case, CaseResult, Ctx, check, ensure, expect_code};
 
@@ -269,22 +269,7 @@ async fn integrity_wipe(_ctx: &mut Ctx) -> CaseResult {
     let mut d = Driver::start_with(dir.clone(), None, &budget, &pace).await?;
     let req = integrity_req("pvc-wipe");
     let cap = req.volume_capabilities[0].clone();
-    let volume = check!(d.controller.create_volume(req).await)
-        .into_inner()
-        .volume
-        .ok_or("no volume")?;
-    let ctx = check!(
-        d.controller
-            .controller_publish_volume(ControllerPublishVolumeRequest {
-                volume_id: volume.volume_id.clone(),
-                node_id: NODE.into(),
-                volume_capability: Some(cap.clone()),
-                ..Default::default()
-            })
-            .await
-    )
-    .into_inner()
-    .publish_context;
+    let (volume, ctx) = create_attached(&mut d.controller, req).await?;
     let image = crate::lifecycle_cases::image_of(&d, &volume.volume_id);
     let staging = dir.join("staging");
 
@@ -595,12 +580,7 @@ async fn limits_and_snapshots(_ctx: &mut Ctx) -> CaseResult {
         .ok_or("no volume")?;
         ids.push(v.volume_id);
     }
-    let attach = |id: &str| ControllerPublishVolumeRequest {
-        volume_id: id.into(),
-        node_id: NODE.into(),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    };
+    let attach = |id: &str| attach_req(id, &cap);
     check!(
         d.controller
             .controller_publish_volume(attach(&ids[0]))
@@ -988,16 +968,11 @@ async fn rotation_crashes(_ctx: &mut Ctx) -> CaseResult {
         );
 
         let mut d = Driver::start_in(dir.clone(), Some(point)).await?;
-        let crashed = d
-            .controller
-            .controller_publish_volume(ControllerPublishVolumeRequest {
-                volume_id: s.volume.volume_id.clone(),
-                node_id: NODE.into(),
-                volume_capability: Some(s.cap.clone()),
-                ..Default::default()
-            })
-            .await;
-        check!(crashed);
+        check!(
+            d.controller
+                .controller_publish_volume(attach_req(&s.volume.volume_id, &s.cap))
+                .await
+        );
         let staged = stage_status(&mut d, &s.volume, &s.publish_context, &s.staging, &s.cap).await;
         ensure!(staged.is_err(), "{point}: the stage did not crash");
         d.wait_exit(Duration::from_secs(30)).await?;
@@ -1134,26 +1109,11 @@ async fn kms_down_and_slow(_ctx: &mut Ctx) -> CaseResult {
         cryptdisk_csi::client::connect(&node_ep, timeout).await
     ));
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let volume = check!(
-        controller
-            .create_volume(create_req("pvc-kms", 32 * MIB, cap.clone()))
-            .await
+    let (volume, publish_context) = create_attached(
+        &mut controller,
+        create_req("pvc-kms", 32 * MIB, cap.clone()),
     )
-    .into_inner()
-    .volume
-    .ok_or("no volume")?;
-    let publish_context = check!(
-        controller
-            .controller_publish_volume(ControllerPublishVolumeRequest {
-                volume_id: volume.volume_id.clone(),
-                node_id: NODE.into(),
-                volume_capability: Some(cap.clone()),
-                ..Default::default()
-            })
-            .await
-    )
-    .into_inner()
-    .publish_context;
+    .await?;
     let disk = volume.volume_id.rsplit(':').next().unwrap_or_default();
     let image = data.join("disks").join(format!("{disk}.img"));
     let stage_req = NodeStageVolumeRequest {
