@@ -43,6 +43,27 @@ impl DataKey {
     }
 }
 
+/// Compile-time proof that key types cannot be printed: if `DataKey` (or the
+/// master secret) implemented `Debug` or `Display`, the two blanket impls below
+/// would both apply and `PROOF` would not compile (the trick of
+/// `static_assertions::assert_not_impl_any!`, written out).
+#[allow(dead_code)]
+mod no_debug {
+    trait Printable<Marker> {
+        fn check() {}
+    }
+    impl<T: ?Sized> Printable<()> for T {}
+    struct ViaDebug;
+    impl<T: ?Sized + std::fmt::Debug> Printable<ViaDebug> for T {}
+    struct ViaDisplay;
+    impl<T: ?Sized + std::fmt::Display> Printable<ViaDisplay> for T {}
+
+    const _PROOF: fn() = || {
+        <super::DataKey as Printable<_>>::check();
+        <super::server::MasterSecret as Printable<_>>::check();
+    };
+}
+
 /// Why a key could not be derived.
 #[derive(Debug, thiserror::Error)]
 pub enum DeriveError {

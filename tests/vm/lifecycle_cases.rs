@@ -121,7 +121,10 @@ impl Driver {
                 .arg(format!("--endpoint=unix://{}", socket.display()))
                 .arg(format!("--data-dir={}", dir.join("data").display()))
                 .arg(format!("--node-id={NODE}"))
-                .arg("--log-level=debug")
+                .args(
+                    (!flags.iter().any(|f| f.starts_with("--log-level")))
+                        .then_some("--log-level=debug"),
+                )
                 .args(flags)
                 .stdout(Stdio::null())
                 .stderr(log)

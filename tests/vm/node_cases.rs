@@ -51,6 +51,10 @@ pub fn cases() -> Vec<Case> {
             run: |c| Box::pin(kms_down_and_slow(c)),
         },
         Case {
+            name: "node_no_key_bytes_in_trace_logs",
+            run: |c| Box::pin(no_key_in_logs(c)),
+        },
+        Case {
             name: "node_volume_health_sees_unmounts_and_closed_mappings",
             run: |c| Box::pin(volume_health(c)),
         },
@@ -1217,5 +1221,90 @@ async fn kms_down_and_slow(_ctx: &mut Ctx) -> CaseResult {
             })
             .await
     );
+    Ok(())
+}
+
+/// Every form a key could take in a log: raw bytes, hex (both cases), base64 and
+/// base64url at each of the three alignments inside a longer blob, and Rust's
+/// `Debug` of a byte slice.
+fn key_forms(key: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let mut forms = vec![
+        key.to_vec(),
+        hex::encode(key).into_bytes(),
+        hex::encode_upper(key).into_bytes(),
+        format!("{:?}", &key[..12])
+            .trim_matches(['[', ']'])
+            .as_bytes()
+            .to_vec(),
+    ];
+    for engine in [
+        base64::engine::general_purpose::STANDARD,
+        base64::engine::general_purpose::URL_SAFE,
+    ] {
+        for offset in 0..3 {
+            let mut padded = vec![0u8; offset];
+            padded.extend_from_slice(key);
+            let text = engine.encode(&padded);
+            // Drop the characters that mix in the padding bytes and the tail.
+            let skip = (offset * 4).div_ceil(3);
+            forms.push(text.as_bytes()[skip..text.len() - 4].to_vec());
+        }
+    }
+    forms
+}
+
+/// The whole lifecycle at trace level (format, stage, restage with the key from
+/// the KMS, a rotation to a new master-secret version, unstage, delete): the
+/// driver's output never holds either version's key in any form.
+async fn no_key_in_logs(_ctx: &mut Ctx) -> CaseResult {
+    let dir = fresh_dir("node-secrets")?;
+    let trace = ["--log-level=trace"];
+    let mut d = Driver::start_with(dir.clone(), None, &trace, &[]).await?;
+    let req = create_req(
+        "pvc-secret",
+        32 * MIB,
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    );
+    let s = provision(&mut d, req.clone()).await?;
+    check!(std::fs::write(s.target.join("f"), b"data"));
+    release(&mut d, &s).await?;
+    let image = crate::lifecycle_cases::image_of(&d, &s.volume.volume_id);
+    let key_id = check!(crypt::read_header(&image).await).key_id;
+    drop(d);
+    let out = check!(
+        std::process::Command::new(env!("CARGO_BIN_EXE_cryptdisk-csi"))
+            .arg("add-key-version")
+            .arg(format!(
+                "--master-secret-file={}",
+                dir.join("data/kms/master.key").display()
+            ))
+            .output()
+    );
+    ensure!(out.status.success(), "add-key-version failed");
+    let mut d = Driver::start_with(dir.clone(), None, &trace, &[]).await?;
+    let s = provision(&mut d, req).await?;
+    release(&mut d, &s).await?;
+    delete(&mut d, &s.volume.volume_id).await?;
+    let log = check!(std::fs::read(dir.join("driver.log")));
+    ensure!(
+        log.len() > 100_000,
+        "only {} bytes of trace output",
+        log.len()
+    );
+    ensure!(
+        String::from_utf8_lossy(&log).contains("rotating the volume's keyslot"),
+        "no rotation happened"
+    );
+    for version in [1, 2] {
+        let key = dev_key(&dir, key_id.as_str(), version)?;
+        for form in key_forms(key.expose()) {
+            ensure!(
+                memchr::memmem::find(&log, &form).is_none(),
+                "version {version}'s key is in the log as {:?}",
+                String::from_utf8_lossy(&form)
+            );
+        }
+    }
     Ok(())
 }
