@@ -966,10 +966,20 @@ async fn refused_untouched(
     name: &str,
     prepare: &dyn Fn(&Path) -> Result<(), String>,
 ) -> CaseResult {
+    refused_untouched_sized(d, name, 32 * MIB, prepare).await
+}
+
+/// [`refused_untouched`] on a volume of `bytes` (some tools need room).
+async fn refused_untouched_sized(
+    d: &mut Driver,
+    name: &str,
+    bytes: i64,
+    prepare: &dyn Fn(&Path) -> Result<(), String>,
+) -> CaseResult {
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
     let v = check!(
         d.controller
-            .create_volume(create_req(name, 32 * MIB, cap.clone()))
+            .create_volume(create_req(name, bytes, cap.clone()))
             .await
     )
     .into_inner()
@@ -1048,7 +1058,35 @@ async fn non_blank(_ctx: &mut Ctx) -> CaseResult {
     refused_untouched(&mut d, "has-luks1", &|p| {
         run("sh", &["-c", &format!("printf 0123456789abcdef0123456789abcdef > /tmp/k1 && cryptsetup luksFormat -q --type luks1 --pbkdf-force-iterations 1000 --key-file /tmp/k1 {}", p.display())])
     }).await?;
+    let path = |p: &Path| p.display().to_string();
+    refused_untouched_sized(&mut d, "has-xfs", 320 * MIB, &|p| {
+        run("mkfs.xfs", &["-q", "-f", &path(p)])
+    })
+    .await?;
+    refused_untouched_sized(&mut d, "has-btrfs", 160 * MIB, &|p| {
+        run("mkfs.btrfs", &["-q", "-f", &path(p)])
+    })
+    .await?;
+    refused_untouched(&mut d, "has-swap", &|p| run("mkswap", &[&path(p)])).await?;
+    refused_untouched(&mut d, "has-gpt", &|p| {
+        run(
+            "sh",
+            &["-c", &format!("echo 'label: gpt' | sfdisk -q {}", path(p))],
+        )
+    })
+    .await?;
+    refused_untouched(&mut d, "has-random-data", &|p| {
+        let mut noise = vec![0u8; 4 << 20];
+        check!(getrandom_fill(&mut noise));
+        write_at(p, 0, &noise)
+    })
+    .await?;
     Ok(())
+}
+
+fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
 async fn foreign_headers(_ctx: &mut Ctx) -> CaseResult {
