@@ -116,13 +116,25 @@ pub async fn mount_fs(
             ?data,
             "mount"
         );
-        nix::mount::mount(
-            Some(&device),
-            &target,
-            Some(fstype.as_str()),
-            flags,
-            data.as_deref(),
-        )
+        // The first mounts of a type whose module is not loaded yet race the
+        // kernel's module autoload, and the losers get ENODEV: try again briefly.
+        let mut attempt = 0;
+        loop {
+            let r = nix::mount::mount(
+                Some(&device),
+                &target,
+                Some(fstype.as_str()),
+                flags,
+                data.as_deref(),
+            );
+            match r {
+                Err(Errno::ENODEV) if attempt < 20 => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                other => break other,
+            }
+        }
         .map_err(|errno| Error::Mount {
             what: format!(
                 "{} ({fstype}, data {:?})",

@@ -55,6 +55,10 @@ pub fn cases() -> Vec<Case> {
             run: |c| Box::pin(no_key_in_logs(c)),
         },
         Case {
+            name: "node_load_200_concurrent_rpcs_over_20_volumes",
+            run: |c| Box::pin(load(c)),
+        },
+        Case {
             name: "node_volume_health_sees_unmounts_and_closed_mappings",
             run: |c| Box::pin(volume_health(c)),
         },
@@ -1306,5 +1310,199 @@ async fn no_key_in_logs(_ctx: &mut Ctx) -> CaseResult {
             );
         }
     }
+    Ok(())
+}
+
+/// Loop devices whose backing file lies under `dir`.
+fn loops_under(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
+        .map(|f| f.trim().to_string())
+        .filter(|f| f.starts_with(&dir.display().to_string()))
+        .collect()
+}
+
+/// 200 RPCs at once (stage, publish, unpublish, unstage, stats, health,
+/// ControllerGetVolume, ListVolumes) over 20 volumes, 10 per volume: each call
+/// succeeds or gets a code that says why (ABORTED for a call on a volume that is
+/// busy, FAILED_PRECONDITION or NOT_FOUND for one that comes in the wrong
+/// order); nothing panics (the driver answers afterwards), and a plain cleanup
+/// leaves no mapping, mount or loop device behind.
+async fn load(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("node-load").await?;
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let mut volumes = Vec::new();
+    for i in 0..20 {
+        let req = create_req(&format!("pvc-load-{i}"), 16 * MIB, cap.clone());
+        volumes.push(create_attached(&mut d.controller, req).await?);
+    }
+    let base = d.dir.clone();
+    let staging = |i: usize| base.join(format!("load/{i}/staging"));
+    let target = |i: usize, k: usize| base.join(format!("load/{i}/target-{}", k % 2));
+    let mut calls = Vec::new();
+    for k in 0..200 {
+        let i = k % 20;
+        let (volume, ctx) = volumes[i].clone();
+        let (mut node, mut controller) = (d.node.clone(), d.controller.clone());
+        let (staging, target, cap) = (staging(i), target(i, k), cap.clone());
+        calls.push(tokio::spawn(async move {
+            let id = volume.volume_id.clone();
+            let r: Result<(), tonic::Status> = match (k / 20) % 8 {
+                0 | 4 => node
+                    .node_stage_volume(NodeStageVolumeRequest {
+                        volume_id: id,
+                        publish_context: ctx,
+                        staging_target_path: staging.display().to_string(),
+                        volume_capability: Some(cap),
+                        volume_context: volume.volume_context,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+                1 | 5 => node
+                    .node_publish_volume(NodePublishVolumeRequest {
+                        volume_id: id,
+                        publish_context: ctx,
+                        staging_target_path: staging.display().to_string(),
+                        target_path: target.display().to_string(),
+                        volume_capability: Some(cap),
+                        volume_context: volume.volume_context,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+                2 => node
+                    .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                        volume_id: id,
+                        volume_path: target.display().to_string(),
+                        staging_target_path: String::new(),
+                    })
+                    .await
+                    .map(|_| ()),
+                3 => node
+                    .node_get_volume_health(NodeGetVolumeHealthRequest {
+                        volume_id: id,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+                6 => node
+                    .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                        volume_id: id,
+                        target_path: target.display().to_string(),
+                    })
+                    .await
+                    .map(|_| ()),
+                _ => {
+                    if k % 2 == 0 {
+                        controller
+                            .controller_get_volume(ControllerGetVolumeRequest { volume_id: id })
+                            .await
+                            .map(|_| ())
+                    } else {
+                        controller
+                            .list_volumes(ListVolumesRequest::default())
+                            .await
+                            .map(|_| ())
+                    }
+                }
+            };
+            (k, r)
+        }));
+    }
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for call in calls {
+        let (k, r) = check!(call.await);
+        let code = r.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+        ensure!(
+            matches!(
+                code,
+                Code::Ok | Code::Aborted | Code::FailedPrecondition | Code::NotFound
+            ),
+            "call {k}: {r:?}"
+        );
+        *counts.entry(format!("{code:?}")).or_default() += 1;
+    }
+    // The 40 reads (controller, health) never wait on a volume's guard.
+    ensure!(
+        counts.get("Ok").is_some_and(|&n| n >= 40),
+        "outcomes {counts:?}"
+    );
+    eprintln!("    load outcomes: {counts:?}");
+    // Whatever the storm left, a retried stage and publish converge for every
+    // volume, and its filesystem is there.
+    for (i, (volume, ctx)) in volumes.iter().enumerate() {
+        let s = Staged {
+            volume: volume.clone(),
+            publish_context: ctx.clone(),
+            staging: staging(i),
+            target: target(i, 0),
+            cap: cap.clone(),
+        };
+        check!(
+            d.node
+                .node_stage_volume(NodeStageVolumeRequest {
+                    volume_id: volume.volume_id.clone(),
+                    publish_context: ctx.clone(),
+                    staging_target_path: s.staging.display().to_string(),
+                    volume_capability: Some(cap.clone()),
+                    volume_context: volume.volume_context.clone(),
+                    ..Default::default()
+                })
+                .await
+        );
+        publish(&mut d, &s, false).await?;
+        check!(std::fs::write(s.target.join("after-load"), b"ok"));
+    }
+    // The driver still answers, and a plain cleanup converges.
+    check!(
+        d.controller
+            .list_volumes(ListVolumesRequest::default())
+            .await
+    );
+    for (i, (volume, _)) in volumes.iter().enumerate() {
+        for k in 0..2 {
+            check!(
+                d.node
+                    .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                        volume_id: volume.volume_id.clone(),
+                        target_path: target(i, k).display().to_string(),
+                    })
+                    .await
+            );
+        }
+        check!(
+            d.node
+                .node_unstage_volume(NodeUnstageVolumeRequest {
+                    volume_id: volume.volume_id.clone(),
+                    staging_target_path: staging(i).display().to_string(),
+                })
+                .await
+        );
+        check!(
+            d.controller
+                .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                    volume_id: volume.volume_id.clone(),
+                    node_id: NODE.into(),
+                    ..Default::default()
+                })
+                .await
+        );
+        delete(&mut d, &volume.volume_id).await?;
+    }
+    ensure!(
+        open_mappings().is_empty(),
+        "mappings left: {:?}",
+        open_mappings()
+    );
+    let loops = loops_under(&d.dir);
+    ensure!(loops.is_empty(), "loop devices left: {loops:?}");
+    let mounts = check!(std::fs::read_to_string("/proc/self/mountinfo"));
+    let dir = d.dir.display().to_string();
+    ensure!(!mounts.contains(&dir), "mounts left under {dir}");
     Ok(())
 }
