@@ -217,7 +217,10 @@ where
         let started = Instant::now();
         let call = self.inner.call(req);
         Box::pin(async move {
-            let result = call.await;
+            let mut result = call.await;
+            if let Ok(resp) = &mut result {
+                bound_status_message(resp.headers_mut());
+            }
             let code = match &result {
                 Ok(resp) => status_name(resp.headers()),
                 Err(_) => "TransportError".to_string(),
@@ -225,6 +228,31 @@ where
             global().record_rpc(&method, &code, started);
             result
         })
+    }
+}
+
+/// Longest `grpc-message` (percent-encoded) a response carries. Error messages
+/// quote what the request said, and a huge value quoted back would exceed the
+/// client's header limit and turn a clear error into a protocol error.
+pub const MAX_STATUS_MESSAGE: usize = 2048;
+
+fn bound_status_message(headers: &mut http::HeaderMap) {
+    let Some(value) = headers.get("grpc-message") else {
+        return;
+    };
+    let bytes = value.as_bytes();
+    if bytes.len() <= MAX_STATUS_MESSAGE {
+        return;
+    }
+    let mut cut = MAX_STATUS_MESSAGE;
+    // Never split a %XX escape.
+    if let Some(pct) = bytes[cut - 2..cut].iter().position(|&b| b == b'%') {
+        cut = cut - 2 + pct;
+    }
+    let mut short = bytes[..cut].to_vec();
+    short.extend_from_slice(b"%E2%80%A6 (message cut)");
+    if let Ok(v) = http::HeaderValue::from_bytes(&short) {
+        headers.insert("grpc-message", v);
     }
 }
 
@@ -304,6 +332,23 @@ mod tests {
         assert_eq!(status_name(&h), "Ok");
         h.insert("grpc-status", "5".parse().unwrap());
         assert_eq!(status_name(&h), "NotFound");
+    }
+
+    #[test]
+    fn long_status_messages_are_cut_between_escapes() {
+        let mut h = http::HeaderMap::new();
+        let long = "%20".repeat(1000) + &"x".repeat(5000);
+        h.insert("grpc-message", long.parse().unwrap());
+        bound_status_message(&mut h);
+        let v = h["grpc-message"].to_str().unwrap();
+        assert!(v.len() < MAX_STATUS_MESSAGE + 40, "{}", v.len());
+        assert!(v.ends_with("(message cut)"));
+        let kept = v.trim_end_matches("%E2%80%A6 (message cut)");
+        assert!(kept.len() % 3 == 0 && kept.chars().all(|c| "%20".contains(c)));
+        let mut short = http::HeaderMap::new();
+        short.insert("grpc-message", "fine".parse().unwrap());
+        bound_status_message(&mut short);
+        assert_eq!(short["grpc-message"], "fine");
     }
 
     #[test]

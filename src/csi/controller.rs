@@ -285,7 +285,7 @@ impl Controller for ControllerService {
         request: Request<CreateVolumeRequest>,
     ) -> Result<Response<CreateVolumeResponse>, Status> {
         let req = request.into_inner();
-        validate::required_id("name", &req.name)?;
+        validate::name("name", &req.name)?;
         validate::capabilities(&req.volume_capabilities)?;
         let (options, backend_params) = VolumeOptions::from_parameters(&req.parameters)?;
         self.backend.validate_parameters(&backend_params)?;
@@ -351,7 +351,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
         let req = request.into_inner();
         validate::required("volume_id", &req.volume_id)?;
-        validate::required_id("node_id", &req.node_id)?;
+        validate::node_id("node_id", &req.node_id)?;
         validate::one_capability(req.volume_capability.as_ref())?;
         let disk = self.existing_disk("volume_id", &req.volume_id).await?;
         if let Some(nodes) = &self.local_nodes
@@ -393,6 +393,9 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
         validate::required("volume_id", &req.volume_id)?;
+        if !req.node_id.is_empty() {
+            validate::node_id("node_id", &req.node_id)?;
+        }
         // A volume that does not exist is unpublished everywhere.
         let Ok(id) = self.parse_volume_id("volume_id", &req.volume_id) else {
             return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
@@ -542,7 +545,7 @@ impl Controller for ControllerService {
         request: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
         let req = request.into_inner();
-        validate::required_id("name", &req.name)?;
+        validate::name("name", &req.name)?;
         validate::required("source_volume_id", &req.source_volume_id)?;
         if !req.parameters.is_empty() {
             return Err(Status::invalid_argument(format!(

@@ -36,6 +36,33 @@ pub fn required_id<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
     Ok(value)
 }
 
+/// A node id: a required id of printable ASCII without slashes, as node names
+/// (DNS subdomains) and cloud instance names are; anything else names no node.
+pub fn node_id<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
+    plain_name(field, value)
+}
+
+/// A volume or snapshot name from the CO (Kubernetes: `pvc-<uuid>`,
+/// `snapshot-<uuid>`): printable ASCII without slashes, at most 128 bytes, since
+/// backends turn it into disk names and tags.
+pub fn name<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
+    plain_name(field, value)
+}
+
+fn plain_name<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
+    required_id(field, value)?;
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'\\')
+    {
+        return Err(Status::invalid_argument(format!(
+            "{field} {:?}: printable ASCII without slashes expected",
+            value.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(value)
+}
+
 /// What a capability asks the node to provide.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Access {

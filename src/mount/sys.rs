@@ -62,6 +62,9 @@ pub fn check_options(options: &[String]) -> Result<()> {
 }
 
 /// Splits user options into mount flags and the filesystem's data string.
+/// Longest single mount option accepted.
+const MAX_OPTION_LEN: usize = 256;
+
 fn split_options(options: &[String], read_only: bool) -> Result<(MsFlags, Option<String>)> {
     let mut flags = MsFlags::empty();
     let mut data: Vec<&str> = Vec::new();
@@ -71,6 +74,16 @@ fn split_options(options: &[String], read_only: bool) -> Result<(MsFlags, Option
         if option.is_empty() || option.contains([',', '\0']) {
             return Err(Error::InvalidOption {
                 option: option.clone(),
+            });
+        }
+        // Options are short printable words; the kernel takes one page of them.
+        if option.len() > MAX_OPTION_LEN || !option.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::InvalidOption {
+                option: format!(
+                    "{:?} ({} bytes; at most {MAX_OPTION_LEN} printable ASCII characters)",
+                    option.chars().take(64).collect::<String>(),
+                    option.len()
+                ),
             });
         }
         match flag_option(option) {
@@ -131,6 +144,16 @@ pub async fn mount_fs(
                 Err(Errno::ENODEV) if attempt < 20 => {
                     attempt += 1;
                     std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                // The filesystem refused an option it does not know: the
+                // request's mistake, not ours.
+                Err(Errno::EINVAL) if data.is_some() => {
+                    return Err(Error::InvalidOption {
+                        option: format!(
+                            "{} (the {fstype} driver refused them)",
+                            data.as_deref().unwrap_or_default()
+                        ),
+                    });
                 }
                 other => break other,
             }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use cryptdisk_csi::crypt;
 use cryptdisk_csi::proto::csi::volume_capability::access_mode::Mode;
 use cryptdisk_csi::proto::csi::*;
+use cryptdisk_csi::proto::csi::{volume_capability, volume_content_source};
 use tonic::Code;
 
 use crate::lifecycle_cases::{
@@ -57,6 +58,10 @@ pub fn cases() -> Vec<Case> {
         Case {
             name: "node_load_200_concurrent_rpcs_over_20_volumes",
             run: |c| Box::pin(load(c)),
+        },
+        Case {
+            name: "node_bad_input_in_every_field_gets_a_clear_error",
+            run: |c| Box::pin(bad_input(c)),
         },
         Case {
             name: "node_volume_health_sees_unmounts_and_closed_mappings",
@@ -1505,4 +1510,462 @@ async fn load(_ctx: &mut Ctx) -> CaseResult {
     let dir = d.dir.display().to_string();
     ensure!(!mounts.contains(&dir), "mounts left under {dir}");
     Ok(())
+}
+
+/// Values every string field is tried with.
+fn bad_strings(base: &Path) -> Vec<String> {
+    vec![
+        String::new(),
+        "x".repeat(70_000),
+        "../../../../etc/passwd".into(),
+        format!("{}/../escape", base.display()),
+        "a\0b".into(),
+        "relative/path".into(),
+        "local:vm-node:../../disk".into(),
+        "\u{202e}\u{feff}".into(),
+    ]
+}
+
+/// Every string and number field of every RPC tried with empty, huge,
+/// path-traversal, NUL and other wrong values against a live driver: each call
+/// fails with a code that names the mistake (INVALID_ARGUMENT, or NOT_FOUND /
+/// OUT_OF_RANGE where CSI asks for them), never INTERNAL, UNKNOWN or a dropped
+/// connection; the driver answers afterwards, and nothing appears outside its
+/// directories.
+async fn bad_input(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("node-bad-input").await?;
+    let base = d.dir.clone();
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let (volume, ctx) = create_attached(
+        &mut d.controller,
+        create_req("pvc-good", 16 * MIB, cap.clone()),
+    )
+    .await?;
+    let id = volume.volume_id.clone();
+    let staging = base.join("staging").display().to_string();
+    let target = base.join("target").display().to_string();
+    let mut tried = 0usize;
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    let ok_codes = [
+        Code::InvalidArgument,
+        Code::NotFound,
+        Code::OutOfRange,
+        Code::AlreadyExists,
+        // A size no disk can have: CSI says RESOURCE_EXHAUSTED.
+        Code::ResourceExhausted,
+    ];
+    let mut check_code = |what: String, r: Result<(), tonic::Status>| -> CaseResult {
+        tried += 1;
+        match r {
+            Ok(()) => Err(format!("{what}: accepted")),
+            Err(s) if ok_codes.contains(&s.code()) => {
+                *seen.entry(format!("{:?}", s.code())).or_default() += 1;
+                Ok(())
+            }
+            Err(s) => Err(format!("{what}: {:?} {}", s.code(), s.message())),
+        }
+    };
+    for bad in bad_strings(&base) {
+        let short: String = bad.chars().take(30).collect();
+        let mut c = d.controller.clone();
+        let mut n = d.node.clone();
+        let bad_cap = |fs: &str, flags: Vec<String>| VolumeCapability {
+            access_type: Some(volume_capability::AccessType::Mount(
+                volume_capability::MountVolume {
+                    fs_type: fs.into(),
+                    mount_flags: flags,
+                    volume_mount_group: String::new(),
+                },
+            )),
+            access_mode: cap.access_mode,
+        };
+        // Controller.
+        let mut create = create_req(&bad, 16 * MIB, cap.clone());
+        check_code(
+            format!("CreateVolume name {short:?}"),
+            c.create_volume(create.clone()).await.map(|_| ()),
+        )?;
+        create.name = "pvc-bad-param".into();
+        create.parameters.insert(bad.clone(), "true".into());
+        check_code(
+            format!("CreateVolume parameter key {short:?}"),
+            c.create_volume(create.clone()).await.map(|_| ()),
+        )?;
+        create.parameters.clear();
+        create
+            .parameters
+            .insert("cryptdisk.csi.io/integrity".into(), bad.clone());
+        check_code(
+            format!("CreateVolume parameter value {short:?}"),
+            c.create_volume(create.clone()).await.map(|_| ()),
+        )?;
+        create.parameters.clear();
+        // An empty fs_type means the default (CSI); every other value here is bad.
+        let fs_bad = if bad.is_empty() {
+            "ext5".to_string()
+        } else {
+            bad.clone()
+        };
+        create.volume_capabilities = vec![bad_cap(&fs_bad, vec![])];
+        check_code(
+            format!("CreateVolume fs_type {short:?}"),
+            c.create_volume(create.clone()).await.map(|_| ()),
+        )?;
+        create.volume_capabilities = vec![cap.clone()];
+        create.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Snapshot(
+                volume_content_source::SnapshotSource {
+                    snapshot_id: bad.clone(),
+                },
+            )),
+        });
+        check_code(
+            format!("CreateVolume source snapshot {short:?}"),
+            c.create_volume(create.clone()).await.map(|_| ()),
+        )?;
+        for (what, r) in [
+            (
+                "ControllerPublish volume_id",
+                c.controller_publish_volume(attach_req(&bad, &cap))
+                    .await
+                    .map(|_| ()),
+            ),
+            (
+                "ControllerPublish node_id",
+                c.controller_publish_volume(ControllerPublishVolumeRequest {
+                    node_id: bad.clone(),
+                    ..attach_req(&id, &cap)
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "ControllerUnpublish node_id",
+                c.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    node_id: bad.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "ValidateVolumeCapabilities",
+                c.validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
+                    volume_id: bad.clone(),
+                    volume_capabilities: vec![cap.clone()],
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "ListVolumes token",
+                c.list_volumes(ListVolumesRequest {
+                    starting_token: bad.clone(),
+                    max_entries: 1,
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "CreateSnapshot source",
+                c.create_snapshot(CreateSnapshotRequest {
+                    source_volume_id: bad.clone(),
+                    name: "snap-bad".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "CreateSnapshot name",
+                c.create_snapshot(CreateSnapshotRequest {
+                    source_volume_id: id.clone(),
+                    name: bad.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "GetSnapshot",
+                c.get_snapshot(GetSnapshotRequest {
+                    snapshot_id: bad.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "ControllerExpandVolume",
+                c.controller_expand_volume(ControllerExpandVolumeRequest {
+                    volume_id: bad.clone(),
+                    capacity_range: Some(CapacityRange {
+                        required_bytes: 32 * MIB,
+                        limit_bytes: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "ControllerGetVolume",
+                c.controller_get_volume(ControllerGetVolumeRequest {
+                    volume_id: bad.clone(),
+                })
+                .await
+                .map(|_| ()),
+            ),
+        ] {
+            // CSI makes these optional: empty means all nodes, the first page.
+            let optional = ["ControllerUnpublish node_id", "ListVolumes token"];
+            if bad.is_empty() && optional.contains(&what) {
+                check!(r);
+                continue;
+            }
+            // CSI: a starting token the plugin did not hand out is ABORTED.
+            if what == "ListVolumes token" {
+                ensure!(
+                    r.as_ref().is_err_and(|s| s.code() == Code::Aborted),
+                    "{what} {short:?}: {r:?}"
+                );
+                continue;
+            }
+            check_code(format!("{what} {short:?}"), r)?;
+        }
+        // Node.
+        let stage = NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            publish_context: ctx.clone(),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(cap.clone()),
+            volume_context: volume.volume_context.clone(),
+            ..Default::default()
+        };
+        let mut bad_ctx = volume.volume_context.clone();
+        bad_ctx.insert("cryptdisk.csi.io/allowDiscards".into(), bad.clone());
+        let mut bad_publish_ctx = ctx.clone();
+        bad_publish_ctx.insert("localImagePath".into(), bad.clone());
+        let publish_req = NodePublishVolumeRequest {
+            volume_id: id.clone(),
+            publish_context: ctx.clone(),
+            staging_target_path: staging.clone(),
+            target_path: target.clone(),
+            volume_capability: Some(cap.clone()),
+            volume_context: volume.volume_context.clone(),
+            ..Default::default()
+        };
+        for (what, r) in [
+            (
+                "NodeStage volume_id",
+                n.node_stage_volume(NodeStageVolumeRequest {
+                    volume_id: bad.clone(),
+                    ..stage.clone()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "NodeStage staging path",
+                n.node_stage_volume(NodeStageVolumeRequest {
+                    staging_target_path: bad.clone(),
+                    ..stage.clone()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "NodeStage fs_type",
+                n.node_stage_volume(NodeStageVolumeRequest {
+                    volume_capability: Some(bad_cap(&fs_bad, vec![])),
+                    ..stage.clone()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "NodeStage mount flag",
+                n.node_stage_volume(NodeStageVolumeRequest {
+                    volume_capability: Some(bad_cap("ext4", vec![bad.clone()])),
+                    ..stage.clone()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "NodeStage volume_context",
+                n.node_stage_volume(NodeStageVolumeRequest {
+                    volume_context: bad_ctx.clone(),
+                    ..stage.clone()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "NodeStage publish_context",
+                n.node_stage_volume(NodeStageVolumeRequest {
+                    publish_context: bad_publish_ctx.clone(),
+                    ..stage.clone()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "NodeUnstage staging path",
+                n.node_unstage_volume(NodeUnstageVolumeRequest {
+                    volume_id: id.clone(),
+                    staging_target_path: bad.clone(),
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "NodePublish target",
+                n.node_publish_volume(NodePublishVolumeRequest {
+                    target_path: bad.clone(),
+                    ..publish_req.clone()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "NodePublish staging",
+                n.node_publish_volume(NodePublishVolumeRequest {
+                    staging_target_path: bad.clone(),
+                    ..publish_req.clone()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "NodePublish volume_id",
+                n.node_publish_volume(NodePublishVolumeRequest {
+                    volume_id: bad.clone(),
+                    ..publish_req.clone()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "NodeUnpublish target",
+                n.node_unpublish_volume(NodeUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: bad.clone(),
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "NodeGetVolumeStats path",
+                n.node_get_volume_stats(NodeGetVolumeStatsRequest {
+                    volume_id: id.clone(),
+                    volume_path: bad.clone(),
+                    staging_target_path: String::new(),
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "NodeExpandVolume path",
+                n.node_expand_volume(NodeExpandVolumeRequest {
+                    volume_id: id.clone(),
+                    volume_path: bad.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+            (
+                "NodeGetVolumeHealth volume_id",
+                n.node_get_volume_health(NodeGetVolumeHealthRequest {
+                    volume_id: bad.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            ),
+        ] {
+            check_code(format!("{what} {short:?}"), r)?;
+        }
+    }
+    // Numbers out of range.
+    let mut c = d.controller.clone();
+    for (required, limit) in [(-1, 0), (0, -1), (i64::MAX, 0), (64 * MIB, MIB)] {
+        let mut create = create_req("pvc-range", 16 * MIB, cap.clone());
+        create.capacity_range = Some(CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        });
+        check_code(
+            format!("CreateVolume range {required}/{limit}"),
+            c.create_volume(create).await.map(|_| ()),
+        )?;
+        check_code(
+            format!("ControllerExpandVolume range {required}/{limit}"),
+            c.controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: id.clone(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: required,
+                    limit_bytes: limit,
+                }),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        )?;
+    }
+    check_code(
+        "ListVolumes max_entries -1".into(),
+        c.list_volumes(ListVolumesRequest {
+            max_entries: -1,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ()),
+    )?;
+    check_code(
+        "ListSnapshots max_entries -1".into(),
+        c.list_snapshots(ListSnapshotsRequest {
+            max_entries: -1,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ()),
+    )?;
+    eprintln!("    {tried} bad requests: {seen:?}");
+    // Alive, and nothing escaped its directories.
+    check!(
+        d.controller
+            .list_volumes(ListVolumesRequest::default())
+            .await
+    );
+    let escaped = base.parent().unwrap_or(&base).join("escape");
+    ensure!(!escaped.exists(), "{} was created", escaped.display());
+    // A stage refused at its mount step leaves its mapping open for a retry;
+    // unstage takes it down like any other.
+    check!(
+        d.node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.clone(),
+            })
+            .await
+    );
+    ensure!(
+        open_mappings().is_empty(),
+        "mappings left: {:?}",
+        open_mappings()
+    );
+    check!(
+        d.controller
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: NODE.into(),
+                ..Default::default()
+            })
+            .await
+    );
+    delete(&mut d, &id).await
 }
