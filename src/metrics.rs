@@ -344,7 +344,7 @@ mod tests {
         assert!(v.len() < MAX_STATUS_MESSAGE + 40, "{}", v.len());
         assert!(v.ends_with("(message cut)"));
         let kept = v.trim_end_matches("%E2%80%A6 (message cut)");
-        assert!(kept.len() % 3 == 0 && kept.chars().all(|c| "%20".contains(c)));
+        assert!(kept.len().is_multiple_of(3) && kept.chars().all(|c| "%20".contains(c)));
         let mut short = http::HeaderMap::new();
         short.insert("grpc-message", "fine".parse().unwrap());
         bound_status_message(&mut short);
