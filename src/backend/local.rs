@@ -885,6 +885,7 @@ impl Inner {
                 .map_err(|e| Error::io(format!("creating {}", build_path.display()), e))
         })
         .await?;
+        crate::failpoint::hit("create:image-built");
 
         let mut index = self.index.lock().await;
         let mut new = index.clone();
@@ -906,6 +907,7 @@ impl Inner {
             let _ = fs::remove_file(&path);
             return Err(e);
         }
+        crate::failpoint::hit("create:committed");
         let entry = &index.disks[&stem];
         self.disk(&stem, entry)?
             .ok_or_else(|| Error::Internal(format!("image {} vanished", path.display())))

@@ -64,6 +64,10 @@ pub fn cases() -> Vec<Case> {
             run: |c| Box::pin(bad_input(c)),
         },
         Case {
+            name: "node_create_volume_converges_after_a_crash",
+            run: |c| Box::pin(create_crashes(c)),
+        },
+        Case {
             name: "node_volume_health_sees_unmounts_and_closed_mappings",
             run: |c| Box::pin(volume_health(c)),
         },
@@ -1968,4 +1972,61 @@ async fn bad_input(_ctx: &mut Ctx) -> CaseResult {
             .await
     );
     delete(&mut d, &id).await
+}
+
+/// The driver killed inside CreateVolume, after the image is built and after the
+/// index records it: the retried CreateVolume returns one volume, which stages
+/// and keeps data, and no half-built image is left in the data directory.
+async fn create_crashes(_ctx: &mut Ctx) -> CaseResult {
+    for point in ["create:image-built", "create:committed"] {
+        let dir = fresh_dir(&format!("node-{}", point.replace(':', "-")))?;
+        let mut d = Driver::start_in(dir.clone(), Some(point)).await?;
+        let req = create_req(
+            "pvc-create-crash",
+            32 * MIB,
+            mount_cap("ext4", Mode::SingleNodeWriter),
+        );
+        let crashed = d.controller.create_volume(req.clone()).await;
+        ensure!(crashed.is_err(), "{point}: CreateVolume did not crash");
+        d.wait_exit(Duration::from_secs(30)).await?;
+        ensure!(
+            d.log().contains(&format!("failpoint {point}: aborting")),
+            "{point}: not reached"
+        );
+        d.kill();
+        let mut d = Driver::start_in(dir.clone(), None).await?;
+        let s = provision(&mut d, req.clone())
+            .await
+            .map_err(|e| format!("{point}: {e}"))?;
+        check!(std::fs::write(s.target.join("marker"), point.as_bytes()));
+        let listed = check!(
+            d.controller
+                .list_volumes(ListVolumesRequest::default())
+                .await
+        )
+        .into_inner()
+        .entries;
+        ensure!(
+            listed.len() == 1,
+            "{point}: {} volumes listed",
+            listed.len()
+        );
+        release(&mut d, &s).await?;
+        let s = provision(&mut d, req).await?;
+        ensure!(
+            check!(std::fs::read(s.target.join("marker"))) == point.as_bytes(),
+            "{point}: marker lost"
+        );
+        release(&mut d, &s).await?;
+        delete(&mut d, &s.volume.volume_id).await?;
+        let left: Vec<String> = check!(std::fs::read_dir(dir.join("data/disks")))
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        ensure!(
+            left.is_empty(),
+            "{point}: files left in data/disks: {left:?}"
+        );
+    }
+    Ok(())
 }
