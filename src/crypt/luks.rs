@@ -303,10 +303,8 @@ fn is_active(name: &MapperName) -> Result<bool> {
     ))
 }
 
-pub fn status(name: &MapperName) -> Result<Option<MappingStatus>> {
-    if !is_active(name)? {
-        return Ok(None);
-    }
+/// A context on the active mapping `name`, and the device under it.
+fn by_name(name: &MapperName) -> Result<(CryptDevice, PathBuf)> {
     let mut cd = CryptInit::init_by_name_and_header(name.as_str(), None)
         .map_err(lib("find mapping", name))?;
     let device = cd
@@ -314,6 +312,14 @@ pub fn status(name: &MapperName) -> Result<Option<MappingStatus>> {
         .get_device_path()
         .map_err(lib("read device", name))?
         .to_path_buf();
+    Ok((cd, device))
+}
+
+pub fn status(name: &MapperName) -> Result<Option<MappingStatus>> {
+    if !is_active(name)? {
+        return Ok(None);
+    }
+    let (mut cd, device) = by_name(name)?;
     let cipher = format!(
         "{}-{}",
         cd.status_handle()
@@ -346,13 +352,7 @@ pub fn status(name: &MapperName) -> Result<Option<MappingStatus>> {
 /// keyring for the reload, so nothing depends on a key left in the kernel
 /// keyring since the open. Returns the mapping's new size in bytes.
 pub fn resize(name: &MapperName, key: &DataKey) -> Result<u64> {
-    let mut cd = CryptInit::init_by_name_and_header(name.as_str(), None)
-        .map_err(lib("find mapping", name))?;
-    let device = cd
-        .status_handle()
-        .get_device_path()
-        .map_err(lib("read device", name))?
-        .to_path_buf();
+    let (mut cd, device) = by_name(name)?;
     super::header::read_validated(&device)?;
     cd.context_handle()
         .load::<CryptParamsLuks2Ref<'_>>(Some(EncryptionFormat::Luks2), None)

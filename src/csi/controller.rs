@@ -675,13 +675,13 @@ impl Controller for ControllerService {
             )));
         }
         let wanted = disk_bytes_for(usable, options.integrity);
-        let now_usable = usable_of_disk(disk.capacity_bytes, options.integrity);
-        let new_disk_bytes = if wanted <= disk.capacity_bytes {
+        // The disk only ever grows, so what it now is is what is usable.
+        let disk_bytes = if wanted <= disk.capacity_bytes {
             disk.capacity_bytes
         } else {
             self.backend.expand(&id, wanted).await?
         };
-        let usable_now = usable_of_disk(new_disk_bytes, options.integrity).max(now_usable);
+        let usable_now = usable_of_disk(disk_bytes, options.integrity);
         tracing::info!(volume = %id, bytes = usable_now, "volume expanded");
         Ok(Response::new(ControllerExpandVolumeResponse {
             capacity_bytes: usable_now as i64,

@@ -61,13 +61,18 @@ pub struct NodeService {
 /// A path from a request: required, absolute, without `..` or NUL.
 fn request_path(field: &str, value: &str) -> Result<PathBuf, Status> {
     validate::required(field, value)?;
-    let path = PathBuf::from(value);
-    if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(Status::invalid_argument(format!(
+    plain_absolute(value).ok_or_else(|| {
+        Status::invalid_argument(format!(
             "{field} {value:?} must be an absolute path without '..'"
-        )));
-    }
-    Ok(path)
+        ))
+    })
+}
+
+/// `value` as a path when it is absolute and has no `..`.
+fn plain_absolute(value: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(value);
+    (path.is_absolute() && !path.components().any(|c| matches!(c, Component::ParentDir)))
+        .then_some(path)
 }
 
 /// Parses a volume id that [`validate::required`] has already accepted: one that is
@@ -77,13 +82,11 @@ fn request_path(field: &str, value: &str) -> Result<PathBuf, Status> {
 /// and NOT_FOUND unless absolute and plain, since nothing of ours is anywhere else.
 fn existing_volume_path(field: &str, value: &str) -> Result<PathBuf, Status> {
     validate::required(field, value)?;
-    let path = PathBuf::from(value);
-    if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(Status::not_found(format!(
+    plain_absolute(value).ok_or_else(|| {
+        Status::not_found(format!(
             "{field} {value:?} is not an absolute path, so no volume of ours is there"
-        )));
-    }
-    Ok(path)
+        ))
+    })
 }
 
 fn volume_id(value: &str) -> Result<VolumeId, Status> {

@@ -93,11 +93,6 @@ impl Wipes {
         }
     }
 
-    /// Whether a wipe of `volume` is running.
-    pub fn running(&self, volume: &str) -> bool {
-        self.tasks.lock().expect("wipe table").contains_key(volume)
-    }
-
     fn forget(&self, volume: &str, task: &Arc<Task>) {
         let mut tasks = self.tasks.lock().expect("wipe table");
         if tasks.get(volume).is_some_and(|t| Arc::ptr_eq(t, task)) {
