@@ -42,27 +42,50 @@ const ALLOWED_FLAGS: [&str; 4] = [
     "no-journal",
 ];
 
+/// One copy (primary or secondary) of a LUKS2 header.
 struct Copy {
     hdr_size: u64,
     seqid: u64,
     label: String,
+    uuid: String,
     json: Value,
 }
 
-fn read_copy(file: &mut File, device: &Path, offset: u64, magic: &[u8; 6]) -> Result<Copy> {
-    let refuse = |reason: String| Error::BadHeader {
-        device: device.to_path_buf(),
-        reason,
-    };
+/// A LUKS2 header whose two copies agree, read without libcryptsetup.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Header {
+    pub label: String,
+    /// The UUID of the binary header, as written (LUKS2 stores it as text).
+    pub uuid: String,
+    pub json: Value,
+}
+
+/// Reads a NUL-terminated text field of the binary header.
+fn text(field: &[u8]) -> String {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    String::from_utf8_lossy(&field[..end]).into_owned()
+}
+
+/// Why a header copy could not be read: not LUKS2 at all (only for the primary
+/// copy), or a refusal with its reason.
+enum CopyError {
+    NotLuks2,
+    Refused(String),
+}
+
+fn read_copy<R: Read + Seek>(
+    r: &mut R,
+    offset: u64,
+    magic: &[u8; 6],
+) -> std::result::Result<Copy, CopyError> {
+    let refuse = CopyError::Refused;
     let mut binary = [0u8; BINARY_HEADER_BYTES];
-    file.seek(SeekFrom::Start(offset))
-        .and_then(|_| file.read_exact(&mut binary))
+    r.seek(SeekFrom::Start(offset))
+        .and_then(|_| r.read_exact(&mut binary))
         .map_err(|e| refuse(format!("cannot read the header at byte {offset}: {e}")))?;
     if &binary[0..6] != magic {
         if offset == 0 {
-            return Err(Error::NotLuks2 {
-                device: device.to_path_buf(),
-            });
+            return Err(CopyError::NotLuks2);
         }
         return Err(refuse(format!("no secondary header at byte {offset}")));
     }
@@ -79,14 +102,10 @@ fn read_copy(file: &mut File, device: &Path, offset: u64, magic: &[u8; 6]) -> Re
             "header size {hdr_size} is not one LUKS2 defines"
         )));
     }
-    let label_bytes = &binary[24..72];
-    let label_end = label_bytes
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(label_bytes.len());
-    let label = String::from_utf8_lossy(&label_bytes[..label_end]).into_owned();
+    let label = text(&binary[24..72]);
+    let uuid = text(&binary[168..208]);
     let mut area = vec![0u8; hdr_size as usize - BINARY_HEADER_BYTES];
-    file.read_exact(&mut area)
+    r.read_exact(&mut area)
         .map_err(|e| refuse(format!("cannot read the JSON area: {e}")))?;
     let end = area.iter().position(|&b| b == 0).unwrap_or(area.len());
     let json = serde_json::from_slice(&area[..end])
@@ -95,54 +114,94 @@ fn read_copy(file: &mut File, device: &Path, offset: u64, magic: &[u8; 6]) -> Re
         hdr_size,
         seqid,
         label,
+        uuid,
         json,
     })
 }
 
-/// Reads both header copies of `device`, requires them to agree, and returns the
-/// JSON metadata.
-pub fn read_json(device: &Path) -> Result<Value> {
-    read_both(device).map(|(_, json)| json)
+/// Reads both header copies from `r` (a device, an image, or bytes in memory)
+/// and requires them to agree. `Ok(None)`: there is no LUKS2 header at all.
+pub fn parse<R: Read + Seek>(r: &mut R) -> std::result::Result<Option<Header>, String> {
+    let primary = match read_copy(r, 0, MAGIC_PRIMARY) {
+        Ok(c) => c,
+        Err(CopyError::NotLuks2) => return Ok(None),
+        Err(CopyError::Refused(reason)) => return Err(reason),
+    };
+    let secondary = read_copy(r, primary.hdr_size, MAGIC_SECONDARY).map_err(|e| match e {
+        CopyError::NotLuks2 => format!("no secondary header at byte {}", primary.hdr_size),
+        CopyError::Refused(reason) => reason,
+    })?;
+    if primary.hdr_size != secondary.hdr_size
+        || primary.seqid != secondary.seqid
+        || primary.label != secondary.label
+        || primary.uuid != secondary.uuid
+        || primary.json != secondary.json
+    {
+        return Err(format!(
+            "the primary and secondary headers disagree (seqid {} vs {}); \
+             repair or inspect it with cryptsetup before staging",
+            primary.seqid, secondary.seqid
+        ));
+    }
+    Ok(Some(Header {
+        label: primary.label,
+        uuid: primary.uuid,
+        json: primary.json,
+    }))
 }
 
-/// The header's label and JSON metadata, both copies agreeing.
-pub fn read_labelled(device: &Path) -> Result<(String, Value)> {
-    read_both(device)
-}
-
-fn read_both(device: &Path) -> Result<(String, Value)> {
+/// Reads both header copies of `device` and requires them to agree.
+pub fn read(device: &Path) -> Result<Header> {
     let mut file = File::open(device).map_err(|source| Error::Io {
         op: "read LUKS2 header",
         target: device.display().to_string(),
         source,
     })?;
-    let primary = read_copy(&mut file, device, 0, MAGIC_PRIMARY)?;
-    let secondary = read_copy(&mut file, device, primary.hdr_size, MAGIC_SECONDARY)?;
-    if primary.hdr_size != secondary.hdr_size
-        || primary.seqid != secondary.seqid
-        || primary.label != secondary.label
-        || primary.json != secondary.json
-    {
-        return Err(Error::BadHeader {
+    match parse(&mut file) {
+        Ok(Some(header)) => Ok(header),
+        Ok(None) => Err(Error::NotLuks2 {
             device: device.to_path_buf(),
-            reason: format!(
-                "the primary and secondary headers disagree (seqid {} vs {}); \
-                 repair or inspect it with cryptsetup before staging",
-                primary.seqid, secondary.seqid
-            ),
-        });
+        }),
+        Err(reason) => Err(Error::BadHeader {
+            device: device.to_path_buf(),
+            reason,
+        }),
     }
-    Ok((primary.label, primary.json))
 }
 
-/// Reads both header copies and checks them against [`validate`].
+/// Reads both header copies of `device`, requires them to agree, and returns the
+/// JSON metadata.
+pub fn read_json(device: &Path) -> Result<Value> {
+    read(device).map(|h| h.json)
+}
+
+/// Reads both header copies and checks them against [`validate_header`].
 pub fn read_validated(device: &Path) -> Result<Value> {
-    let json = read_json(device)?;
-    validate(&json).map_err(|reason| Error::BadHeader {
+    let header = read(device)?;
+    validate_header(&header).map_err(|reason| Error::BadHeader {
         device: device.to_path_buf(),
         reason,
     })?;
-    Ok(json)
+    Ok(header.json)
+}
+
+/// [`validate`] on the metadata, and the token bound to this header: the key id
+/// it records must be the header's own UUID (the id the key is asked for), so a
+/// token copied from another volume's header is refused.
+pub fn validate_header(header: &Header) -> std::result::Result<(), String> {
+    validate(&header.json)?;
+    let token = header.json["tokens"]
+        .as_object()
+        .and_then(|t| t.values().next())
+        .ok_or("no token")?;
+    let key_id = token["key_id"].as_str().unwrap_or_default();
+    if !key_id.eq_ignore_ascii_case(&header.uuid) {
+        return Err(format!(
+            "token.key_id {key_id:?} is not the header's UUID {:?}",
+            header.uuid
+        ));
+    }
+    Ok(())
 }
 
 fn obj<'a>(
@@ -554,6 +613,107 @@ mod tests {
         let mut h = two();
         h["tokens"]["0"]["rotation"] = json!({"phase": "whatever", "keyslot": "1"});
         assert!(validate(&h).unwrap_err().contains("token.rotation"));
+    }
+
+    const UUID: &str = "3f0e1d2c-0000-4000-8000-000000000001";
+
+    /// One header copy as bytes: the binary header and its JSON area (no
+    /// checksum: this reader leaves checksums to libcryptsetup).
+    fn copy_bytes(magic: &[u8; 6], hdr_size: u64, seqid: u64, uuid: &str, json: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; hdr_size as usize];
+        b[0..6].copy_from_slice(magic);
+        b[6..8].copy_from_slice(&2u16.to_be_bytes());
+        b[8..16].copy_from_slice(&hdr_size.to_be_bytes());
+        b[16..24].copy_from_slice(&seqid.to_be_bytes());
+        b[24..32].copy_from_slice(b"cryptdsk");
+        b[168..168 + uuid.len()].copy_from_slice(uuid.as_bytes());
+        b[BINARY_HEADER_BYTES..BINARY_HEADER_BYTES + json.len()].copy_from_slice(json);
+        b
+    }
+
+    fn image(primary: &Value, secondary: &Value) -> Vec<u8> {
+        let size = 16 << 10;
+        let mut img = copy_bytes(MAGIC_PRIMARY, size, 7, UUID, primary.to_string().as_bytes());
+        img.extend(copy_bytes(
+            MAGIC_SECONDARY,
+            size,
+            7,
+            UUID,
+            secondary.to_string().as_bytes(),
+        ));
+        img
+    }
+
+    fn parsed(img: &[u8]) -> std::result::Result<Option<Header>, String> {
+        parse(&mut std::io::Cursor::new(img))
+    }
+
+    #[test]
+    fn both_copies_are_read_from_bytes_and_bound_to_the_uuid() {
+        let header = parsed(&image(&ours(), &ours())).unwrap().unwrap();
+        assert_eq!(header.uuid, UUID);
+        assert_eq!(header.label, "cryptdsk");
+        assert_eq!(header.json, ours());
+        validate_header(&header).unwrap();
+        // A token copied from another volume's header names another key id.
+        let mut copied = ours();
+        copied["tokens"]["0"]["key_id"] = json!("0b0b0b0b-0000-4000-8000-000000000002");
+        let header = parsed(&image(&copied, &copied)).unwrap().unwrap();
+        validate(&header.json).unwrap();
+        let err = validate_header(&header).unwrap_err();
+        assert!(err.contains("is not the header's UUID"), "{err}");
+    }
+
+    #[test]
+    fn copies_that_disagree_are_refused() {
+        let mut evil = ours();
+        evil["segments"]["0"]["encryption"] = json!("cipher_null-ecb");
+        for (p, s) in [(&ours(), &evil), (&evil, &ours())] {
+            let err = parsed(&image(p, s)).unwrap_err();
+            assert!(err.contains("disagree"), "{err}");
+        }
+        let mut img = image(&ours(), &ours());
+        img[(16 << 10) + 16..(16 << 10) + 24].copy_from_slice(&8u64.to_be_bytes());
+        assert!(parsed(&img).unwrap_err().contains("seqid 7 vs 8"));
+        let mut img = image(&ours(), &ours());
+        img[(16 << 10) + 168] = b'a';
+        assert!(parsed(&img).unwrap_err().contains("disagree"));
+    }
+
+    #[test]
+    fn malformed_binary_headers_are_refused_without_panic() {
+        assert_eq!(parsed(&[0u8; 40 << 10]).unwrap(), None);
+        assert!(parsed(b"").unwrap_err().contains("cannot read the header"));
+        let good = image(&ours(), &ours());
+        // Truncated anywhere: refused, never a panic.
+        for cut in [
+            6,
+            100,
+            4096,
+            5000,
+            16 << 10,
+            (16 << 10) + 10,
+            good.len() - 1,
+        ] {
+            assert!(parsed(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        // A header size LUKS2 does not define, such as a 1 GiB JSON area.
+        let mut img = good.clone();
+        img[8..16].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        assert!(parsed(&img).unwrap_err().contains("header size"));
+        // LUKS1 and other versions.
+        let mut img = good.clone();
+        img[6..8].copy_from_slice(&1u16.to_be_bytes());
+        assert!(parsed(&img).unwrap_err().contains("LUKS version 1"));
+        // No secondary copy.
+        let mut img = good.clone();
+        img[16 << 10] = 0;
+        assert!(parsed(&img).unwrap_err().contains("no secondary header"));
+        // A JSON area that fills its whole space with no terminator is parsed as
+        // is; garbage in it is refused.
+        let mut img = good.clone();
+        img[BINARY_HEADER_BYTES..16 << 10].fill(b'{');
+        assert!(parsed(&img).unwrap_err().contains("does not parse"));
     }
 
     #[test]

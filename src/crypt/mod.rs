@@ -312,15 +312,17 @@ pub enum DeviceState {
 pub async fn inspect(device: &Path) -> Result<DeviceState> {
     let device = device.to_path_buf();
     blocking(move || {
-        let (label, json) = match header::read_labelled(&device) {
+        let header = match header::read(&device) {
             Err(Error::NotLuks2 { .. }) => return probe_blank(&device).map(DeviceState::Blank),
             other => other?,
         };
-        let no_tokens = json["tokens"].as_object().is_some_and(|t| t.is_empty());
-        if label == LABEL && no_tokens {
+        let no_tokens = header.json["tokens"]
+            .as_object()
+            .is_some_and(|t| t.is_empty());
+        if header.label == LABEL && no_tokens {
             return blank::probe_unfinished(&device).map(DeviceState::Blank);
         }
-        header::validate(&json).map_err(|reason| Error::BadHeader {
+        header::validate_header(&header).map_err(|reason| Error::BadHeader {
             device: device.clone(),
             reason,
         })?;
