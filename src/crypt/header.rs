@@ -54,6 +54,8 @@ struct Copy {
 /// A LUKS2 header whose two copies agree, read without libcryptsetup.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Header {
+    /// Size of one copy (binary header and JSON area) in bytes.
+    pub hdr_size: u64,
     pub label: String,
     /// The UUID of the binary header, as written (LUKS2 stores it as text).
     pub uuid: String,
@@ -144,6 +146,7 @@ pub fn parse<R: Read + Seek>(r: &mut R) -> std::result::Result<Option<Header>, S
         ));
     }
     Ok(Some(Header {
+        hdr_size: primary.hdr_size,
         label: primary.label,
         uuid: primary.uuid,
         json: primary.json,
@@ -185,11 +188,33 @@ pub fn read_validated(device: &Path) -> Result<Value> {
     Ok(header.json)
 }
 
-/// [`validate`] on the metadata, and the token bound to this header: the key id
-/// it records must be the header's own UUID (the id the key is asked for), so a
-/// token copied from another volume's header is refused.
+/// [`validate`] on the metadata, the sizes its config records against the
+/// binary header (the JSON area as large as the copy says, both copies and the
+/// keyslots area inside the header area), and the token bound to this header:
+/// the key id it records must be the header's own UUID (the id the key is asked
+/// for), so a token copied from another volume's header is refused.
 pub fn validate_header(header: &Header) -> std::result::Result<(), String> {
     validate(&header.json)?;
+    let size_at = |key: &str| {
+        header.json["config"][key]
+            .as_str()
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("config.{key} is missing or not a byte count"))
+    };
+    let json_size = size_at("json_size")?;
+    let json_area = header.hdr_size - BINARY_HEADER_BYTES as u64;
+    if json_size != json_area {
+        return Err(format!(
+            "config.json_size {json_size} does not match the {json_area}-byte JSON area"
+        ));
+    }
+    let keyslots_size = size_at("keyslots_size")?;
+    if keyslots_size.saturating_add(2 * header.hdr_size) > LUKS2_HEADER_BYTES {
+        return Err(format!(
+            "config.keyslots_size {keyslots_size} reaches past the {LUKS2_HEADER_BYTES}-byte \
+             header area"
+        ));
+    }
     let token = header.json["tokens"]
         .as_object()
         .and_then(|t| t.values().next())
@@ -658,6 +683,19 @@ mod tests {
         // A token copied from another volume's header names another key id.
         let mut copied = ours();
         copied["tokens"]["0"]["key_id"] = json!("0b0b0b0b-0000-4000-8000-000000000002");
+        // Sizes the binary header contradicts.
+        let mut big = ours();
+        big["config"]["json_size"] = json!("4190208");
+        let header = parsed(&image(&big, &big)).unwrap().unwrap();
+        assert!(validate_header(&header).unwrap_err().contains("json_size"));
+        let mut big = ours();
+        big["config"]["keyslots_size"] = json!("16777216");
+        let header = parsed(&image(&big, &big)).unwrap().unwrap();
+        assert!(
+            validate_header(&header)
+                .unwrap_err()
+                .contains("keyslots_size")
+        );
         let header = parsed(&image(&copied, &copied)).unwrap().unwrap();
         validate(&header.json).unwrap();
         let err = validate_header(&header).unwrap_err();

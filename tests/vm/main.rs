@@ -7,6 +7,7 @@
 //! cases by substring, as cargo's own harness does.
 
 mod crypt_cases;
+mod header_cases;
 mod lifecycle_cases;
 mod mount_cases;
 mod node_cases;
@@ -68,6 +69,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(lifecycle_cases::cases());
     v.extend(mount_cases::cases());
     v.extend(node_cases::cases());
+    v.extend(header_cases::cases());
     v
 }
 

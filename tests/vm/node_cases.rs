@@ -1053,7 +1053,7 @@ impl cryptdisk_csi::proto::kms::api_server::Api for SlowKms {
     }
 }
 
-struct Process(std::process::Child);
+pub struct Process(std::process::Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -1062,7 +1062,7 @@ impl Drop for Process {
     }
 }
 
-fn spawn(dir: &Path, log: &str, args: &[String]) -> Result<Process, String> {
+pub fn spawn(dir: &Path, log: &str, args: &[String]) -> Result<Process, String> {
     let log = check!(std::fs::File::create(dir.join(log)));
     Ok(Process(check!(
         std::process::Command::new(env!("CARGO_BIN_EXE_cryptdisk-csi"))
@@ -1073,7 +1073,7 @@ fn spawn(dir: &Path, log: &str, args: &[String]) -> Result<Process, String> {
     )))
 }
 
-async fn wait_socket(path: &Path) -> CaseResult {
+pub async fn wait_socket(path: &Path) -> CaseResult {
     for _ in 0..200 {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Ok(());

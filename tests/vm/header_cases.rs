@@ -1,0 +1,372 @@
+//! Malicious LUKS2 headers on real devices.
+//!
+//! A volume is formatted by the driver, then its header is rewritten the way an
+//! attacker with access to the disk would: the JSON changed and both copies'
+//! checksums recomputed, so that libcryptsetup would load it. Each forged
+//! header must be refused with FAILED_PRECONDITION before any key is asked for
+//! (the real KMS's audit log gains no line, so no keyslot can have been tried),
+//! with the device byte for byte unchanged and no mapping opened. A control
+//! forgery that rewrites the same JSON with fresh checksums must still stage, so
+//! the refusals come from what the header says, not from how it was written.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cryptdisk_csi::proto::csi::volume_capability::access_mode::Mode;
+use cryptdisk_csi::proto::csi::*;
+use serde_json::{Value, json};
+use tonic::Code;
+
+use crate::lifecycle_cases::{MIB, NODE, create_attached, create_req, mount_cap, open_mappings};
+use crate::node_cases::{spawn, wait_socket};
+use crate::{Case, CaseResult, Ctx, check, ensure};
+
+pub fn cases() -> Vec<Case> {
+    vec![Case {
+        name: "header_forged_luks2_headers_are_refused_before_any_key_is_asked",
+        run: |c| Box::pin(forged_headers(c)),
+    }]
+}
+
+/// Offset of the checksum in a LUKS2 binary header, and its length for sha256.
+const CSUM_OFFSET: usize = 448;
+const CSUM_LEN: usize = 32;
+const BINARY_HEADER: usize = 4096;
+
+/// What a forgery does to one header copy: its JSON, and its binary fields.
+type Forge = fn(&mut Value, &mut [u8]);
+
+/// Rewrites both header copies of `image` (each through `primary` or
+/// `secondary`), then recomputes each copy's sha256 checksum over the binary
+/// header (checksum field zeroed) and its JSON area, as LUKS2 defines it.
+fn forge(image: &Path, primary: Forge, secondary: Forge) -> Result<(), String> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::FileExt;
+    let f = check!(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(image)
+    );
+    let mut first = [0u8; 16];
+    check!(f.read_exact_at(&mut first, 0));
+    let hdr_size = u64::from_be_bytes(check!(first[8..16].try_into())) as usize;
+    for (offset, change) in [(0, primary), (hdr_size, secondary)] {
+        let mut copy = vec![0u8; hdr_size];
+        check!(f.read_exact_at(&mut copy, offset as u64));
+        let area = &copy[BINARY_HEADER..];
+        let end = area.iter().position(|&b| b == 0).unwrap_or(area.len());
+        let mut json: Value = check!(serde_json::from_slice(&area[..end]));
+        change(&mut json, &mut copy[..BINARY_HEADER]);
+        let text = check!(serde_json::to_vec(&json));
+        ensure!(
+            text.len() < hdr_size - BINARY_HEADER,
+            "forged JSON of {} bytes does not fit",
+            text.len()
+        );
+        copy[BINARY_HEADER..].fill(0);
+        copy[BINARY_HEADER..BINARY_HEADER + text.len()].copy_from_slice(&text);
+        copy[CSUM_OFFSET..CSUM_OFFSET + 64].fill(0);
+        let sum = Sha256::digest(&copy);
+        copy[CSUM_OFFSET..CSUM_OFFSET + CSUM_LEN].copy_from_slice(&sum);
+        check!(f.write_all_at(&copy, offset as u64));
+    }
+    check!(f.sync_all());
+    Ok(())
+}
+
+fn same(_: &mut Value, _: &mut [u8]) {}
+
+/// The forgeries: a name, what each copy gets, and a word the refusal names.
+fn forgeries() -> Vec<(&'static str, Forge, Forge, &'static str)> {
+    vec![
+        (
+            "null cipher on the data segment",
+            |j, _| j["segments"]["0"]["encryption"] = json!("cipher_null-ecb"),
+            |j, _| j["segments"]["0"]["encryption"] = json!("cipher_null-ecb"),
+            "segment encryption",
+        ),
+        (
+            "a keyslot that no digest covers",
+            |j, _| unbound_keyslot(j),
+            |j, _| unbound_keyslot(j),
+            "digest covers",
+        ),
+        (
+            "an extra segment",
+            |j, _| extra_segment(j),
+            |j, _| extra_segment(j),
+            "segments",
+        ),
+        (
+            "the data segment inside the header area",
+            |j, _| j["segments"]["0"]["offset"] = json!("8388608"),
+            |j, _| j["segments"]["0"]["offset"] = json!("8388608"),
+            "segment offset",
+        ),
+        (
+            "config.json_size larger than the JSON area",
+            |j, _| j["config"]["json_size"] = json!("4190208"),
+            |j, _| j["config"]["json_size"] = json!("4190208"),
+            "json_size",
+        ),
+        (
+            "a header size LUKS2 does not define (1 GiB JSON area)",
+            |_, b| b[8..16].copy_from_slice(&(1u64 << 30).to_be_bytes()),
+            same,
+            "header size",
+        ),
+        (
+            "a forged token naming another volume's key id",
+            |j, _| j["tokens"]["0"]["key_id"] = json!("0b0b0b0b-0000-4000-8000-000000000002"),
+            |j, _| j["tokens"]["0"]["key_id"] = json!("0b0b0b0b-0000-4000-8000-000000000002"),
+            "UUID",
+        ),
+        (
+            "a second token",
+            |j, _| j["tokens"]["1"] = j["tokens"]["0"].clone(),
+            |j, _| j["tokens"]["1"] = j["tokens"]["0"].clone(),
+            "tokens",
+        ),
+        (
+            "a reencryption requirement",
+            |j, _| j["config"]["requirements"] = json!({"mandatory": ["online-reencrypt-v2"]}),
+            |j, _| j["config"]["requirements"] = json!({"mandatory": ["online-reencrypt-v2"]}),
+            "requirements",
+        ),
+        (
+            "a primary header that disagrees with the secondary",
+            |j, _| j["segments"]["0"]["encryption"] = json!("cipher_null-ecb"),
+            same,
+            "disagree",
+        ),
+        (
+            "a secondary header that disagrees with the primary",
+            same,
+            |j, _| j["keyslots"]["0"]["kdf"]["iterations"] = json!(1),
+            "disagree",
+        ),
+    ]
+}
+
+/// Keyslot 1: a copy of keyslot 0 in the next free area, bound to nothing.
+fn unbound_keyslot(j: &mut Value) {
+    let mut slot = j["keyslots"]["0"].clone();
+    let offset: u64 = slot["area"]["offset"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(32768);
+    let size: u64 = slot["area"]["size"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(258048);
+    slot["area"]["offset"] = json!((offset + size).to_string());
+    j["keyslots"]["1"] = slot;
+}
+
+fn extra_segment(j: &mut Value) {
+    let mut second = j["segments"]["0"].clone();
+    j["segments"]["0"]["size"] = json!("4194304");
+    second["offset"] = json!("20971520");
+    j["segments"]["1"] = second;
+}
+
+fn sha256(path: &Path) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    Ok(hex::encode(Sha256::digest(check!(std::fs::read(path)))))
+}
+
+/// Lines the KMS has written to its audit log (one per key request).
+fn audit_lines(log: &Path) -> Result<usize, String> {
+    Ok(check!(std::fs::read_to_string(log))
+        .lines()
+        .filter(|l| l.contains("cryptdisk::audit"))
+        .count())
+}
+
+/// Whether stock cryptsetup loads the header (for the report: the forgeries
+/// that it loads are the ones only our validation stops). It runs on a copy:
+/// libcryptsetup repairs a damaged header copy from the other when it loads one.
+fn cryptsetup_loads(image: &Path) -> Result<bool, String> {
+    let copy = image.with_extension("probe");
+    check!(std::fs::copy(image, &copy));
+    let loads = std::process::Command::new("cryptsetup")
+        .arg("luksDump")
+        .arg(&copy)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    check!(std::fs::remove_file(&copy));
+    Ok(loads)
+}
+
+async fn forged_headers(_ctx: &mut Ctx) -> CaseResult {
+    let dir = crate::lifecycle_cases::fresh_dir("header-forged")?;
+    let data = dir.join("data");
+    let kms_sock = dir.join("kms.sock");
+    let (ctl_sock, node_sock) = (dir.join("controller.sock"), dir.join("node.sock"));
+    use std::os::unix::fs::PermissionsExt;
+    for name in ["master.key", "salt"] {
+        let path = dir.join(name);
+        check!(std::fs::write(&path, [name.len() as u8 + 1; 32]));
+        check!(std::fs::set_permissions(
+            &path,
+            std::fs::Permissions::from_mode(0o600)
+        ));
+    }
+    let _kms = spawn(
+        &dir,
+        "kms.log",
+        &[
+            "kms".into(),
+            format!("--listen=unix://{}", kms_sock.display()),
+            "--insecure".into(),
+            format!("--master-secret-file={}", dir.join("master.key").display()),
+            format!("--salt-file={}", dir.join("salt").display()),
+        ],
+    )?;
+    let _controller = spawn(
+        &dir,
+        "controller.log",
+        &[
+            "controller".into(),
+            format!("--endpoint=unix://{}", ctl_sock.display()),
+            format!("--data-dir={}", data.display()),
+            format!("--local-node={NODE}"),
+        ],
+    )?;
+    let _node = spawn(
+        &dir,
+        "node.log",
+        &[
+            "node".into(),
+            format!("--endpoint=unix://{}", node_sock.display()),
+            format!("--kms=unix://{}", kms_sock.display()),
+            format!("--local-data-dir={}", data.display()),
+            format!("--node-id={NODE}"),
+        ],
+    )?;
+    for s in [&kms_sock, &ctl_sock, &node_sock] {
+        wait_socket(s).await?;
+    }
+    let timeout = Duration::from_secs(5);
+    let mut controller =
+        cryptdisk_csi::proto::csi::controller_client::ControllerClient::new(check!(
+            cryptdisk_csi::client::connect(
+                &cryptdisk_csi::config::Endpoint::Unix(ctl_sock.clone()),
+                timeout
+            )
+            .await
+        ));
+    let mut node = cryptdisk_csi::proto::csi::node_client::NodeClient::new(check!(
+        cryptdisk_csi::client::connect(
+            &cryptdisk_csi::config::Endpoint::Unix(node_sock.clone()),
+            timeout
+        )
+        .await
+    ));
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let (volume, publish_context) = create_attached(
+        &mut controller,
+        create_req("pvc-forged", 32 * MIB, cap.clone()),
+    )
+    .await?;
+    let disk = volume.volume_id.rsplit(':').next().unwrap_or_default();
+    let image: PathBuf = data.join("disks").join(format!("{disk}.img"));
+    let staging = dir.join("staging");
+    let stage_req = NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        publish_context,
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap),
+        volume_context: volume.volume_context.clone(),
+        ..Default::default()
+    };
+    let unstage_req = NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+    };
+    let audit = dir.join("kms.log");
+
+    // The driver formats the volume: one key request.
+    check!(node.node_stage_volume(stage_req.clone()).await);
+    check!(node.node_unstage_volume(unstage_req.clone()).await);
+    ensure!(
+        audit_lines(&audit)? == 1,
+        "format: {} audit lines",
+        audit_lines(&audit)?
+    );
+    let original = check!(std::fs::read(&image));
+    let mapping = cryptdisk_csi::crypt::MapperName::for_volume(&volume.volume_id);
+
+    let mut report = Vec::new();
+    for (name, primary, secondary, word) in forgeries() {
+        check!(std::fs::write(&image, &original));
+        forge(&image, primary, secondary)?;
+        let loads = cryptsetup_loads(&image)?;
+        let before = sha256(&image)?;
+        let asked_before = audit_lines(&audit)?;
+        let r = node.node_stage_volume(stage_req.clone()).await;
+        let status = r
+            .err()
+            .ok_or(format!("{name}: the forged header was staged"))?;
+        ensure!(
+            status.code() == Code::FailedPrecondition && status.message().contains(word),
+            "{name}: {:?} {:?} (expected FAILED_PRECONDITION naming {word:?})",
+            status.code(),
+            status.message()
+        );
+        ensure!(
+            audit_lines(&audit)? == asked_before,
+            "{name}: the KMS was asked for a key"
+        );
+        ensure!(sha256(&image)? == before, "{name}: the device changed");
+        ensure!(
+            !open_mappings().contains(&mapping.as_str().to_string()),
+            "{name}: a mapping was opened"
+        );
+        check!(node.node_unstage_volume(unstage_req.clone()).await);
+        report.push(format!(
+            "{name}: refused ({}), cryptsetup luksDump {}",
+            status.message().rsplit(": ").next().unwrap_or_default(),
+            if loads { "loads it" } else { "refuses it too" }
+        ));
+    }
+    for line in &report {
+        println!("  forged header: {line}");
+    }
+    // Only our validation stops most of them: stock libcryptsetup loads them.
+    let loaded = report.iter().filter(|l| l.ends_with("loads it")).count();
+    ensure!(
+        loaded >= 5,
+        "only {loaded} forgeries load in cryptsetup: the forging is broken"
+    );
+
+    // Control: the same JSON rewritten with fresh checksums stages, with a key.
+    check!(std::fs::write(&image, &original));
+    forge(&image, same, same)?;
+    let asked_before = audit_lines(&audit)?;
+    check!(node.node_stage_volume(stage_req.clone()).await);
+    ensure!(
+        audit_lines(&audit)? == asked_before + 1,
+        "control: the key was not asked for"
+    );
+    check!(node.node_unstage_volume(unstage_req).await);
+    check!(
+        controller
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: volume.volume_id.clone(),
+                node_id: NODE.into(),
+                ..Default::default()
+            })
+            .await
+    );
+    check!(
+        controller
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: volume.volume_id,
+                ..Default::default()
+            })
+            .await
+    );
+    Ok(())
+}
