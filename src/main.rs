@@ -302,6 +302,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             serve_csi(args.csi, Some(controller), None).await
         }
         Command::Node(args) => {
+            cryptdisk_csi::privileges::check_node()?;
             let tls = match (args.kms_ca_file, args.kms_cert_file, args.kms_key_file) {
                 (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { cert, key, ca }),
                 _ => None,
@@ -315,6 +316,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             serve_csi(args.csi, None, Some(node)).await
         }
         Command::Dev(args) => {
+            cryptdisk_csi::privileges::check_node()?;
             let node_id = resolve_node_id(args.node.node_id.clone())?;
             let master = match (&args.master_secret_file, &args.salt_file) {
                 (Some(secret), Some(salt)) => MasterSecret::from_files(secret, salt)?,
