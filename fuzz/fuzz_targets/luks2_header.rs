@@ -14,8 +14,18 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some(header)) = parse(&mut Cursor::new(data)) {
         assert!(header.hdr_size as usize <= data.len());
         if validate_header(&header).is_ok() {
-            let token = header.json["tokens"].as_object().unwrap().values().next().unwrap();
-            assert!(token["key_id"].as_str().unwrap().eq_ignore_ascii_case(&header.uuid));
+            let token = header.json["tokens"]
+                .as_object()
+                .unwrap()
+                .values()
+                .next()
+                .unwrap();
+            assert!(
+                token["key_id"]
+                    .as_str()
+                    .unwrap()
+                    .eq_ignore_ascii_case(&header.uuid)
+            );
         }
     }
 });

@@ -26,7 +26,13 @@ fuzz_target!(|data: &[u8]| {
                     .keys()
                     .all(|k| !k.starts_with(PREFIX) && !k.starts_with(K8S_PREFIX))
             );
-            assert_eq!(backend.len(), params.keys().filter(|k| !k.starts_with(PREFIX) && !k.starts_with(K8S_PREFIX)).count());
+            assert_eq!(
+                backend.len(),
+                params
+                    .keys()
+                    .filter(|k| !k.starts_with(PREFIX) && !k.starts_with(K8S_PREFIX))
+                    .count()
+            );
             let ctx = options.to_volume_context();
             assert_eq!(VolumeOptions::from_volume_context(&ctx).unwrap(), options);
             let (again, rest) = VolumeOptions::from_parameters(&ctx).unwrap();

@@ -20,7 +20,10 @@ fn safe_part(p: &str) -> bool {
 
 fn refusal_is_tame(message: String) {
     assert!(message.len() <= 1024, "{} bytes of error", message.len());
-    assert!(!message.chars().any(char::is_control), "raw control: {message:?}");
+    assert!(
+        !message.chars().any(char::is_control),
+        "raw control: {message:?}"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
