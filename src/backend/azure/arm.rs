@@ -361,8 +361,7 @@ pub fn map_code(status: u16, code: &str, text: String) -> Error {
         | "AnotherOperationInProgress"
         | "OperationPreempted"
         | "AttachDiskWhileBeingDetached"
-        | "RetryableError"
-        | "TooManyRequests" => Error::Aborted(text),
+        | "RetryableError" => Error::Aborted(text),
         "InvalidParameter"
         | "InvalidRequestContent"
         | "InvalidRequestFormat"

@@ -40,8 +40,9 @@ impl Cloud {
             "" | "azurepubliccloud" | "azurecloud" => Ok(Cloud::Public),
             "azureusgovernmentcloud" | "azureusgovernment" => Ok(Cloud::UsGovernment),
             "azurechinacloud" => Ok(Cloud::China),
-            other => Err(format!(
-                "cloud {other:?} is not one of AzurePublicCloud, AzureUSGovernmentCloud, AzureChinaCloud"
+            _ => Err(format!(
+                "cloud {:?} is not one of AzurePublicCloud, AzureUSGovernmentCloud, AzureChinaCloud",
+                name.trim()
             )),
         }
     }

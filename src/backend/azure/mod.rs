@@ -316,7 +316,10 @@ impl DiskBackend for AzureBackend {
             None => None,
         };
         let source_bytes = source.as_ref().map_or(0, |(_, b)| *b);
-        if spec.capacity_bytes != 0 && spec.capacity_bytes < source_bytes {
+        // The source's size is whole GiB already: compare what the request rounds to.
+        if spec.capacity_bytes != 0
+            && params.sku.round_gib(spec.capacity_bytes)? * GIB < source_bytes
+        {
             return Err(Error::OutOfRange(format!(
                 "the source holds {source_bytes} bytes, more than the {} requested",
                 spec.capacity_bytes
