@@ -133,6 +133,44 @@ pub fn max_data_disks(vm_size: &str) -> Option<u32> {
     }
 }
 
+/// What the node plugin reports on Azure: its node id, zone and volume limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeFacts {
+    pub node_id: String,
+    /// `<location>-<zone>`, for [`super::TOPOLOGY_ZONE`]; `None` outside zones.
+    pub zone: Option<String>,
+    pub max_volumes: i64,
+}
+
+/// The node's facts from IMDS at `endpoint`, each replaced by what the operator
+/// gave (`node_id`, `max_volumes`).
+pub async fn node_facts(
+    endpoint: &str,
+    node_id: Option<String>,
+    max_volumes: Option<i64>,
+) -> Result<NodeFacts, String> {
+    let vm = instance(endpoint, 5, Duration::from_secs(1)).await?;
+    let max_volumes = match max_volumes {
+        Some(m) => m,
+        None => match max_data_disks(&vm.vm_size) {
+            Some(n) => i64::from(n),
+            None => {
+                tracing::warn!(
+                    vm_size = %vm.vm_size,
+                    assumed = DEFAULT_MAX_DATA_DISKS,
+                    "unknown VM size: assuming its data-disk limit; set --max-volumes to override"
+                );
+                i64::from(DEFAULT_MAX_DATA_DISKS)
+            }
+        },
+    };
+    Ok(NodeFacts {
+        node_id: node_id.unwrap_or_else(|| vm.name.clone()),
+        zone: vm.topology_zone(),
+        max_volumes,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,5 +215,70 @@ mod tests {
         assert_eq!(i.topology_zone().as_deref(), Some("eastus-2"));
         i.zone = String::new();
         assert_eq!(i.topology_zone(), None);
+    }
+
+    #[tokio::test]
+    async fn node_facts_from_a_fake_imds() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let n = h.fetch_add(1, Ordering::SeqCst);
+                            async move {
+                                let ok = req.uri().path() == "/metadata/instance"
+                                    && req.uri().query() == Some("api-version=2021-02-01")
+                                    && req.headers().get("metadata").is_some_and(|v| v == "true");
+                                let (status, body) = if !ok {
+                                    (400, "bad request".to_string())
+                                } else if n == 0 {
+                                    // IMDS answers 410 while it starts.
+                                    (410, "Gone".to_string())
+                                } else {
+                                    (
+                                        200,
+                                        serde_json::json!({"compute": {
+                                    "name": "aks-pool-vm3", "vmSize": "Standard_D8s_v5",
+                                    "zone": "3", "location": "westeurope",
+                                    "resourceGroupName": "mc", "subscriptionId": "s"}})
+                                        .to_string(),
+                                    )
+                                };
+                                Ok::<_, std::convert::Infallible>(
+                                    http::Response::builder()
+                                        .status(status)
+                                        .body(http_body_util::Full::new(hyper::body::Bytes::from(
+                                            body,
+                                        )))
+                                        .unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        let facts = node_facts(&base, None, None).await.unwrap();
+        assert_eq!(
+            facts,
+            NodeFacts {
+                node_id: "aks-pool-vm3".into(),
+                zone: Some("westeurope-3".into()),
+                max_volumes: 16,
+            }
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+        let given = node_facts(&base, Some("n1".into()), Some(3)).await.unwrap();
+        assert_eq!((given.node_id.as_str(), given.max_volumes), ("n1", 3));
     }
 }
