@@ -101,7 +101,6 @@ pub fn credential(
             client_id: Some(client_id.clone()),
             tenant_id: Some(tenant_id.clone()),
             token_file_path: Some(token_file.clone()),
-            ..Default::default()
         }))
         .map_err(|e| failed("workload identity", e))?,
         Credentials::ClientSecret {
@@ -121,7 +120,6 @@ pub fn credential(
             ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
                 user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
                 client_options: client_options(),
-                ..Default::default()
             }))
             .map_err(|e| failed("managed identity", e))?
         }

@@ -261,18 +261,21 @@ impl AzureConfig {
                 client_id,
                 token_file: PathBuf::from(token_file),
             }
-        } else if f.use_managed_identity_extension || secret.is_none() {
-            Credentials::ManagedIdentity {
-                client_id: client_id.clone(),
-            }
         } else {
-            let client_id = client_id
-                .clone()
-                .ok_or_else(|| missing("aadClientId for the client secret", "AZURE_CLIENT_ID"))?;
-            Credentials::ClientSecret {
-                tenant_id: need_tenant("a client secret")?,
-                client_id,
-                secret: secret.expect("checked above"),
+            match secret {
+                Some(secret) if !f.use_managed_identity_extension => {
+                    let client_id = client_id.clone().ok_or_else(|| {
+                        missing("aadClientId for the client secret", "AZURE_CLIENT_ID")
+                    })?;
+                    Credentials::ClientSecret {
+                        tenant_id: need_tenant("a client secret")?,
+                        client_id,
+                        secret,
+                    }
+                }
+                _ => Credentials::ManagedIdentity {
+                    client_id: client_id.clone(),
+                },
             }
         };
         let trim = |s: String| s.trim_end_matches('/').to_string();

@@ -278,10 +278,7 @@ fn paginate<T>(
 }
 
 /// A list token: one of our ids of the given kind, else ABORTED as CSI asks.
-fn check_token<'a>(
-    token: Option<&'a str>,
-    parse_ok: impl Fn(&str) -> bool,
-) -> Result<Option<&'a str>> {
+fn check_token(token: Option<&str>, parse_ok: impl Fn(&str) -> bool) -> Result<Option<&str>> {
     match token {
         None | Some("") => Ok(None),
         Some(t) if parse_ok(t) => Ok(Some(t)),
@@ -507,7 +504,7 @@ impl DiskBackend for AzureBackend {
 
     async fn create_snapshot(&self, source: &VolumeId, name: &str) -> Result<Snapshot> {
         self.ours(source)?;
-        let id = SnapshotId::new(BackendKind::Azure, source.location(), &resource_name(name))?;
+        let id = SnapshotId::new(BackendKind::Azure, source.location(), resource_name(name))?;
         let path = self.snapshot_path(&id);
         if let Some(existing) = self.arm.get(&path, DISKS_API_VERSION).await? {
             return match to_snapshot(&existing, &self.driver) {
