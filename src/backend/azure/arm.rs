@@ -169,10 +169,12 @@ impl ArmClient {
         Ok(None)
     }
 
+    /// The wait before the next poll: ARM's `Retry-After` (bounded by the
+    /// retry cap), or the configured interval when it gives none.
     fn poll_delay(&self, headers: &HeaderMap) -> Duration {
         retry_after(headers)
+            .map(|d| d.min(self.retry.max_delay))
             .unwrap_or(self.poll_interval)
-            .min(self.poll_interval)
     }
 
     async fn sleep_until(

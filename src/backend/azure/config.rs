@@ -122,8 +122,8 @@ pub struct AzureConfig {
     pub driver_name: String,
     /// Retries of throttled (429) and failed (5xx, connection) requests.
     pub retry: Retry,
-    /// Longest wait between polls of a long-running operation (also caps its
-    /// `Retry-After`), and the wait when ARM suggests none.
+    /// Wait between polls of a long-running operation when ARM's answer has no
+    /// `Retry-After` (one it gives is honoured, up to `retry.max_delay`).
     pub poll_interval: Duration,
     /// Longest a long-running operation is waited for before the call answers
     /// UNAVAILABLE for the CO to retry.
