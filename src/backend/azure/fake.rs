@@ -22,7 +22,11 @@ use serde_json::{Value, json};
 use super::auth::ReqwestTransport;
 use super::disks::{GIB, Sku, TAG_CREATED_BY, TAG_NAME};
 use super::imds::max_data_disks;
-use super::{DISKS_API_VERSION, VM_API_VERSION};
+
+/// The documented api-versions the fake serves, written out rather than taken
+/// from the client's constants so that a wrong constant fails the tests.
+const DISKS_API_VERSION: &str = "2024-03-02";
+const VM_API_VERSION: &str = "2024-07-01";
 
 pub const SUB: &str = "sub-1";
 pub const RG: &str = "rg-1";

@@ -84,7 +84,18 @@ impl AzureBackend {
     /// The backend for `config`, with the credential it names.
     pub fn new(config: &AzureConfig) -> Result<Self> {
         let http = Self::http_client(config)?;
-        let credential = auth::credential(config, Arc::new(auth::ReqwestTransport(http.clone())))?;
+        // Managed identity tokens come from IMDS, which is reached directly: a
+        // proxy from the environment must not see them.
+        let token_http = match config.credentials {
+            config::Credentials::ManagedIdentity { .. } => reqwest::Client::builder()
+                .timeout(config.request_timeout)
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .build()
+                .map_err(|e| Error::Internal(format!("cannot build an HTTP client: {e}")))?,
+            _ => http.clone(),
+        };
+        let credential = auth::credential(config, Arc::new(auth::ReqwestTransport(token_http)))?;
         tracing::info!(
             subscription = %config.subscription_id,
             resource_group = %config.resource_group,
@@ -366,12 +377,17 @@ impl DiskBackend for AzureBackend {
                 )));
             }
             let state = str_at(&existing, "/properties/provisioningState").unwrap_or("Succeeded");
-            if !state.eq_ignore_ascii_case("Succeeded") {
+            if state.eq_ignore_ascii_case("Succeeded") {
+                return Ok(disk);
+            }
+            // A creation that failed is tried again: the PUT below is ARM's
+            // create-or-update, with the same body.
+            if !state.eq_ignore_ascii_case("Failed") {
                 return Err(Error::Aborted(format!(
                     "disk {id} is {state}; retry when it is done"
                 )));
             }
-            return Ok(disk);
+            tracing::warn!(volume = %id, "the disk's creation failed before; trying again");
         }
 
         let body = disk_body(

@@ -749,3 +749,67 @@ async fn a_refused_token_is_failed_precondition_without_the_secret() {
     // No ARM request went out without a token.
     assert!(fake.calls_since(0).iter().all(|c| c.contains("/oauth2/")));
 }
+
+#[tokio::test]
+async fn an_operation_that_does_not_finish_is_unavailable_and_a_retry_completes_it() {
+    let fake = FakeArm::start().await;
+    let mut c = config(&fake, CLIENT_SECRET);
+    c.operation_timeout = Duration::from_millis(200);
+    let ctl = ControllerService::new(backend(&fake, &c), None);
+    fake.with(|s| s.polls = 1_000_000);
+    let e = ctl
+        .create_volume(Request::new(create_req("pvc-slow", GIB, &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(e.message().contains("did not finish"), "{}", e.message());
+    // Still creating: the retry is told to wait.
+    let e = ctl
+        .create_volume(Request::new(create_req("pvc-slow", GIB, &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+    // Once ARM is done, the retry returns the disk.
+    let key = format!(
+        "/subscriptions/{SUB}/resourcegroups/{RG}/providers/microsoft.compute/disks/pvc-slow"
+    );
+    fake.with(|s| {
+        s.disks.get_mut(&key).unwrap()["properties"]["provisioningState"] = json!("Succeeded")
+    });
+    let v = ctl
+        .create_volume(Request::new(create_req("pvc-slow", GIB, &[])))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.volume_id, format!("azure:{RG}:pvc-slow"));
+    assert!(fake.problems().is_empty(), "{:?}", fake.problems());
+}
+
+#[tokio::test]
+async fn a_failed_creation_is_tried_again() {
+    let env = setup().await;
+    env.fake.with(|s| {
+        s.fail_next_operation = Some((
+            "InternalDiskManagementError".into(),
+            "An internal error occurred.".into(),
+        ))
+    });
+    let e = env
+        .create(create_req("pvc-retry", GIB, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{}", e.message());
+    assert_eq!(
+        env.disk("pvc-retry")["properties"]["provisioningState"],
+        "Failed"
+    );
+    let v = env.create(create_req("pvc-retry", GIB, &[])).await.unwrap();
+    assert_eq!(v.volume_id, format!("azure:{RG}:pvc-retry"));
+    assert_eq!(
+        env.disk("pvc-retry")["properties"]["provisioningState"],
+        "Succeeded"
+    );
+    env.assert_clean();
+}
