@@ -554,6 +554,26 @@ async fn zones_follow_the_accessibility_requirements() {
     });
     let e = env.create(elsewhere).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+
+    // Capacity: none in another region's zone, no pool limit in ours.
+    let capacity = |z: &str| GetCapacityRequest {
+        accessible_topology: Some(zone(z)),
+        ..Default::default()
+    };
+    let other = env
+        .ctl
+        .get_capacity(Request::new(capacity("westus-1")))
+        .await
+        .unwrap();
+    assert_eq!(other.into_inner().available_capacity, 0);
+    let here = env
+        .ctl
+        .get_capacity(Request::new(capacity("eastus-3")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(here.available_capacity > 1 << 50);
+    assert_eq!(here.maximum_volume_size, Some(65_536 * GIB - (16 << 20)));
     env.assert_clean();
 }
 
