@@ -1,5 +1,6 @@
-//! An Azure Resource Manager client: bearer tokens, retries of throttled (429)
-//! and failed (5xx, connection) requests honouring `Retry-After`, long-running
+//! An Azure Resource Manager client: bearer tokens, retries of throttled (429),
+//! failed (5xx, connection) and conflicting (409 `Conflict`: another operation
+//! in progress) requests honouring `Retry-After`, long-running
 //! operations followed through `Azure-AsyncOperation` or `Location`, and ARM
 //! error bodies (`{"error":{"code","message"}}`) mapped to [`Error`] in one place
 //! ([`arm_error`]), their code and message kept.
@@ -248,8 +249,15 @@ impl ArmClient {
                         });
                     }
                     let err = arm_error(&method, url, status.as_u16(), &json, &bytes);
+                    // A 409 for another operation in progress on the resource (a
+                    // VM being updated by someone else) clears by itself.
+                    let busy = status == StatusCode::CONFLICT
+                        && matches!(
+                            code_and_message(&json).0.as_deref(),
+                            Some("Conflict" | "AnotherOperationInProgress" | "OperationPreempted")
+                        );
                     let transient =
-                        status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+                        status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || busy;
                     if !transient {
                         return Err(err);
                     }

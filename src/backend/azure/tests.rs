@@ -683,6 +683,24 @@ async fn arm_errors_reach_the_co_with_their_code_and_message() {
     assert_eq!(e.code(), Code::Aborted);
     assert!(e.message().contains("being detached"), "{}", e.message());
     assert_eq!(lun(&env.publish(&v.volume_id, "node-a").await.unwrap()), 0);
+    // Another operation in progress on the VM: retried, then done.
+    let v2 = env.create(create_req("pvc-e2", GIB, &[])).await.unwrap();
+    env.fake.inject(
+        "PATCH",
+        "/virtualmachines/node-a",
+        409,
+        "Conflict",
+        "Operation 'Update VM' is not allowed since another operation is in progress.",
+    );
+    let before = env.fake.request_count();
+    assert_eq!(lun(&env.publish(&v2.volume_id, "node-a").await.unwrap()), 1);
+    let patches = env
+        .fake
+        .calls_since(before)
+        .iter()
+        .filter(|c| c.starts_with("PATCH"))
+        .count();
+    assert_eq!(patches, 2);
 
     // node-b (Standard_B1s) takes two data disks; ARM refuses a third.
     for i in 0..3 {
