@@ -35,6 +35,8 @@ pub const TENANT: &str = "tenant-1";
 pub const CLIENT_ID: &str = "app-1";
 pub const CLIENT_SECRET: &str = "s3cret-value";
 pub const TOKEN: &str = "tok-arm-1";
+/// The projected service account token workload identity exchanges.
+pub const FEDERATED_TOKEN: &str = "eyJ.federated.token";
 /// The authority host azure_identity is configured with in tests (it insists
 /// on https); [`RedirectTransport`] sends its requests to the fake instead.
 pub const FAKE_AUTHORITY: &str = "https://login.fake.test";
@@ -401,13 +403,21 @@ fn token(s: &mut State, r: &Seen) -> Reply {
             .into_owned()
             .collect();
     let get = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    // Workload identity sends the federated token as a client assertion.
+    let federated = form.contains_key("client_assertion");
     let problem = if r.method != "POST" {
         Some("not a POST")
     } else if get("grant_type") != "client_credentials" {
         Some("grant_type")
     } else if get("client_id") != CLIENT_ID {
         Some("client_id")
-    } else if get("client_secret") != CLIENT_SECRET {
+    } else if federated
+        && get("client_assertion_type") != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    {
+        Some("client_assertion_type")
+    } else if federated && get("client_assertion") != FEDERATED_TOKEN {
+        Some("client_assertion")
+    } else if !federated && get("client_secret") != CLIENT_SECRET {
         Some("client_secret")
     } else if get("scope") != "https://management.azure.com/.default" {
         Some("scope")

@@ -851,3 +851,42 @@ async fn a_failed_creation_is_tried_again() {
     );
     env.assert_clean();
 }
+
+#[tokio::test]
+async fn workload_identity_exchanges_the_federated_token() {
+    let fake = FakeArm::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("azure-identity-token");
+    std::fs::write(&token_file, FEDERATED_TOKEN).unwrap();
+    let file =
+        json!({"subscriptionId": SUB, "resourceGroup": RG, "location": LOCATION}).to_string();
+    let (base, path) = (fake.base.clone(), token_file.display().to_string());
+    let mut c = AzureConfig::from_parts(
+        Some(&file),
+        "azure.json",
+        |k| match k {
+            ENV_ARM_ENDPOINT => Some(base.clone()),
+            ENV_AUTHORITY_HOST => Some(FAKE_AUTHORITY.to_string()),
+            "AZURE_TENANT_ID" => Some(TENANT.to_string()),
+            "AZURE_CLIENT_ID" => Some(CLIENT_ID.to_string()),
+            "AZURE_FEDERATED_TOKEN_FILE" => Some(path.clone()),
+            _ => None,
+        },
+        DRIVER,
+    )
+    .unwrap();
+    assert_eq!(
+        c.credentials.describe(),
+        "workload identity (federated token)"
+    );
+    c.retry.base_delay = Duration::from_millis(1);
+    let b = backend(&fake, &c);
+    assert!(
+        b.get_disk(&"azure:rg-1:x".parse().unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(fake.with(|s| s.token_requests), 1);
+    assert!(fake.problems().is_empty(), "{:?}", fake.problems());
+}
