@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use cryptdisk_csi::backend::LocalBackend;
+use cryptdisk_csi::backend::azure::{self, AzureBackend};
 use cryptdisk_csi::config::{DriverName, Endpoint};
 use cryptdisk_csi::csi::controller::ControllerService;
 use cryptdisk_csi::csi::identity::IdentityService;
@@ -121,9 +122,26 @@ struct ControllerArgs {
     #[command(flatten)]
     csi: CsiArgs,
 
-    /// The disk backend: local (sparse image files on this machine).
+    /// The disk backend: local (sparse image files on this machine) or azure
+    /// (Azure managed disks through Azure Resource Manager).
     #[arg(long, default_value = "local", env = "CRYPTDISK_BACKEND")]
     backend: String,
+
+    /// The Azure cloud config file (azure.json, as Azure's disk CSI driver and
+    /// cloud-provider-azure read it: tenantId, subscriptionId, resourceGroup,
+    /// location, vmType, aadClientId/aadClientSecret, useManagedIdentityExtension,
+    /// userAssignedIdentityID, aadFederatedTokenFile). The standard AZURE_*
+    /// variables (AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET,
+    /// AZURE_FEDERATED_TOKEN_FILE, AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP,
+    /// AZURE_LOCATION, AZURE_AUTHORITY_HOST) override its fields, and
+    /// CRYPTDISK_AZURE_ARM_ENDPOINT the ARM endpoint. A missing file is fine when
+    /// the variables say it all. Only with --backend azure.
+    #[arg(
+        long,
+        default_value = azure::config::DEFAULT_CONFIG_FILE,
+        env = "CRYPTDISK_AZURE_CONFIG_FILE"
+    )]
+    azure_config_file: PathBuf,
 
     #[command(flatten)]
     local: LocalArgs,
@@ -146,9 +164,11 @@ struct NodeIdArgs {
     #[arg(long, env = "CRYPTDISK_NODE_ID")]
     node_id: Option<String>,
 
-    /// Most volumes this node accepts (0: no limit).
-    #[arg(long, default_value_t = 0, env = "CRYPTDISK_MAX_VOLUMES")]
-    max_volumes: i64,
+    /// Most volumes this node accepts (0: no limit). Default: with --cloud azure,
+    /// the VM size's data-disk limit (16 for a size not in the driver's table);
+    /// otherwise 0.
+    #[arg(long, env = "CRYPTDISK_MAX_VOLUMES")]
+    max_volumes: Option<i64>,
 
     /// Format and open operations that may run at once; more wait their turn.
     #[arg(long, default_value_t = 4, env = "CRYPTDISK_MAX_PARALLEL_WORK")]
@@ -194,6 +214,20 @@ struct NodeArgs {
     /// the machine that holds them).
     #[arg(long, env = "CRYPTDISK_LOCAL_DATA_DIR")]
     local_data_dir: Option<PathBuf>,
+
+    /// The cloud this node runs in. azure: the node id defaults to the VM name
+    /// and the zone (topology.cryptdisk.csi.io/zone) and volume limit come from
+    /// the Instance Metadata Service (CRYPTDISK_AZURE_IMDS_ENDPOINT overrides its
+    /// address); data disks are found by the LUN the controller publishes.
+    #[arg(long, value_enum, default_value = "local", env = "CRYPTDISK_CLOUD")]
+    cloud: Cloud,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Cloud {
+    Local,
+    Azure,
+    Gcp,
 }
 
 #[derive(Args)]
@@ -297,8 +331,11 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Controller(args) => {
-            let controller = controller_service(&args.backend, &args.local, args.local_node)?
-                .with_attach_limit(args.max_volumes_per_node);
+            let controller = match args.backend.as_str() {
+                "azure" => azure_controller(&args.azure_config_file, &args.csi.driver_name)?,
+                other => controller_service(other, &args.local, args.local_node)?,
+            }
+            .with_attach_limit(args.max_volumes_per_node);
             serve_csi(args.csi, Some(controller), None).await
         }
         Command::Node(args) => {
@@ -312,7 +349,32 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 tls.as_ref(),
                 args.kms_insecure,
             )?);
-            let node = node_service(args.node, args.local_data_dir, keys)?;
+            let mut node_args = args.node;
+            let mut zone = None;
+            match args.cloud {
+                Cloud::Local => {}
+                Cloud::Azure => {
+                    let imds = azure::config::imds_endpoint(|k| std::env::var(k).ok());
+                    let facts = azure::imds::node_facts(
+                        &imds,
+                        node_args.node_id.take(),
+                        node_args.max_volumes,
+                    )
+                    .await
+                    .map_err(|e| format!("--cloud azure: {e}"))?;
+                    cryptdisk_csi::csi::validate::node_id("node id", &facts.node_id)
+                        .map_err(|e| format!("--cloud azure: {}", e.message()))?;
+                    node_args.node_id = Some(facts.node_id);
+                    node_args.max_volumes = Some(facts.max_volumes);
+                    zone = facts.zone;
+                }
+                Cloud::Gcp => return Err("--cloud gcp is not served by this build".into()),
+            }
+            let mut topology = BTreeMap::new();
+            if let Some(zone) = zone {
+                topology.insert(azure::TOPOLOGY_ZONE.to_string(), zone);
+            }
+            let node = node_service(node_args, args.local_data_dir, keys, topology)?;
             serve_csi(args.csi, None, Some(node)).await
         }
         Command::Dev(args) => {
@@ -324,12 +386,17 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             };
             let keys = Arc::new(LocalKeySource::new(master, "embedded"));
             let controller = controller_service("local", &args.local, Some(node_id.clone()))?
-                .with_attach_limit(u64::try_from(args.node.max_volumes).unwrap_or(0));
+                .with_attach_limit(u64::try_from(args.node.max_volumes.unwrap_or(0)).unwrap_or(0));
             let node_args = NodeIdArgs {
                 node_id: Some(node_id),
                 ..args.node
             };
-            let node = node_service(node_args, Some(args.local.data_dir.clone()), keys)?;
+            let node = node_service(
+                node_args,
+                Some(args.local.data_dir.clone()),
+                keys,
+                BTreeMap::new(),
+            )?;
             serve_csi(args.csi, Some(controller), Some(node)).await
         }
         Command::Kms(args) => serve_kms(args).await,
@@ -358,13 +425,24 @@ fn controller_service(
     }
 }
 
+/// The controller of the Azure backend, configured from azure.json and the environment.
+fn azure_controller(
+    config_file: &std::path::Path,
+    driver: &DriverName,
+) -> Result<ControllerService, Box<dyn std::error::Error>> {
+    let config = azure::config::AzureConfig::load(config_file, driver.as_str())
+        .map_err(|e| format!("--backend azure: {e}"))?;
+    let backend = AzureBackend::new(&config).map_err(|e| format!("--backend azure: {e}"))?;
+    Ok(ControllerService::new(Arc::new(backend), None))
+}
+
 fn node_service(
     args: NodeIdArgs,
     local_data_dir: Option<PathBuf>,
     keys: Arc<dyn KeySource>,
+    mut topology: BTreeMap<String, String>,
 ) -> Result<NodeService, Box<dyn std::error::Error>> {
     let node_id = resolve_node_id(args.node_id)?;
-    let mut topology = BTreeMap::new();
     if local_data_dir.is_some() {
         topology.insert(TOPOLOGY_NODE.to_string(), node_id.clone());
     }
@@ -374,7 +452,7 @@ fn node_service(
             node_id,
             local_data_dir,
             topology,
-            max_volumes: args.max_volumes,
+            max_volumes: args.max_volumes.unwrap_or(0),
             max_parallel_work: args.max_parallel_work,
             wipe_budget: std::time::Duration::from_secs(args.wipe_budget_seconds),
         },

@@ -147,6 +147,17 @@ impl NodeService {
                 }
                 Ok(mount::loopdev::attach(&image).await?)
             }
+            BackendKind::Azure => {
+                use crate::backend::azure::device;
+                let lun = device::lun_from_context(publish_context)?;
+                Ok(device::wait_for_lun(
+                    &device::DeviceRoots::host(),
+                    lun,
+                    Duration::from_secs(60),
+                    Duration::from_millis(250),
+                )
+                .await?)
+            }
             other => Err(Status::unimplemented(format!(
                 "volumes of the {other} backend are not served by this node yet"
             ))),

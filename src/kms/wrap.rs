@@ -612,7 +612,7 @@ async fn send(
 }
 
 /// `Retry-After` in seconds; the HTTP-date form falls back to our own backoff.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
@@ -677,7 +677,7 @@ fn http_error(op: Op, url: &str, status: u16, body: &[u8]) -> WrapError {
 }
 
 /// One line of at most `max` characters.
-fn clean(text: &str, max: usize) -> String {
+pub(crate) fn clean(text: &str, max: usize) -> String {
     let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if line.chars().count() <= max {
         line

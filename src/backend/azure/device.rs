@@ -1,0 +1,296 @@
+//! Node side: the block device of an attached data disk, found by its LUN.
+//!
+//! Azure's udev rules link `/dev/disk/azure/scsi1/lun<N>` to a data disk; where
+//! they are missing, the SCSI devices in sysfs are scanned for a Microsoft
+//! "Virtual Disk" at LUN N that is not the OS or resource disk. Several
+//! candidates are an error, never a guess. The roots are injectable so that
+//! tests run against a fake tree.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::PUBLISH_LUN;
+use crate::backend::Error;
+
+/// Where `/dev` and `/sys` are.
+#[derive(Clone, Debug)]
+pub struct DeviceRoots {
+    pub dev: PathBuf,
+    pub sys: PathBuf,
+}
+
+impl DeviceRoots {
+    pub fn host() -> Self {
+        DeviceRoots {
+            dev: PathBuf::from("/dev"),
+            sys: PathBuf::from("/sys"),
+        }
+    }
+}
+
+/// The LUN of a publish context: INVALID_ARGUMENT when missing or not a LUN.
+pub fn lun_from_context(context: &HashMap<String, String>) -> Result<u32, Error> {
+    let value = context.get(PUBLISH_LUN).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "publish_context has no {PUBLISH_LUN}: was the volume published by this driver's Azure controller?"
+        ))
+    })?;
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|l| *l < 64)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "publish_context {PUBLISH_LUN} {:?} is not a LUN (0 to 63)",
+                value.chars().take(16).collect::<String>()
+            ))
+        })
+}
+
+/// The device of LUN `lun`, if it is there now.
+pub fn find_by_lun(roots: &DeviceRoots, lun: u32) -> Result<Option<PathBuf>, Error> {
+    let link = roots.dev.join(format!("disk/azure/scsi1/lun{lun}"));
+    if link.symlink_metadata().is_ok() {
+        // A dangling link means the device node is not there yet.
+        return Ok(std::fs::canonicalize(&link).ok());
+    }
+    let excluded = os_and_resource_disks(roots);
+    let dir = roots.sys.join("class/scsi_device");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(None);
+    };
+    let mut found = BTreeSet::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let address: Vec<&str> = name.split(':').collect();
+        if address.len() != 4 || address[3].parse::<u32>().ok() != Some(lun) {
+            continue;
+        }
+        let device = entry.path().join("device");
+        let read = |f: &str| {
+            std::fs::read_to_string(device.join(f))
+                .map(|s| s.trim().to_ascii_uppercase())
+                .unwrap_or_default()
+        };
+        if read("vendor") != "MSFT" || read("model") != "VIRTUAL DISK" {
+            continue;
+        }
+        let Ok(blocks) = std::fs::read_dir(device.join("block")) else {
+            continue;
+        };
+        for block in blocks.flatten() {
+            let block = block.file_name().to_string_lossy().into_owned();
+            if !excluded.contains(&block) {
+                found.insert((name.clone(), block));
+            }
+        }
+    }
+    match found.len() {
+        0 => Ok(None),
+        1 => {
+            let (_, block) = found.into_iter().next().expect("one");
+            let path = roots.dev.join(&block);
+            Ok(path.exists().then_some(path))
+        }
+        _ => Err(Error::FailedPrecondition(format!(
+            "LUN {lun} matches several SCSI disks ({}); not guessing which is the volume \
+             (install Azure's udev rules for /dev/disk/azure/scsi1)",
+            found
+                .iter()
+                .map(|(addr, b)| format!("{addr} {b}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// Kernel names of the OS and resource disks, as Azure's udev rules link them.
+fn os_and_resource_disks(roots: &DeviceRoots) -> BTreeSet<String> {
+    ["root", "resource", "os"]
+        .iter()
+        .filter_map(|l| std::fs::canonicalize(roots.dev.join("disk/azure").join(l)).ok())
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect()
+}
+
+/// Asks every SCSI host to scan for new devices (what udev does on a hot-add;
+/// a no-op where hot-add already worked).
+pub fn rescan(roots: &DeviceRoots) {
+    let Ok(hosts) = std::fs::read_dir(roots.sys.join("class/scsi_host")) else {
+        return;
+    };
+    for host in hosts.flatten() {
+        let scan = host.path().join("scan");
+        if let Err(e) = std::fs::write(&scan, "- - -") {
+            tracing::debug!(path = %scan.display(), error = %e, "SCSI rescan");
+        }
+    }
+}
+
+/// Waits up to `timeout` for LUN `lun` to appear, rescanning once when it is
+/// not there at first.
+pub async fn wait_for_lun(
+    roots: &DeviceRoots,
+    lun: u32,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<PathBuf, Error> {
+    let deadline = Instant::now() + timeout;
+    let mut rescanned = false;
+    loop {
+        if let Some(dev) = find_by_lun(roots, lun)? {
+            return Ok(dev);
+        }
+        if !rescanned {
+            rescan(roots);
+            rescanned = true;
+            continue;
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Unavailable(format!(
+                "no device for LUN {lun} appeared within {}s (no {} and no SCSI disk at that \
+                 LUN in {}); is the disk attached to this VM?",
+                timeout.as_secs(),
+                roots
+                    .dev
+                    .join(format!("disk/azure/scsi1/lun{lun}"))
+                    .display(),
+                roots.sys.join("class/scsi_device").display()
+            )));
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// Used by tests: a fake sysfs SCSI disk `H:C:T:L` with block device `block`.
+#[cfg(test)]
+pub(crate) fn fake_scsi_disk(
+    root: &std::path::Path,
+    address: &str,
+    vendor: &str,
+    model: &str,
+    block: &str,
+) {
+    let device = root
+        .join("sys/class/scsi_device")
+        .join(address)
+        .join("device");
+    std::fs::create_dir_all(device.join("block").join(block)).unwrap();
+    std::fs::write(device.join("vendor"), format!("{vendor}    \n")).unwrap();
+    std::fs::write(device.join("model"), format!("{model}    \n")).unwrap();
+    std::fs::create_dir_all(root.join("dev")).unwrap();
+    std::fs::write(root.join("dev").join(block), b"").unwrap();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn roots(dir: &Path) -> DeviceRoots {
+        DeviceRoots {
+            dev: dir.join("dev"),
+            sys: dir.join("sys"),
+        }
+    }
+
+    fn link(dir: &Path, name: &str, target: &str) {
+        let l = dir.join("dev/disk/azure").join(name);
+        std::fs::create_dir_all(l.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(target, l).unwrap();
+    }
+
+    #[test]
+    fn the_udev_link_wins() {
+        let t = tempfile::tempdir().unwrap();
+        fake_scsi_disk(t.path(), "3:0:0:1", "Msft", "Virtual Disk", "sdd");
+        std::fs::write(t.path().join("dev/sdc"), b"").unwrap();
+        link(t.path(), "scsi1/lun1", "../../../sdc");
+        let dev = find_by_lun(&roots(t.path()), 1).unwrap().unwrap();
+        assert_eq!(dev, t.path().join("dev/sdc").canonicalize().unwrap());
+        // Another LUN has no link and no SCSI disk.
+        assert_eq!(find_by_lun(&roots(t.path()), 2).unwrap(), None);
+    }
+
+    #[test]
+    fn a_dangling_link_is_not_there_yet() {
+        let t = tempfile::tempdir().unwrap();
+        link(t.path(), "scsi1/lun0", "../../../sdz");
+        assert_eq!(find_by_lun(&roots(t.path()), 0).unwrap(), None);
+    }
+
+    #[test]
+    fn sysfs_scan_finds_the_data_disk_and_skips_os_resource_and_others() {
+        let t = tempfile::tempdir().unwrap();
+        // OS disk and resource disk at LUN 0, linked as udev does.
+        fake_scsi_disk(t.path(), "0:0:0:0", "Msft", "Virtual Disk", "sda");
+        fake_scsi_disk(t.path(), "1:0:1:0", "Msft", "Virtual Disk", "sdb");
+        link(t.path(), "root", "../../sda");
+        link(t.path(), "resource", "../../sdb");
+        // A CD-ROM-like device at LUN 0 from another vendor.
+        fake_scsi_disk(t.path(), "2:0:0:0", "Msft", "Virtual DVD-ROM", "sr0");
+        // The data disks.
+        fake_scsi_disk(t.path(), "3:0:0:0", "Msft", "Virtual Disk", "sdc");
+        fake_scsi_disk(t.path(), "3:0:0:5", "MSFT", "VIRTUAL DISK", "sdd");
+        let r = roots(t.path());
+        assert_eq!(find_by_lun(&r, 0).unwrap(), Some(t.path().join("dev/sdc")));
+        assert_eq!(find_by_lun(&r, 5).unwrap(), Some(t.path().join("dev/sdd")));
+        assert_eq!(find_by_lun(&r, 1).unwrap(), None);
+    }
+
+    #[test]
+    fn two_candidates_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        fake_scsi_disk(t.path(), "0:0:0:0", "Msft", "Virtual Disk", "sda");
+        fake_scsi_disk(t.path(), "3:0:0:0", "Msft", "Virtual Disk", "sdc");
+        let e = find_by_lun(&roots(t.path()), 0).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            e.message().contains("sda") && e.message().contains("sdc"),
+            "{}",
+            e.message()
+        );
+    }
+
+    #[tokio::test]
+    async fn waits_for_the_device_and_rescans() {
+        let t = tempfile::tempdir().unwrap();
+        let host = t.path().join("sys/class/scsi_host/host3");
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(host.join("scan"), b"").unwrap();
+        let r = roots(t.path());
+        let dir = t.path().to_path_buf();
+        let appear = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            fake_scsi_disk(&dir, "3:0:0:2", "Msft", "Virtual Disk", "sde");
+        });
+        let dev = wait_for_lun(&r, 2, Duration::from_secs(5), Duration::from_millis(10))
+            .await
+            .unwrap();
+        appear.await.unwrap();
+        assert_eq!(dev, t.path().join("dev/sde"));
+        assert_eq!(std::fs::read_to_string(host.join("scan")).unwrap(), "- - -");
+        let e = wait_for_lun(&r, 9, Duration::from_millis(30), Duration::from_millis(10))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(e.message().contains("LUN 9"));
+    }
+
+    #[test]
+    fn luns_from_the_publish_context() {
+        let ctx = |v: &str| HashMap::from([(PUBLISH_LUN.to_string(), v.to_string())]);
+        assert_eq!(lun_from_context(&ctx("7")).unwrap(), 7);
+        for bad in ["", "-1", "64", "x", "1e3"] {
+            assert_eq!(
+                lun_from_context(&ctx(bad)).unwrap_err().code(),
+                tonic::Code::InvalidArgument
+            );
+        }
+        assert_eq!(
+            lun_from_context(&HashMap::new()).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+}

@@ -1,0 +1,284 @@
+//! The node plugin's view of its VM, from the Azure Instance Metadata Service:
+//! the VM name (the node id the controller attaches to), its zone (accessible
+//! topology) and its size (how many data disks it takes).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::kms::wrap::{clean, retry_after};
+
+/// api-version of `GET /metadata/instance`.
+pub const IMDS_INSTANCE_API_VERSION: &str = "2021-02-01";
+/// Data disks assumed for a VM size not in [`max_data_disks`]'s table: the
+/// value Azure's own disk CSI driver falls back to.
+pub const DEFAULT_MAX_DATA_DISKS: u32 = 16;
+
+/// The `compute` part of IMDS instance metadata that the node needs.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Instance {
+    pub name: String,
+    pub vm_size: String,
+    /// `"1"`, `"2"`, `"3"`, or empty for a regional VM.
+    pub zone: String,
+    pub location: String,
+    pub resource_group_name: String,
+    pub subscription_id: String,
+}
+
+impl Instance {
+    /// The zone as a topology value, `<location>-<zone>`; `None` for a VM in no zone.
+    pub fn topology_zone(&self) -> Option<String> {
+        let zone = self.zone.trim();
+        (!zone.is_empty()).then(|| format!("{}-{zone}", self.location.to_ascii_lowercase()))
+    }
+}
+
+/// Reads the instance metadata from `endpoint` (IMDS, or a fake), retrying what
+/// IMDS documents as transient (429, 5xx, and 404/410 while it starts).
+pub async fn instance(endpoint: &str, attempts: u32, delay: Duration) -> Result<Instance, String> {
+    let url = format!("{}/metadata/instance", endpoint.trim_end_matches('/'));
+    // IMDS is reached directly: a proxy from the environment must not see it.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    let mut last = String::new();
+    for attempt in 1..=attempts.max(1) {
+        if attempt > 1 {
+            tokio::time::sleep(delay).await;
+        }
+        let resp = client
+            .get(&url)
+            .query(&[("api-version", IMDS_INSTANCE_API_VERSION)])
+            .header("Metadata", "true")
+            .send()
+            .await;
+        match resp {
+            Ok(r) if r.status().is_success() => {
+                #[derive(Deserialize)]
+                struct Metadata {
+                    compute: Instance,
+                }
+                let body = r.bytes().await.map_err(|e| format!("reading {url}: {e}"))?;
+                let m: Metadata = serde_json::from_slice(&body)
+                    .map_err(|e| format!("{url} answered with unexpected JSON: {e}"))?;
+                if m.compute.name.is_empty() {
+                    return Err(format!("{url} answered without compute.name"));
+                }
+                return Ok(m.compute);
+            }
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let wait = retry_after(r.headers());
+                let body = r.text().await.unwrap_or_default();
+                last = format!("{url} answered HTTP {status}: {}", clean(&body, 200));
+                if !matches!(status, 404 | 410 | 429 | 500..=599) {
+                    return Err(last);
+                }
+                if let Some(w) = wait {
+                    tokio::time::sleep(w.min(Duration::from_secs(5))).await;
+                }
+            }
+            Err(e) => last = format!("{url}: {}", e.without_url()),
+        }
+    }
+    Err(format!("Azure instance metadata unavailable: {last}"))
+}
+
+/// The most data disks a VM size takes, for the common sizes; `None` for a
+/// size this table does not know (use [`DEFAULT_MAX_DATA_DISKS`]).
+///
+/// Rules, from Azure's size pages: the B series and the v2 D/DS series have
+/// their own tables; the D, E, F and L families from v3 (and Fsv2) on take two
+/// data disks per vCPU, at most 32; the M series 64.
+pub fn max_data_disks(vm_size: &str) -> Option<u32> {
+    let size = vm_size.trim().to_ascii_lowercase();
+    let name = size.strip_prefix("standard_")?;
+    let (base, version) = match name.rsplit_once("_v") {
+        Some((b, v)) if v.chars().all(|c| c.is_ascii_digit()) && !v.is_empty() => {
+            (b, v.parse::<u32>().ok()?)
+        }
+        _ => (name, 1),
+    };
+    // The family letters, the vCPU count, then feature letters (a, d, s, m, ...).
+    let family: String = base
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect();
+    let rest = &base[family.len()..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let n: u32 = digits.parse().ok()?;
+    match (family.as_str(), version) {
+        ("b", _) => Some(match n {
+            1 => 2,
+            2 => 4,
+            4 => 8,
+            8 | 12 => 16,
+            _ => 32,
+        }),
+        ("d" | "ds", 1 | 2) => match n {
+            1 | 11 => Some(4),
+            2 | 12 => Some(8),
+            3 | 13 => Some(16),
+            4 | 14 => Some(32),
+            5 | 15 => Some(64),
+            _ => None,
+        },
+        ("d" | "e" | "l", 3..) | ("f", 2..) => Some((2 * n).clamp(2, 32)),
+        ("m", _) => Some(64),
+        _ => None,
+    }
+}
+
+/// What the node plugin reports on Azure: its node id, zone and volume limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeFacts {
+    pub node_id: String,
+    /// `<location>-<zone>`, for [`super::TOPOLOGY_ZONE`]; `None` outside zones.
+    pub zone: Option<String>,
+    pub max_volumes: i64,
+}
+
+/// The node's facts from IMDS at `endpoint`, each replaced by what the operator
+/// gave (`node_id`, `max_volumes`).
+pub async fn node_facts(
+    endpoint: &str,
+    node_id: Option<String>,
+    max_volumes: Option<i64>,
+) -> Result<NodeFacts, String> {
+    let vm = instance(endpoint, 5, Duration::from_secs(1)).await?;
+    let max_volumes = match max_volumes {
+        Some(m) => m,
+        None => match max_data_disks(&vm.vm_size) {
+            Some(n) => i64::from(n),
+            None => {
+                tracing::warn!(
+                    vm_size = %vm.vm_size,
+                    assumed = DEFAULT_MAX_DATA_DISKS,
+                    "unknown VM size: assuming its data-disk limit; set --max-volumes to override"
+                );
+                i64::from(DEFAULT_MAX_DATA_DISKS)
+            }
+        },
+    };
+    Ok(NodeFacts {
+        node_id: node_id.unwrap_or_else(|| vm.name.clone()),
+        zone: vm.topology_zone(),
+        max_volumes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_disk_limits_of_common_sizes() {
+        let cases = [
+            ("Standard_B1s", Some(2)),
+            ("Standard_B2ms", Some(4)),
+            ("Standard_D2s_v3", Some(4)),
+            ("Standard_D4s_v5", Some(8)),
+            ("Standard_D8ads_v5", Some(16)),
+            ("Standard_D16as_v4", Some(32)),
+            ("Standard_D96s_v5", Some(32)),
+            ("Standard_E2s_v3", Some(4)),
+            ("Standard_E64ds_v5", Some(32)),
+            ("Standard_F2s_v2", Some(4)),
+            ("Standard_F72s_v2", Some(32)),
+            ("Standard_DS2_v2", Some(8)),
+            ("Standard_DS5_v2", Some(64)),
+            ("Standard_D1_v2", Some(4)),
+            ("Standard_L8s_v3", Some(16)),
+            ("Standard_M128ms", Some(64)),
+            ("standard_d4s_v5", Some(8)),
+            ("Standard_NC24ads_A100_v4", None),
+            ("Basic_A0", None),
+            ("", None),
+        ];
+        for (size, want) in cases {
+            assert_eq!(max_data_disks(size), want, "{size}");
+        }
+    }
+
+    #[test]
+    fn zones_as_topology() {
+        let mut i = Instance {
+            name: "vm".into(),
+            location: "EastUS".into(),
+            zone: "2".into(),
+            ..Default::default()
+        };
+        assert_eq!(i.topology_zone().as_deref(), Some("eastus-2"));
+        i.zone = String::new();
+        assert_eq!(i.topology_zone(), None);
+    }
+
+    #[tokio::test]
+    async fn node_facts_from_a_fake_imds() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let n = h.fetch_add(1, Ordering::SeqCst);
+                            async move {
+                                let ok = req.uri().path() == "/metadata/instance"
+                                    && req.uri().query() == Some("api-version=2021-02-01")
+                                    && req.headers().get("metadata").is_some_and(|v| v == "true");
+                                let (status, body) = if !ok {
+                                    (400, "bad request".to_string())
+                                } else if n == 0 {
+                                    // IMDS answers 410 while it starts.
+                                    (410, "Gone".to_string())
+                                } else {
+                                    (
+                                        200,
+                                        serde_json::json!({"compute": {
+                                    "name": "aks-pool-vm3", "vmSize": "Standard_D8s_v5",
+                                    "zone": "3", "location": "westeurope",
+                                    "resourceGroupName": "mc", "subscriptionId": "s"}})
+                                        .to_string(),
+                                    )
+                                };
+                                Ok::<_, std::convert::Infallible>(
+                                    http::Response::builder()
+                                        .status(status)
+                                        .body(http_body_util::Full::new(hyper::body::Bytes::from(
+                                            body,
+                                        )))
+                                        .unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        let facts = node_facts(&base, None, None).await.unwrap();
+        assert_eq!(
+            facts,
+            NodeFacts {
+                node_id: "aks-pool-vm3".into(),
+                zone: Some("westeurope-3".into()),
+                max_volumes: 16,
+            }
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+        let given = node_facts(&base, Some("n1".into()), Some(3)).await.unwrap();
+        assert_eq!((given.node_id.as_str(), given.max_volumes), ("n1", 3));
+    }
+}

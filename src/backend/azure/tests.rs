@@ -1,0 +1,892 @@
+//! The Azure backend against the fake ARM, through the CSI controller.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tonic::{Code, Request};
+
+use super::auth::{self, ReqwestTransport};
+use super::config::{AzureConfig, ENV_ARM_ENDPOINT, ENV_AUTHORITY_HOST};
+use super::fake::*;
+use super::{AzureBackend, PUBLISH_LUN, TOPOLOGY_ZONE};
+use crate::backend::DiskBackend;
+use crate::csi::controller::ControllerService;
+use crate::kms::wrap::Retry;
+use crate::proto::csi::controller_server::Controller;
+use crate::proto::csi::volume_capability::access_mode::Mode;
+use crate::proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+use crate::proto::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
+use crate::proto::csi::*;
+
+const GIB: i64 = 1 << 30;
+const DRIVER: &str = "cryptdisk.csi.io";
+
+struct Env {
+    fake: FakeArm,
+    ctl: Arc<ControllerService>,
+}
+
+fn config(fake: &FakeArm, secret: &str) -> AzureConfig {
+    let file = json!({
+        "cloud": "AzurePublicCloud",
+        "tenantId": TENANT,
+        "subscriptionId": SUB,
+        "resourceGroup": RG,
+        "location": LOCATION,
+        "vmType": "standard",
+        "aadClientId": CLIENT_ID,
+        "aadClientSecret": secret,
+    })
+    .to_string();
+    let base = fake.base.clone();
+    let mut c = AzureConfig::from_parts(
+        Some(&file),
+        "azure.json",
+        |k| match k {
+            ENV_ARM_ENDPOINT => Some(base.clone()),
+            ENV_AUTHORITY_HOST => Some(FAKE_AUTHORITY.to_string()),
+            _ => None,
+        },
+        DRIVER,
+    )
+    .unwrap();
+    c.retry = Retry {
+        max_attempts: 4,
+        base_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(20),
+    };
+    c.poll_interval = Duration::from_millis(2);
+    c.operation_timeout = Duration::from_secs(20);
+    c.request_timeout = Duration::from_secs(10);
+    c
+}
+
+fn backend(fake: &FakeArm, c: &AzureConfig) -> Arc<AzureBackend> {
+    let http = AzureBackend::http_client(c).unwrap();
+    let transport = Arc::new(RedirectTransport {
+        inner: ReqwestTransport(http.clone()),
+        to: fake.base.clone(),
+    });
+    let credential = auth::credential(c, transport).unwrap();
+    Arc::new(AzureBackend::with_credential(c, http, credential))
+}
+
+async fn setup() -> Env {
+    let fake = FakeArm::start().await;
+    fake.add_vm("node-a", "Standard_D4s_v5");
+    fake.add_vm("node-b", "Standard_B1s");
+    let b = backend(&fake, &config(&fake, CLIENT_SECRET));
+    Env {
+        fake,
+        ctl: Arc::new(ControllerService::new(b, None)),
+    }
+}
+
+fn cap() -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+fn create_req(name: &str, bytes: i64, params: &[(&str, &str)]) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap()],
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+impl Env {
+    async fn create(&self, req: CreateVolumeRequest) -> Result<Volume, tonic::Status> {
+        self.ctl
+            .create_volume(Request::new(req))
+            .await
+            .map(|r| r.into_inner().volume.unwrap())
+    }
+
+    async fn publish(
+        &self,
+        volume: &str,
+        node: &str,
+    ) -> Result<HashMap<String, String>, tonic::Status> {
+        self.ctl
+            .controller_publish_volume(Request::new(ControllerPublishVolumeRequest {
+                volume_id: volume.into(),
+                node_id: node.into(),
+                volume_capability: Some(cap()),
+                ..Default::default()
+            }))
+            .await
+            .map(|r| r.into_inner().publish_context)
+    }
+
+    async fn unpublish(&self, volume: &str, node: &str) -> Result<(), tonic::Status> {
+        self.ctl
+            .controller_unpublish_volume(Request::new(ControllerUnpublishVolumeRequest {
+                volume_id: volume.into(),
+                node_id: node.into(),
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ())
+    }
+
+    async fn delete(&self, volume: &str) -> Result<(), tonic::Status> {
+        self.ctl
+            .delete_volume(Request::new(DeleteVolumeRequest {
+                volume_id: volume.into(),
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ())
+    }
+
+    async fn snapshot(&self, source: &str, name: &str) -> Result<Snapshot, tonic::Status> {
+        self.ctl
+            .create_snapshot(Request::new(CreateSnapshotRequest {
+                source_volume_id: source.into(),
+                name: name.into(),
+                ..Default::default()
+            }))
+            .await
+            .map(|r| r.into_inner().snapshot.unwrap())
+    }
+
+    /// Every volume id, following next tokens page by page.
+    async fn list_all(&self, page: i32) -> Vec<(String, Vec<String>)> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let r = self
+                .ctl
+                .list_volumes(Request::new(ListVolumesRequest {
+                    max_entries: page,
+                    starting_token: token.clone(),
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(page == 0 || r.entries.len() <= page as usize);
+            for e in r.entries {
+                out.push((
+                    e.volume.unwrap().volume_id,
+                    e.status.unwrap().published_node_ids,
+                ));
+            }
+            if r.next_token.is_empty() {
+                return out;
+            }
+            token = r.next_token;
+        }
+    }
+
+    fn disk(&self, name: &str) -> Value {
+        let key = format!(
+            "/subscriptions/{SUB}/resourcegroups/{RG}/providers/microsoft.compute/disks/{name}"
+        );
+        self.fake
+            .with(|s| s.disks.get(&key.to_ascii_lowercase()).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    fn vm_disks(&self, vm: &str) -> Vec<Value> {
+        let key = format!(
+            "/subscriptions/{SUB}/resourcegroups/{RG}/providers/microsoft.compute/virtualmachines/{vm}"
+        )
+        .to_ascii_lowercase();
+        self.fake.with(|s| {
+            s.vms[&key]["properties"]["storageProfile"]["dataDisks"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+    }
+
+    fn assert_clean(&self) {
+        assert_eq!(self.fake.problems(), Vec::<String>::new());
+    }
+}
+
+fn lun(ctx: &HashMap<String, String>) -> u32 {
+    ctx[PUBLISH_LUN].parse().unwrap()
+}
+
+#[tokio::test]
+async fn each_sku_rounds_the_size_it_creates() {
+    let env = setup().await;
+    // 1 GiB usable + the 16 MiB LUKS2 header: 2 GiB, except Ultra's 4 GiB minimum.
+    let cases = [
+        ("Standard_LRS", GIB, 2),
+        ("StandardSSD_LRS", GIB, 2),
+        ("Premium_LRS", 10 * GIB, 11),
+        ("PremiumV2_LRS", GIB, 2),
+        ("UltraSSD_LRS", GIB, 4),
+        ("UltraSSD_LRS", 6 * GIB, 7),
+    ];
+    for (i, (sku, bytes, gib)) in cases.into_iter().enumerate() {
+        let name = format!("pvc-sku-{i}");
+        let v = env
+            .create(create_req(&name, bytes, &[("skuName", sku)]))
+            .await
+            .unwrap();
+        assert_eq!(v.volume_id, format!("azure:{RG}:{name}"));
+        assert_eq!(
+            v.capacity_bytes, bytes,
+            "{sku}: the usable size is reported"
+        );
+        let disk = env.disk(&name);
+        assert_eq!(disk["sku"]["name"], sku);
+        assert_eq!(disk["properties"]["diskSizeGB"], gib, "{sku} {bytes}");
+        assert_eq!(disk["properties"]["provisioningState"], "Succeeded");
+    }
+    // No capacity: the default 1 GiB volume on the default SKU.
+    let v = env.create(create_req("pvc-default", 0, &[])).await.unwrap();
+    assert_eq!(v.capacity_bytes, GIB);
+    assert_eq!(env.disk("pvc-default")["sku"]["name"], "StandardSSD_LRS");
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn full_controller_lifecycle() {
+    let env = setup().await;
+    let v = env
+        .create(create_req("pvc-a", 10 * GIB, &[("skuName", "Premium_LRS")]))
+        .await
+        .unwrap();
+    let id = v.volume_id.clone();
+    assert_eq!(id, format!("azure:{RG}:pvc-a"));
+    assert_eq!(v.volume_context["cryptdisk.csi.io/integrity"], "false");
+    assert!(v.accessible_topology.is_empty(), "a regional disk");
+    let disk = env.disk("pvc-a");
+    assert_eq!(disk["properties"]["diskSizeGB"], 11);
+    assert_eq!(disk["tags"]["kubernetes.io-created-for-pv-name"], "pvc-a");
+    assert_eq!(disk["tags"]["k8s-azure-created-by"], DRIVER);
+    assert!(
+        disk["tags"]["cryptdisk-options"]
+            .as_str()
+            .unwrap()
+            .contains("integrity=false")
+    );
+    assert_eq!(disk["properties"]["creationData"]["createOption"], "Empty");
+    assert!(disk.get("zones").is_none());
+
+    // A retry finds the disk it created: no second PUT.
+    let before = env.fake.request_count();
+    let again = env
+        .create(create_req("pvc-a", 10 * GIB, &[("skuName", "Premium_LRS")]))
+        .await
+        .unwrap();
+    assert_eq!(again.volume_id, id);
+    assert_eq!(again.capacity_bytes, 10 * GIB);
+    assert!(
+        !env.fake
+            .calls_since(before)
+            .iter()
+            .any(|c| c.starts_with("PUT"))
+    );
+    // The same name with other arguments.
+    for (bytes, params) in [
+        (20 * GIB, vec![("skuName", "Premium_LRS")]),
+        (10 * GIB, vec![("skuName", "StandardSSD_LRS")]),
+    ] {
+        let e = env
+            .create(create_req("pvc-a", bytes, &params))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+        assert!(e.message().contains("differs"), "{}", e.message());
+    }
+
+    // Publish: a LUN in the publish context, the disk on the VM with ReadOnly caching.
+    let ctx = env.publish(&id, "node-a").await.unwrap();
+    assert_eq!(lun(&ctx), 0);
+    let entries = env.vm_disks("node-a");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["caching"], "ReadOnly");
+    assert_eq!(entries[0]["createOption"], "Attach");
+    assert!(
+        entries[0]["managedDisk"]["id"]
+            .as_str()
+            .unwrap()
+            .eq_ignore_ascii_case(&format!(
+                "/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/disks/pvc-a"
+            ))
+    );
+    // Again: the same LUN, and the VM is not updated.
+    let before = env.fake.request_count();
+    assert_eq!(env.publish(&id, "node-a").await.unwrap(), ctx);
+    assert!(
+        !env.fake
+            .calls_since(before)
+            .iter()
+            .any(|c| c.starts_with("PATCH"))
+    );
+    // Elsewhere while attached here.
+    let e = env.publish(&id, "node-b").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    // An Ultra disk takes the next LUN, with no host caching.
+    let ultra = env
+        .create(create_req("pvc-ultra", GIB, &[("skuName", "UltraSSD_LRS")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        lun(&env.publish(&ultra.volume_id, "node-a").await.unwrap()),
+        1
+    );
+    assert_eq!(env.vm_disks("node-a")[1]["caching"], "None");
+
+    // Listed with the node it is published on.
+    let listed = env.list_all(0).await;
+    assert!(
+        listed.contains(&(id.clone(), vec!["node-a".to_string()])),
+        "{listed:?}"
+    );
+
+    // Expansion, online.
+    let r = env
+        .ctl
+        .controller_expand_volume(Request::new(ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 20 * GIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.node_expansion_required);
+    assert!(r.capacity_bytes >= 20 * GIB, "{}", r.capacity_bytes);
+    assert_eq!(env.disk("pvc-a")["properties"]["diskSizeGB"], 21);
+
+    // Snapshot: incremental, ready once its operation is done; idempotent by name.
+    let snap = env.snapshot(&id, "snap-1").await.unwrap();
+    assert_eq!(snap.snapshot_id, format!("azure:{RG}:snap-1"));
+    assert_eq!(snap.source_volume_id, id);
+    assert!(snap.ready_to_use);
+    assert_eq!(snap.size_bytes, 21 * GIB);
+    assert_eq!(snap.creation_time.unwrap().seconds, 1_795_982_462);
+    assert_eq!(env.snapshot(&id, "snap-1").await.unwrap(), snap);
+    let e = env.snapshot(&ultra.volume_id, "snap-1").await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+
+    // Restore from the snapshot, and clone the volume.
+    let mut restore = create_req("pvc-restore", 20 * GIB, &[("skuName", "Premium_LRS")]);
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    });
+    let restored = env.create(restore.clone()).await.unwrap();
+    let d = env.disk("pvc-restore");
+    assert_eq!(d["properties"]["creationData"]["createOption"], "Copy");
+    assert!(
+        d["properties"]["creationData"]["sourceResourceId"]
+            .as_str()
+            .unwrap()
+            .ends_with("/snapshots/snap-1")
+    );
+    assert_eq!(
+        restored.content_source.unwrap().r#type,
+        Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone()
+        }))
+    );
+    assert_eq!(
+        env.create(restore).await.unwrap().volume_id,
+        restored.volume_id
+    );
+    let mut clone = create_req("pvc-clone", 20 * GIB, &[("skuName", "Premium_LRS")]);
+    clone.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Volume(VolumeSource {
+            volume_id: id.clone(),
+        })),
+    });
+    env.create(clone).await.unwrap();
+    assert!(
+        env.disk("pvc-clone")["properties"]["creationData"]["sourceResourceId"]
+            .as_str()
+            .unwrap()
+            .ends_with("/disks/pvc-a")
+    );
+    // A clone smaller than its source.
+    let mut small = create_req("pvc-small", GIB, &[("skuName", "Premium_LRS")]);
+    small.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Volume(VolumeSource {
+            volume_id: id.clone(),
+        })),
+    });
+    assert_eq!(
+        env.create(small).await.unwrap_err().code(),
+        Code::OutOfRange
+    );
+
+    // Paginated listing (the fake pages ARM's list by two as well).
+    let all: BTreeSet<String> = env.list_all(0).await.into_iter().map(|(v, _)| v).collect();
+    let paged: Vec<String> = env.list_all(1).await.into_iter().map(|(v, _)| v).collect();
+    assert_eq!(paged.len(), 4);
+    assert_eq!(paged.iter().cloned().collect::<BTreeSet<_>>(), all);
+    let e = env
+        .ctl
+        .list_volumes(Request::new(ListVolumesRequest {
+            max_entries: 1,
+            starting_token: "not-a-token".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted);
+    let snaps = env
+        .ctl
+        .list_snapshots(Request::new(ListSnapshotsRequest {
+            source_volume_id: id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snaps.entries.len(), 1);
+
+    // In use: no delete.
+    let e = env.delete(&id).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    // Unpublish, twice; the VM keeps its other disk.
+    env.unpublish(&id, "node-a").await.unwrap();
+    env.unpublish(&id, "node-a").await.unwrap();
+    let left = env.vm_disks("node-a");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["lun"], 1);
+    assert!(env.disk("pvc-a").get("managedBy").is_none());
+    // Delete (a 202 + Location operation), twice.
+    env.delete(&id).await.unwrap();
+    assert!(env.disk("pvc-a").is_null());
+    env.delete(&id).await.unwrap();
+    env.ctl
+        .delete_snapshot(Request::new(DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(env.fake.with(|s| s.snapshots.is_empty()));
+    // Unpublish of a deleted volume, and from a VM that does not exist.
+    env.unpublish(&id, "node-a").await.unwrap();
+    env.unpublish(&ultra.volume_id, "no-such-vm").await.unwrap();
+
+    // One token for the whole run: azure_identity caches it.
+    assert_eq!(env.fake.with(|s| s.token_requests), 1);
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn concurrent_publishes_to_one_vm_get_distinct_luns() {
+    let env = setup().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            env.create(create_req(&format!("pvc-c{i}"), GIB, &[]))
+                .await
+                .unwrap()
+                .volume_id,
+        );
+    }
+    // Operations stay in progress a little longer, so that updates overlap.
+    env.fake.with(|s| s.polls = 3);
+    let mut tasks = tokio::task::JoinSet::new();
+    for id in ids.clone() {
+        let ctl = env.ctl.clone();
+        tasks.spawn(async move {
+            ctl.controller_publish_volume(Request::new(ControllerPublishVolumeRequest {
+                volume_id: id,
+                node_id: "node-a".into(),
+                volume_capability: Some(cap()),
+                ..Default::default()
+            }))
+            .await
+            .map(|r| r.into_inner().publish_context)
+        });
+    }
+    let mut luns = BTreeSet::new();
+    while let Some(r) = tasks.join_next().await {
+        luns.insert(lun(&r.unwrap().unwrap()));
+    }
+    assert_eq!(luns, (0..5).collect());
+    assert_eq!(env.vm_disks("node-a").len(), 5);
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn zones_follow_the_accessibility_requirements() {
+    let env = setup().await;
+    let zone = |z: &str| Topology {
+        segments: HashMap::from([(TOPOLOGY_ZONE.to_string(), z.to_string())]),
+    };
+    let mut req = create_req("pvc-z", GIB, &[("skuName", "PremiumV2_LRS")]);
+    req.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![zone("eastus-1"), zone("eastus-2")],
+        preferred: vec![zone("eastus-2")],
+    });
+    let v = env.create(req.clone()).await.unwrap();
+    assert_eq!(env.disk("pvc-z")["zones"], json!(["2"]));
+    assert_eq!(v.accessible_topology, vec![zone("eastus-2")]);
+    assert_eq!(env.create(req).await.unwrap().volume_id, v.volume_id);
+
+    let mut elsewhere = create_req("pvc-w", GIB, &[]);
+    elsewhere.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![zone("westus-1")],
+        preferred: vec![],
+    });
+    let e = env.create(elsewhere).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+
+    // Capacity: none in another region's zone, no pool limit in ours.
+    let capacity = |z: &str| GetCapacityRequest {
+        accessible_topology: Some(zone(z)),
+        ..Default::default()
+    };
+    let other = env
+        .ctl
+        .get_capacity(Request::new(capacity("westus-1")))
+        .await
+        .unwrap();
+    assert_eq!(other.into_inner().available_capacity, 0);
+    let here = env
+        .ctl
+        .get_capacity(Request::new(capacity("eastus-3")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(here.available_capacity > 1 << 50);
+    assert_eq!(here.maximum_volume_size, Some(65_536 * GIB - (16 << 20)));
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn throttling_and_server_errors_are_retried() {
+    let env = setup().await;
+    env.fake.with(|s| {
+        s.throttle = 2;
+        s.unavailable = 1;
+    });
+    let before = env.fake.request_count();
+    env.create(create_req("pvc-t", GIB, &[])).await.unwrap();
+    let calls: Vec<String> = env
+        .fake
+        .calls_since(before)
+        .into_iter()
+        .filter(|c| !c.contains("/oauth2/"))
+        .collect();
+    // GET answered 429, 429, 503, then 404; PUT; polls; final GET.
+    assert!(calls.len() >= 7, "{calls:?}");
+    assert!(
+        calls[..4]
+            .iter()
+            .all(|c| c.starts_with("GET") && c.ends_with("/disks/pvc-t"))
+    );
+    // Throttled past the retries: UNAVAILABLE, with ARM's words.
+    env.fake.with(|s| s.throttle = 100);
+    let e = env
+        .create(create_req("pvc-t2", GIB, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.message().contains("TooManyRequests"), "{}", e.message());
+    env.fake.with(|s| s.throttle = 0);
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let fake = FakeArm::start().await;
+    let mut c = config(&fake, CLIENT_SECRET);
+    c.retry.max_delay = Duration::from_secs(5);
+    let b = backend(&fake, &c);
+    // Warm the token cache so that only ARM's wait is timed.
+    assert!(
+        b.get_disk(&"azure:rg-1:x".parse().unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    fake.with(|s| s.throttle = 1);
+    let start = Instant::now();
+    assert!(
+        b.get_disk(&"azure:rg-1:x".parse().unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(950), "{waited:?}");
+    assert!(waited < Duration::from_secs(4), "{waited:?}");
+}
+
+#[tokio::test]
+async fn arm_errors_reach_the_co_with_their_code_and_message() {
+    let env = setup().await;
+    let quota = "Operation could not be completed as it results in exceeding approved Total Regional Disk quota";
+    env.fake
+        .inject("PUT", "/disks/pvc-q", 409, "OperationNotAllowed", quota);
+    let e = env.create(create_req("pvc-q", GIB, &[])).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().contains("OperationNotAllowed") && e.message().contains(quota),
+        "{}",
+        e.message()
+    );
+
+    env.fake.inject("GET", "/disks/pvc-p", 403, "AuthorizationFailed", "The client 'x' does not have authorization to perform action 'Microsoft.Compute/disks/read'.");
+    let e = env.create(create_req("pvc-p", GIB, &[])).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("permission denied")
+            && e.message().contains("Microsoft.Compute/disks/read"),
+        "{}",
+        e.message()
+    );
+
+    env.fake.with(|s| {
+        s.fail_next_operation = Some((
+            "ZonalAllocationFailed".into(),
+            "Allocation failed in zone 1.".into(),
+        ))
+    });
+    let e = env.create(create_req("pvc-f", GIB, &[])).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(
+        e.message().contains("Allocation failed in zone 1."),
+        "{}",
+        e.message()
+    );
+
+    let v = env.create(create_req("pvc-e", GIB, &[])).await.unwrap();
+    let e = env.publish(&v.volume_id, "no-such-vm").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    env.fake.inject("PATCH", "/virtualmachines/node-a", 409, "AttachDiskWhileBeingDetached", "Cannot attach data disk 'pvc-e' to VM 'node-a' because the disk is currently being detached.");
+    let e = env.publish(&v.volume_id, "node-a").await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted);
+    assert!(e.message().contains("being detached"), "{}", e.message());
+    assert_eq!(lun(&env.publish(&v.volume_id, "node-a").await.unwrap()), 0);
+    // Another operation in progress on the VM: retried, then done.
+    let v2 = env.create(create_req("pvc-e2", GIB, &[])).await.unwrap();
+    env.fake.inject(
+        "PATCH",
+        "/virtualmachines/node-a",
+        409,
+        "Conflict",
+        "Operation 'Update VM' is not allowed since another operation is in progress.",
+    );
+    let before = env.fake.request_count();
+    assert_eq!(lun(&env.publish(&v2.volume_id, "node-a").await.unwrap()), 1);
+    let patches = env
+        .fake
+        .calls_since(before)
+        .iter()
+        .filter(|c| c.starts_with("PATCH"))
+        .count();
+    assert_eq!(patches, 2);
+
+    // node-b (Standard_B1s) takes two data disks; ARM refuses a third.
+    for i in 0..3 {
+        let v = env
+            .create(create_req(&format!("pvc-b{i}"), GIB, &[]))
+            .await
+            .unwrap();
+        let r = env.publish(&v.volume_id, "node-b").await;
+        if i < 2 {
+            r.unwrap();
+        } else {
+            let e = r.unwrap_err();
+            assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+            assert!(
+                e.message().contains("maximum number of data disks"),
+                "{}",
+                e.message()
+            );
+        }
+    }
+
+    for (params, what) in [
+        (vec![("skuName", "Premium_ZRS")], "skuName"),
+        (vec![("diskEncryptionSetID", "x")], "diskEncryptionSetID"),
+    ] {
+        let e = env
+            .create(create_req("pvc-bad", GIB, &params))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains(what), "{}", e.message());
+    }
+    let e = env
+        .create(create_req(
+            "pvc-huge",
+            40_000 * GIB,
+            &[("skuName", "Premium_LRS")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn disks_of_others_are_left_alone() {
+    let env = setup().await;
+    let key = format!(
+        "/subscriptions/{SUB}/resourcegroups/{RG}/providers/microsoft.compute/disks/pvc-foreign"
+    );
+    env.fake.with(|s| {
+        s.disks.insert(
+            key.clone(),
+            json!({"id": key, "name": "pvc-foreign", "sku": {"name": "Premium_LRS"}, "tags": {},
+                   "properties": {"diskSizeGB": 2, "provisioningState": "Succeeded"}}),
+        )
+    });
+    let e = env
+        .create(create_req("pvc-foreign", GIB, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    let e = env
+        .delete(&format!("azure:{RG}:pvc-foreign"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(env.list_all(0).await.is_empty());
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn a_refused_token_is_failed_precondition_without_the_secret() {
+    let fake = FakeArm::start().await;
+    let b = backend(&fake, &config(&fake, "wrong-secret-value"));
+    let ctl = ControllerService::new(b, None);
+    let e = ctl
+        .create_volume(Request::new(create_req("pvc-x", GIB, &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("AADSTS7000215"), "{}", e.message());
+    assert!(!e.message().contains("wrong-secret-value"));
+    // No ARM request went out without a token.
+    assert!(fake.calls_since(0).iter().all(|c| c.contains("/oauth2/")));
+}
+
+#[tokio::test]
+async fn an_operation_that_does_not_finish_is_unavailable_and_a_retry_completes_it() {
+    let fake = FakeArm::start().await;
+    let mut c = config(&fake, CLIENT_SECRET);
+    c.operation_timeout = Duration::from_millis(200);
+    let ctl = ControllerService::new(backend(&fake, &c), None);
+    fake.with(|s| s.polls = 1_000_000);
+    let e = ctl
+        .create_volume(Request::new(create_req("pvc-slow", GIB, &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(e.message().contains("did not finish"), "{}", e.message());
+    // Still creating: the retry is told to wait.
+    let e = ctl
+        .create_volume(Request::new(create_req("pvc-slow", GIB, &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+    // Once ARM is done, the retry returns the disk.
+    let key = format!(
+        "/subscriptions/{SUB}/resourcegroups/{RG}/providers/microsoft.compute/disks/pvc-slow"
+    );
+    fake.with(|s| {
+        s.disks.get_mut(&key).unwrap()["properties"]["provisioningState"] = json!("Succeeded")
+    });
+    let v = ctl
+        .create_volume(Request::new(create_req("pvc-slow", GIB, &[])))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.volume_id, format!("azure:{RG}:pvc-slow"));
+    assert!(fake.problems().is_empty(), "{:?}", fake.problems());
+}
+
+#[tokio::test]
+async fn a_failed_creation_is_tried_again() {
+    let env = setup().await;
+    env.fake.with(|s| {
+        s.fail_next_operation = Some((
+            "InternalDiskManagementError".into(),
+            "An internal error occurred.".into(),
+        ))
+    });
+    let e = env
+        .create(create_req("pvc-retry", GIB, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{}", e.message());
+    assert_eq!(
+        env.disk("pvc-retry")["properties"]["provisioningState"],
+        "Failed"
+    );
+    let v = env.create(create_req("pvc-retry", GIB, &[])).await.unwrap();
+    assert_eq!(v.volume_id, format!("azure:{RG}:pvc-retry"));
+    assert_eq!(
+        env.disk("pvc-retry")["properties"]["provisioningState"],
+        "Succeeded"
+    );
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn workload_identity_exchanges_the_federated_token() {
+    let fake = FakeArm::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("azure-identity-token");
+    std::fs::write(&token_file, FEDERATED_TOKEN).unwrap();
+    let file =
+        json!({"subscriptionId": SUB, "resourceGroup": RG, "location": LOCATION}).to_string();
+    let (base, path) = (fake.base.clone(), token_file.display().to_string());
+    let mut c = AzureConfig::from_parts(
+        Some(&file),
+        "azure.json",
+        |k| match k {
+            ENV_ARM_ENDPOINT => Some(base.clone()),
+            ENV_AUTHORITY_HOST => Some(FAKE_AUTHORITY.to_string()),
+            "AZURE_TENANT_ID" => Some(TENANT.to_string()),
+            "AZURE_CLIENT_ID" => Some(CLIENT_ID.to_string()),
+            "AZURE_FEDERATED_TOKEN_FILE" => Some(path.clone()),
+            _ => None,
+        },
+        DRIVER,
+    )
+    .unwrap();
+    assert_eq!(
+        c.credentials.describe(),
+        "workload identity (federated token)"
+    );
+    c.retry.base_delay = Duration::from_millis(1);
+    let b = backend(&fake, &c);
+    assert!(
+        b.get_disk(&"azure:rg-1:x".parse().unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(fake.with(|s| s.token_requests), 1);
+    assert!(fake.problems().is_empty(), "{:?}", fake.problems());
+}

@@ -1,0 +1,196 @@
+//! Attach and detach: a VM's data-disk list read, changed and written back with
+//! `PATCH .../virtualMachines/{vm}`, under a per-VM lock so that concurrent
+//! publishes to one node get distinct LUNs and never race ARM's own
+//! one-update-at-a-time rule.
+
+use std::sync::Arc;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::disks::{Sku, attached_vms, size_gib_of, sku_of, str_at};
+use super::{AzureBackend, VM_API_VERSION};
+use crate::backend::{Error, Result};
+use crate::volume::VolumeId;
+
+/// LUNs Azure numbers data disks with; a VM size allows a prefix of them.
+const MAX_LUNS: u32 = 64;
+
+/// Whether `node` can name a VM: 1 to 64 letters, digits, `-`, `_`, `.`.
+fn vm_name_ok(node: &str) -> bool {
+    (1..=64).contains(&node.len())
+        && node
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn data_disks(vm: &Value) -> Vec<Value> {
+    vm.pointer("/properties/storageProfile/dataDisks")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Whether a data-disk entry is `disk_arm_id` (ARM ids compare case-insensitively).
+fn is_disk(entry: &Value, disk_arm_id: &str) -> bool {
+    str_at(entry, "/managedDisk/id").is_some_and(|id| id.eq_ignore_ascii_case(disk_arm_id))
+}
+
+fn lun_of(entry: &Value) -> Option<u32> {
+    entry.get("lun").and_then(Value::as_u64).map(|l| l as u32)
+}
+
+fn detaching(entry: &Value) -> bool {
+    entry.get("toBeDetached").and_then(Value::as_bool) == Some(true)
+}
+
+/// The lowest LUN no entry uses.
+pub(super) fn free_lun(entries: &[Value]) -> Option<u32> {
+    (0..MAX_LUNS).find(|l| !entries.iter().any(|e| lun_of(e) == Some(*l)))
+}
+
+impl AzureBackend {
+    fn vm_path(&self, vm: &str) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{vm}",
+            self.subscription, self.resource_group
+        )
+    }
+
+    fn vm_lock(&self, vm: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.vm_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(vm.to_ascii_lowercase()).or_default().clone()
+    }
+
+    /// Attaches the disk to VM `node` and returns its LUN; the LUN it already
+    /// has when attached there.
+    pub(super) async fn attach_disk(&self, id: &VolumeId, node: &str) -> Result<u32> {
+        if !vm_name_ok(node) {
+            return Err(Error::NotFound(format!(
+                "node {node:?} cannot name an Azure VM (1 to 64 letters, digits, '-', '_', '.')"
+            )));
+        }
+        let disk_arm_id = self.disk_path(id);
+        let disk = self
+            .get_disk_json(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
+        let elsewhere: Vec<String> = attached_vms(&disk)
+            .into_iter()
+            .filter(|vm| !vm.eq_ignore_ascii_case(node))
+            .collect();
+        let shares = disk
+            .pointer("/properties/maxShares")
+            .and_then(Value::as_u64)
+            .unwrap_or(1);
+        if !elsewhere.is_empty() && shares <= 1 {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is attached to {elsewhere:?}; unpublish it there first"
+            )));
+        }
+        let sku = sku_of(&disk).unwrap_or(Sku::DEFAULT);
+        let caching = sku.caching(size_gib_of(&disk));
+
+        let lock = self.vm_lock(node);
+        let _held = lock.lock().await;
+        let path = self.vm_path(node);
+        let vm = self.arm.get(&path, VM_API_VERSION).await?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "node {node:?}: VM not found in resource group {}",
+                self.resource_group
+            ))
+        })?;
+        let mut entries = data_disks(&vm);
+        if let Some(entry) = entries.iter().find(|e| is_disk(e, &disk_arm_id)) {
+            if detaching(entry) {
+                return Err(Error::Aborted(format!(
+                    "volume {id} is being detached from {node}; retry"
+                )));
+            }
+            if let Some(lun) = lun_of(entry) {
+                return Ok(lun);
+            }
+        }
+        let lun = free_lun(&entries)
+            .ok_or_else(|| Error::ResourceExhausted(format!("VM {node} has no free LUN left")))?;
+        entries.push(json!({
+            "lun": lun,
+            "name": id.disk(),
+            "createOption": "Attach",
+            "caching": caching,
+            "managedDisk": {"id": disk_arm_id},
+        }));
+        let body = json!({"properties": {"storageProfile": {"dataDisks": entries}}});
+        let updated = self
+            .arm
+            .write(Method::PATCH, &path, VM_API_VERSION, &body)
+            .await?;
+        let attached = data_disks(&updated)
+            .iter()
+            .find(|e| is_disk(e, &disk_arm_id))
+            .and_then(lun_of);
+        match attached {
+            Some(l) => {
+                tracing::info!(volume = %id, %node, lun = l, caching, "disk attached");
+                Ok(l)
+            }
+            None => Err(Error::Internal(format!(
+                "VM {node} was updated but does not list volume {id} among its data disks"
+            ))),
+        }
+    }
+
+    /// Detaches the disk from VM `node`; a VM or disk that is gone, or a disk
+    /// not attached there, is detached already.
+    pub(super) async fn detach_disk(&self, id: &VolumeId, node: &str) -> Result<()> {
+        if !vm_name_ok(node) {
+            return Ok(());
+        }
+        let disk_arm_id = self.disk_path(id);
+        let lock = self.vm_lock(node);
+        let _held = lock.lock().await;
+        let path = self.vm_path(node);
+        let Some(vm) = self.arm.get(&path, VM_API_VERSION).await? else {
+            return Ok(());
+        };
+        let mut entries = data_disks(&vm);
+        let Some(entry) = entries.iter_mut().find(|e| is_disk(e, &disk_arm_id)) else {
+            return Ok(());
+        };
+        entry["toBeDetached"] = json!(true);
+        let body = json!({"properties": {"storageProfile": {"dataDisks": entries}}});
+        match self
+            .arm
+            .write(Method::PATCH, &path, VM_API_VERSION, &body)
+            .await
+        {
+            Ok(_) | Err(Error::NotFound(_)) => {
+                tracing::info!(volume = %id, %node, "disk detached");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lowest_free_lun_is_taken() {
+        assert_eq!(free_lun(&[]), Some(0));
+        let used = [json!({"lun": 0}), json!({"lun": 2})];
+        assert_eq!(free_lun(&used), Some(1));
+        let full: Vec<Value> = (0..MAX_LUNS).map(|l| json!({"lun": l})).collect();
+        assert_eq!(free_lun(&full), None);
+    }
+
+    #[test]
+    fn vm_names() {
+        assert!(vm_name_ok("aks-nodepool1-12345678-vms0"));
+        assert!(!vm_name_ok(""));
+        assert!(!vm_name_ok("a/b"));
+        assert!(!vm_name_ok(&"x".repeat(65)));
+    }
+}
