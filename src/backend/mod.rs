@@ -15,6 +15,7 @@
 //! routing error and fails with [`Error::InvalidArgument`]; as a list filter it
 //! simply matches nothing.
 
+pub mod gcp;
 pub mod local;
 
 use std::collections::BTreeMap;
