@@ -22,10 +22,10 @@ use std::fmt;
 use google_cloud_compute_v1::model::{self, attached_disk};
 
 use super::super::{Error, Result};
+use super::GcpBackend;
 use super::compute::Kind;
 use super::disks::relative;
 use super::params;
-use super::GcpBackend;
 use crate::volume::VolumeId;
 
 /// Publish-context key: the device name the disk is attached under.
@@ -52,9 +52,9 @@ impl NodeName {
     pub fn from_instance_url(url: &str) -> Option<Self> {
         let parts: Vec<&str> = relative(url).split('/').collect();
         match parts.as_slice() {
-            ["projects", _, "zones", zone, "instances", instance] => NodeName::parse(&format!(
-                "{zone}.{instance}"
-            )),
+            ["projects", _, "zones", zone, "instances", instance] => {
+                NodeName::parse(&format!("{zone}.{instance}"))
+            }
             _ => None,
         }
     }
@@ -195,7 +195,9 @@ impl GcpBackend {
             )));
         }
         let device = disk.device_name.clone().ok_or_else(|| {
-            Error::Internal(format!("volume {id} is attached to {node} without a device name"))
+            Error::Internal(format!(
+                "volume {id} is attached to {node} without a device name"
+            ))
         })?;
         Ok(publish_context(&device))
     }
@@ -257,7 +259,13 @@ mod tests {
         assert_eq!(n.zone, "us-central1-a");
         assert_eq!(n.instance, "gke-pool-1-abcd");
         assert_eq!(n.to_string(), "us-central1-a.gke-pool-1-abcd");
-        for bad in ["gke-pool-1", "us-central1.x", "us-central1-a.", "us-central1-a.Bad", "a.b.c"] {
+        for bad in [
+            "gke-pool-1",
+            "us-central1.x",
+            "us-central1-a.",
+            "us-central1-a.Bad",
+            "a.b.c",
+        ] {
             assert_eq!(NodeName::parse(bad), None, "{bad}");
         }
         assert_eq!(
@@ -269,6 +277,9 @@ mod tests {
                 instance: "vm-1".into()
             })
         );
-        assert_eq!(NodeName::from_instance_url("projects/p/zones/us-east1-b/disks/d"), None);
+        assert_eq!(
+            NodeName::from_instance_url("projects/p/zones/us-east1-b/disks/d"),
+            None
+        );
     }
 }

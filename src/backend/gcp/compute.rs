@@ -69,7 +69,9 @@ impl ApiError {
         matches!(
             self.kind,
             Kind::RateLimited | Kind::Transient | Kind::Exhausted
-        ) && self.status.is_some_and(|s| s == 429 || s == 403 || s >= 500)
+        ) && self
+            .status
+            .is_some_and(|s| s == 429 || s == 403 || s >= 500)
             || (self.kind == Kind::Transient && self.status.is_none())
     }
 
@@ -107,8 +109,17 @@ const IN_USE: &[&str] = &[
     "already being used by",
     "is already attached",
 ];
-const RATE_LIMIT: &[&str] = &["ratelimitexceeded", "rate_limit_exceeded", "rate limit exceeded"];
-const QUOTA: &[&str] = &["quotaexceeded", "quota_exceeded", "quota exceeded", "quota '"];
+const RATE_LIMIT: &[&str] = &[
+    "ratelimitexceeded",
+    "rate_limit_exceeded",
+    "rate limit exceeded",
+];
+const QUOTA: &[&str] = &[
+    "quotaexceeded",
+    "quota_exceeded",
+    "quota exceeded",
+    "quota '",
+];
 
 /// Classifies an error answer of status `status` with `text` (the message and
 /// any detail reasons).
@@ -163,7 +174,9 @@ impl From<GaxError> for ApiError {
                 (s.message.clone(), reasons)
             }
             None => match (status, e.http_payload()) {
-                (Some(_), Some(body)) => (String::from_utf8_lossy(body).into_owned(), String::new()),
+                (Some(_), Some(body)) => {
+                    (String::from_utf8_lossy(body).into_owned(), String::new())
+                }
                 _ => (e.to_string(), String::new()),
             },
         };
@@ -191,7 +204,11 @@ impl From<GaxError> for ApiError {
 
 /// The error of an operation that finished `DONE` with one.
 fn operation_error(op: &Operation) -> Option<ApiError> {
-    let errors = op.error.as_ref().map(|e| e.errors.as_slice()).unwrap_or(&[]);
+    let errors = op
+        .error
+        .as_ref()
+        .map(|e| e.errors.as_slice())
+        .unwrap_or(&[]);
     if errors.is_empty() && op.http_error_status_code.is_none() {
         return None;
     }
@@ -203,16 +220,21 @@ fn operation_error(op: &Operation) -> Option<ApiError> {
         .collect::<Vec<_>>()
         .join("; ");
     let message = if message.is_empty() {
-        op.http_error_message.clone().unwrap_or_else(|| code.clone())
+        op.http_error_message
+            .clone()
+            .unwrap_or_else(|| code.clone())
     } else {
         message
     };
-    let status = op.http_error_status_code.and_then(|s| u16::try_from(s).ok());
+    let status = op
+        .http_error_status_code
+        .and_then(|s| u16::try_from(s).ok());
     let kind = match code.as_str() {
         "RESOURCE_NOT_FOUND" | "NOT_FOUND" => Kind::NotFound,
         "RESOURCE_ALREADY_EXISTS" | "ALREADY_EXISTS" => Kind::AlreadyExists,
         "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE" | "RESOURCE_IN_USE" => Kind::InUse,
-        "QUOTA_EXCEEDED" | "ZONE_RESOURCE_POOL_EXHAUSTED"
+        "QUOTA_EXCEEDED"
+        | "ZONE_RESOURCE_POOL_EXHAUSTED"
         | "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS" => Kind::Exhausted,
         "RATE_LIMIT_EXCEEDED" => Kind::RateLimited,
         "INVALID_USAGE" | "INVALID_FIELD_VALUE" | "BAD_REQUEST" => Kind::Invalid,
@@ -418,8 +440,14 @@ mod tests {
 
     #[test]
     fn classifies_compute_answers() {
-        assert_eq!(classify_http(404, "The resource 'x' was not found"), Kind::NotFound);
-        assert_eq!(classify_http(409, "The resource 'x' already exists"), Kind::AlreadyExists);
+        assert_eq!(
+            classify_http(404, "The resource 'x' was not found"),
+            Kind::NotFound
+        );
+        assert_eq!(
+            classify_http(409, "The resource 'x' already exists"),
+            Kind::AlreadyExists
+        );
         assert_eq!(
             classify_http(400, "The disk resource 'd' is already being used by 'i'"),
             Kind::InUse
@@ -430,7 +458,10 @@ mod tests {
             classify_http(403, "Quota 'SSD_TOTAL_GB' exceeded. Limit: 500.0"),
             Kind::Exhausted
         );
-        assert_eq!(classify_http(403, "Required 'compute.disks.create' permission"), Kind::Denied);
+        assert_eq!(
+            classify_http(403, "Required 'compute.disks.create' permission"),
+            Kind::Denied
+        );
         assert_eq!(classify_http(503, "backend error"), Kind::Transient);
         assert_eq!(classify_http(400, "Invalid value for field"), Kind::Invalid);
     }
@@ -443,14 +474,26 @@ mod tests {
             message: "m".into(),
             retry_after: None,
         };
-        assert!(matches!(e(Kind::NotFound).into_error("x"), Error::NotFound(_)));
-        assert!(matches!(e(Kind::InUse).into_error("x"), Error::FailedPrecondition(_)));
+        assert!(matches!(
+            e(Kind::NotFound).into_error("x"),
+            Error::NotFound(_)
+        ));
+        assert!(matches!(
+            e(Kind::InUse).into_error("x"),
+            Error::FailedPrecondition(_)
+        ));
         assert!(matches!(
             e(Kind::RateLimited).into_error("x"),
             Error::ResourceExhausted(_)
         ));
-        assert!(matches!(e(Kind::Transient).into_error("x"), Error::Unavailable(_)));
+        assert!(matches!(
+            e(Kind::Transient).into_error("x"),
+            Error::Unavailable(_)
+        ));
         let msg = e(Kind::Invalid).into_error("creating disk d");
-        assert_eq!(msg.message(), "creating disk d: Compute Engine (HTTP 400): m");
+        assert_eq!(
+            msg.message(),
+            "creating disk d: Compute Engine (HTTP 400): m"
+        );
     }
 }

@@ -152,7 +152,10 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
         let (t, off) = rest.split_at(i);
         let sign = if off.starts_with('-') { -1 } else { 1 };
         let (oh, om) = off[1..].split_once(':')?;
-        (t, sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60))
+        (
+            t,
+            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60),
+        )
     };
     let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
     let mut t = hms.splitn(3, ':');
@@ -195,7 +198,10 @@ fn page<T>(
 ) -> (Vec<T>, Option<String>) {
     let start = match token {
         None => 0,
-        Some(t) => items.iter().position(|i| key(i).as_str() >= t).unwrap_or(items.len()),
+        Some(t) => items
+            .iter()
+            .position(|i| key(i).as_str() >= t)
+            .unwrap_or(items.len()),
     };
     let mut rest: Vec<T> = items.into_iter().skip(start).collect();
     if max == 0 || rest.len() <= max as usize {
@@ -334,13 +340,12 @@ impl GcpBackend {
         match &spec.source {
             None => {}
             Some(DiskSource::Snapshot(sid)) => {
-                let snap = if sid.backend() == BackendKind::Gcp
-                    && sid.location() == SNAPSHOT_LOCATION
-                {
-                    self.find_snapshot(sid.snapshot()).await?
-                } else {
-                    None
-                };
+                let snap =
+                    if sid.backend() == BackendKind::Gcp && sid.location() == SNAPSHOT_LOCATION {
+                        self.find_snapshot(sid.snapshot()).await?
+                    } else {
+                        None
+                    };
                 let snap = snap.ok_or_else(|| {
                     Error::NotFound(format!("source snapshot {sid} does not exist"))
                 })?;
@@ -497,7 +502,9 @@ impl GcpBackend {
             Err(e) => return Err(e.into_error(&what)),
         }
         let raw = self.raw_disk(&location, &name).await?.ok_or_else(|| {
-            Error::Unavailable(format!("{what}: done, but the disk is not there yet; retry"))
+            Error::Unavailable(format!(
+                "{what}: done, but the disk is not there yet; retry"
+            ))
         })?;
         self.existing(raw, &location, &want)
     }
@@ -506,7 +513,12 @@ impl GcpBackend {
     /// request, `ALREADY_EXISTS` when it does not.
     fn existing(&self, raw: model::Disk, location: &Location, want: &Wanted<'_>) -> Result<Disk> {
         let name = raw.name.clone().unwrap_or_default();
-        let type_now = raw.r#type.as_deref().map(last_segment).unwrap_or("").to_string();
+        let type_now = raw
+            .r#type
+            .as_deref()
+            .map(last_segment)
+            .unwrap_or("")
+            .to_string();
         let size_now = raw.size_gb.unwrap_or(0).max(0) as u64;
         let status = raw.status.clone();
         let Some(found) = self.to_found(raw) else {
@@ -528,13 +540,22 @@ impl GcpBackend {
             return differs(format!("{size_now} GiB, not {} GiB", want.gib));
         }
         if type_now != want.params.disk_type.as_str() {
-            return differs(format!("type {type_now}, not {}", want.params.disk_type.as_str()));
+            return differs(format!(
+                "type {type_now}, not {}",
+                want.params.disk_type.as_str()
+            ));
         }
         if found.note.source != want.note.source {
-            return differs(format!("source {:?}, not {:?}", found.note.source, want.note.source));
+            return differs(format!(
+                "source {:?}, not {:?}",
+                found.note.source, want.note.source
+            ));
         }
         if found.note.options != want.note.options {
-            return differs(format!("options {:?}, not {:?}", found.note.options, want.note.options));
+            return differs(format!(
+                "options {:?}, not {:?}",
+                found.note.options, want.note.options
+            ));
         }
         match status {
             Some(model::disk::Status::Ready) | None => Ok(found.disk),
@@ -848,7 +869,9 @@ impl GcpBackend {
             Err(e) => return Err(e.into_error(&what)),
         }
         let raw = self.raw_snapshot(&name).await?.ok_or_else(|| {
-            Error::Unavailable(format!("{what}: done, but the snapshot is not there yet; retry"))
+            Error::Unavailable(format!(
+                "{what}: done, but the snapshot is not there yet; retry"
+            ))
         })?;
         self.existing_snapshot(&raw, source, co_name)
     }
@@ -926,7 +949,10 @@ impl GcpBackend {
         let matches_source = |s: &Snapshot| source.is_none_or(|v| &s.source == v);
         let all = match snapshot_id {
             Some(id) if id.backend() == BackendKind::Gcp && id.location() == SNAPSHOT_LOCATION => {
-                self.find_snapshot(id.snapshot()).await?.into_iter().collect()
+                self.find_snapshot(id.snapshot())
+                    .await?
+                    .into_iter()
+                    .collect()
             }
             Some(_) => Vec::new(),
             None => self.all_snapshots().await?,
@@ -942,7 +968,6 @@ struct Wanted<'a> {
     gib: u64,
     params: &'a DiskParams,
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -968,9 +993,15 @@ mod tests {
         let items: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
         let key = |s: &String| s.clone();
         let (p1, t1) = page(items.clone(), key, None, 2);
-        assert_eq!((p1, t1.as_deref()), (vec!["a".into(), "b".into()], Some("c")));
+        assert_eq!(
+            (p1, t1.as_deref()),
+            (vec!["a".into(), "b".into()], Some("c"))
+        );
         let (p2, t2) = page(items.clone(), key, Some("c"), 2);
-        assert_eq!((p2, t2.as_deref()), (vec!["c".into(), "d".into()], Some("e")));
+        assert_eq!(
+            (p2, t2.as_deref()),
+            (vec!["c".into(), "d".into()], Some("e"))
+        );
         let (p3, t3) = page(items.clone(), key, Some("e"), 2);
         assert_eq!((p3, t3), (vec!["e".to_string()], None));
         // An entry deleted between pages does not make the next page skip any.
@@ -986,6 +1017,9 @@ mod tests {
             relative("https://www.googleapis.com/compute/v1/projects/p/zones/z/disks/d"),
             "projects/p/zones/z/disks/d"
         );
-        assert_eq!(relative("projects/p/zones/z/disks/d"), "projects/p/zones/z/disks/d");
+        assert_eq!(
+            relative("projects/p/zones/z/disks/d"),
+            "projects/p/zones/z/disks/d"
+        );
     }
 }

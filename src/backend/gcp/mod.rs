@@ -28,15 +28,16 @@ pub mod metadata;
 pub mod node;
 pub mod params;
 
-// TESTMODS
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 
 use google_cloud_auth::credentials::Credentials;
 
-use super::{
-    Disk, DiskBackend, DiskSpec, Error, Result, Snapshot, Topology,
-};
+use super::{Disk, DiskBackend, DiskSpec, Error, Result, Snapshot, Topology};
 use crate::volume::{BackendKind, SnapshotId, VolumeId};
 
 pub use attach::{NodeName, PUBLISH_DEVICE_NAME};

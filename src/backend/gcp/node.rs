@@ -144,7 +144,9 @@ pub fn vpd_serial(page: &[u8]) -> Option<String> {
     }
     let len = u16::from_be_bytes([page[2], page[3]]) as usize;
     let body = page.get(4..4 + len.min(page.len() - 4))?;
-    let text = std::str::from_utf8(body).ok()?.trim_matches(|c: char| c == ' ' || c == '\0');
+    let text = std::str::from_utf8(body)
+        .ok()?
+        .trim_matches(|c: char| c == ' ' || c == '\0');
     (!text.is_empty()).then(|| text.to_string())
 }
 
@@ -216,8 +218,10 @@ fn nvme_identify_namespace(dev: &Path) -> io::Result<Vec<u8>> {
         result: u32,
     }
     // _IOWR('N', 0x41, struct nvme_admin_cmd), the struct being 72 bytes.
-    const NVME_IOCTL_ADMIN_CMD: libc::c_ulong =
-        (3 << 30) | ((std::mem::size_of::<PassthruCmd>() as libc::c_ulong) << 16) | (0x4e << 8) | 0x41;
+    const NVME_IOCTL_ADMIN_CMD: libc::c_ulong = (3 << 30)
+        | ((std::mem::size_of::<PassthruCmd>() as libc::c_ulong) << 16)
+        | (0x4e << 8)
+        | 0x41;
     const NVME_IOCTL_ID: libc::c_ulong = (0x4e << 8) | 0x40; // _IO('N', 0x40)
 
     let file = std::fs::File::open(dev)?;
@@ -271,7 +275,10 @@ mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
-    fn roots(dir: &Path, nvme: impl Fn(&Path) -> io::Result<Vec<u8>> + Send + Sync + 'static) -> DeviceRoots {
+    fn roots(
+        dir: &Path,
+        nvme: impl Fn(&Path) -> io::Result<Vec<u8>> + Send + Sync + 'static,
+    ) -> DeviceRoots {
         std::fs::create_dir_all(dir.join("dev/disk/by-id")).unwrap();
         std::fs::create_dir_all(dir.join("sys/block")).unwrap();
         DeviceRoots {
@@ -322,7 +329,10 @@ mod tests {
         std::fs::write(t.path().join("dev/sdc"), b"").unwrap();
         symlink("../../sdc", t.path().join("dev/disk/by-id/google-pvc-1")).unwrap();
         let got = find_device(&r, "pvc-1").unwrap().unwrap();
-        assert_eq!(got, std::fs::canonicalize(t.path().join("dev/sdc")).unwrap());
+        assert_eq!(
+            got,
+            std::fs::canonicalize(t.path().join("dev/sdc")).unwrap()
+        );
         assert_eq!(find_device(&r, "pvc-2").unwrap(), None);
     }
 
@@ -342,8 +352,18 @@ mod tests {
     fn scsi_designator_fallback() {
         let t = tempfile::tempdir().unwrap();
         let r = roots(t.path(), no_nvme);
-        scsi(t.path(), "sdd", None, Some(pg83(&[(1, "binary?"), (2, "Google  PersistentDisk pvc-7")])));
-        scsi(t.path(), "sde", None, Some(pg83(&[(2, "Google  PersistentDisk xpvc-7")])));
+        scsi(
+            t.path(),
+            "sdd",
+            None,
+            Some(pg83(&[(1, "binary?"), (2, "Google  PersistentDisk pvc-7")])),
+        );
+        scsi(
+            t.path(),
+            "sde",
+            None,
+            Some(pg83(&[(2, "Google  PersistentDisk xpvc-7")])),
+        );
         assert_eq!(find_device(&r, "pvc-7").unwrap(), Some(r.dev.join("sdd")));
         // A name that is only the tail of another's does not match.
         assert_eq!(find_device(&r, "vc-7").unwrap(), None);
@@ -361,14 +381,18 @@ mod tests {
             };
             let mut data = vec![0u8; 4096];
             let json = format!(r#"{{"device_name":"{device}","disk_type":"PERSISTENT"}}"#);
-            data[NVME_VENDOR_OFFSET..NVME_VENDOR_OFFSET + json.len()].copy_from_slice(json.as_bytes());
+            data[NVME_VENDOR_OFFSET..NVME_VENDOR_OFFSET + json.len()]
+                .copy_from_slice(json.as_bytes());
             Ok(data)
         });
         for n in ["nvme0n1", "nvme0n2"] {
             std::fs::create_dir_all(t.path().join("sys/block").join(n)).unwrap();
             std::fs::write(t.path().join("dev").join(n), b"").unwrap();
         }
-        assert_eq!(find_device(&r, "pvc-9").unwrap(), Some(r.dev.join("nvme0n2")));
+        assert_eq!(
+            find_device(&r, "pvc-9").unwrap(),
+            Some(r.dev.join("nvme0n2"))
+        );
         assert_eq!(find_device(&r, "pvc-8").unwrap(), None);
     }
 
@@ -393,10 +417,14 @@ mod tests {
             std::fs::write(dir.join("dev/sdf"), b"").unwrap();
             symlink("../../sdf", dir.join("dev/disk/by-id/google-late")).unwrap();
         });
-        let got = wait_for_device(&r, "late", Duration::from_secs(5)).await.unwrap();
+        let got = wait_for_device(&r, "late", Duration::from_secs(5))
+            .await
+            .unwrap();
         late.await.unwrap();
         assert!(got.unwrap().ends_with("sdf"));
-        let none = wait_for_device(&r, "never", Duration::from_millis(300)).await.unwrap();
+        let none = wait_for_device(&r, "never", Duration::from_millis(300))
+            .await
+            .unwrap();
         assert_eq!(none, None);
     }
 

@@ -230,7 +230,9 @@ pub fn is_zone(s: &str) -> bool {
         Some((region, suffix)) => {
             is_region(region)
                 && !suffix.is_empty()
-                && suffix.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && suffix
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
                 && suffix.as_bytes()[0].is_ascii_lowercase()
         }
         None => false,
@@ -313,13 +315,17 @@ pub fn pick_zones(
         )));
     }
     if !regional {
-        return candidates.into_iter().next().map(|z| vec![z]).ok_or_else(|| {
-            Error::ResourceExhausted(format!(
-                "no zone satisfies the requisite topology {:?}: this driver offers \
+        return candidates
+            .into_iter()
+            .next()
+            .map(|z| vec![z])
+            .ok_or_else(|| {
+                Error::ResourceExhausted(format!(
+                    "no zone satisfies the requisite topology {:?}: this driver offers \
                  {TOPOLOGY_ZONE}=<zone> only",
-                req.requisite
-            ))
-        });
+                    req.requisite
+                ))
+            });
     }
     for (i, first) in candidates.iter().enumerate() {
         if let Some(second) = candidates[i + 1..]
@@ -355,8 +361,11 @@ mod tests {
             let p = DiskParams::parse(&params(&[("type", t.as_str())])).unwrap();
             assert_eq!(p.disk_type, t);
         }
-        let p = DiskParams::parse(&params(&[("type", "pd-ssd"), ("replication-type", "regional-pd")]))
-            .unwrap();
+        let p = DiskParams::parse(&params(&[
+            ("type", "pd-ssd"),
+            ("replication-type", "regional-pd"),
+        ]))
+        .unwrap();
         assert!(p.regional);
         let p = DiskParams::parse(&params(&[
             ("type", "hyperdisk-balanced"),
@@ -372,7 +381,10 @@ mod tests {
             params(&[("type", "pd-extreme"), ("replication-type", "regional-pd")]),
             params(&[("provisioned-iops-on-create", "10")]),
             params(&[("type", "pd-extreme"), ("provisioned-iops-on-create", "-1")]),
-            params(&[("type", "pd-extreme"), ("provisioned-throughput-on-create", "5")]),
+            params(&[
+                ("type", "pd-extreme"),
+                ("provisioned-throughput-on-create", "5"),
+            ]),
         ] {
             let e = DiskParams::parse(&bad).unwrap_err();
             assert!(matches!(e, Error::InvalidArgument(_)), "{bad:?}: {e:?}");
@@ -383,7 +395,9 @@ mod tests {
 
     #[test]
     fn sizes_round_up_to_gib_and_type_minimums() {
-        let p = |t: &str, r: &str| DiskParams::parse(&params(&[("type", t), ("replication-type", r)])).unwrap();
+        let p = |t: &str, r: &str| {
+            DiskParams::parse(&params(&[("type", t), ("replication-type", r)])).unwrap()
+        };
         assert_eq!(p("pd-balanced", "none").size_gib(1), 10);
         assert_eq!(p("pd-balanced", "none").size_gib(11 * GIB + 1), 12);
         assert_eq!(p("pd-standard", "regional-pd").size_gib(GIB), 200);
@@ -439,7 +453,12 @@ mod tests {
         let d = "us-central1-a";
         assert_eq!(pick_zones(None, d, false).unwrap(), vec![d]);
         assert_eq!(
-            pick_zones(Some(&req(&["us-east1-b", "us-east1-c"], &["us-east1-c"])), d, false).unwrap(),
+            pick_zones(
+                Some(&req(&["us-east1-b", "us-east1-c"], &["us-east1-c"])),
+                d,
+                false
+            )
+            .unwrap(),
             vec!["us-east1-c"]
         );
         assert_eq!(
@@ -452,7 +471,10 @@ mod tests {
             vec!["us-west1-a"]
         );
         let other_key = TopologyRequirement {
-            requisite: vec![Topology::from([("kubernetes.io/hostname".into(), "n".into())])],
+            requisite: vec![Topology::from([(
+                "kubernetes.io/hostname".into(),
+                "n".into(),
+            )])],
             preferred: vec![],
         };
         assert!(matches!(
@@ -466,7 +488,10 @@ mod tests {
         // Regional: two zones of one region, preferences first.
         assert_eq!(
             pick_zones(
-                Some(&req(&["us-east1-b", "us-west1-a", "us-east1-c"], &["us-west1-a", "us-east1-c"])),
+                Some(&req(
+                    &["us-east1-b", "us-west1-a", "us-east1-c"],
+                    &["us-west1-a", "us-east1-c"]
+                )),
                 d,
                 true
             )
