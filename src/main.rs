@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use cryptdisk_csi::backend::LocalBackend;
+use cryptdisk_csi::backend::gcp::{self, GcpBackend, GcpConfig};
 use cryptdisk_csi::config::{DriverName, Endpoint};
 use cryptdisk_csi::csi::controller::ControllerService;
 use cryptdisk_csi::csi::identity::IdentityService;
@@ -121,12 +122,19 @@ struct ControllerArgs {
     #[command(flatten)]
     csi: CsiArgs,
 
-    /// The disk backend: local (sparse image files on this machine).
+    /// The disk backend: local (sparse image files on this machine) or gcp
+    /// (Compute Engine persistent disks; credentials from Application Default
+    /// Credentials: the metadata server, or GOOGLE_APPLICATION_CREDENTIALS naming a
+    /// service-account key or an external-account file; the Compute endpoint can
+    /// be replaced with CRYPTDISK_GCP_COMPUTE_ENDPOINT).
     #[arg(long, default_value = "local", env = "CRYPTDISK_BACKEND")]
     backend: String,
 
     #[command(flatten)]
     local: LocalArgs,
+
+    #[command(flatten)]
+    gcp: GcpArgs,
 
     /// The node the local backend's disks live on (default: the host name).
     #[arg(long, env = "CRYPTDISK_LOCAL_NODE")]
@@ -140,15 +148,44 @@ struct ControllerArgs {
 }
 
 #[derive(Args)]
+struct GcpArgs {
+    /// gcp backend: the project of the disks and VMs (default: the metadata
+    /// server's project).
+    #[arg(long, env = "CRYPTDISK_GCP_PROJECT")]
+    gcp_project: Option<String>,
+
+    /// gcp backend: the zone of a new disk whose request names no zone (default:
+    /// the metadata server's zone, that of the VM the controller runs on).
+    #[arg(long, env = "CRYPTDISK_GCP_ZONE")]
+    gcp_zone: Option<String>,
+}
+
+/// The cloud a node plugin runs in, which says how it finds attached disks and
+/// what it reports about itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Cloud {
+    /// Local-backend volumes only; node id from --node-id or the host name.
+    Local,
+    /// Azure VMs.
+    Azure,
+    /// GCE VMs: node id <zone>.<instance> and the zone topology from the
+    /// metadata server, --max-volumes from the machine type.
+    Gcp,
+}
+
+#[derive(Args)]
 struct NodeIdArgs {
-    /// This node's id as the controller knows it (for Kubernetes, the node name).
-    /// Defaults to the host name.
+    /// This node's id as the controller knows it. Defaults to the host name; with
+    /// --cloud gcp to <zone>.<instance> from the metadata server (the form the gcp
+    /// controller needs to attach disks).
     #[arg(long, env = "CRYPTDISK_NODE_ID")]
     node_id: Option<String>,
 
-    /// Most volumes this node accepts (0: no limit).
-    #[arg(long, default_value_t = 0, env = "CRYPTDISK_MAX_VOLUMES")]
-    max_volumes: i64,
+    /// Most volumes this node accepts (0: no limit). Default: 0; with --cloud gcp,
+    /// the limit of the VM's machine type less the boot disk (127, or 15 on
+    /// shared-core types).
+    #[arg(long, env = "CRYPTDISK_MAX_VOLUMES")]
+    max_volumes: Option<i64>,
 
     /// Format and open operations that may run at once; more wait their turn.
     #[arg(long, default_value_t = 4, env = "CRYPTDISK_MAX_PARALLEL_WORK")]
@@ -168,6 +205,10 @@ struct NodeArgs {
 
     #[command(flatten)]
     node: NodeIdArgs,
+
+    /// The cloud this node runs in: local, azure or gcp.
+    #[arg(long, value_enum, default_value = "local", env = "CRYPTDISK_CLOUD")]
+    cloud: Cloud,
 
     /// The cluster KMS: https://HOST:PORT (mutual TLS, with the three --kms-*-file
     /// flags), tcp://HOST:PORT (plaintext, with --kms-insecure) or unix:///path.
@@ -297,8 +338,12 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Controller(args) => {
-            let controller = controller_service(&args.backend, &args.local, args.local_node)?
-                .with_attach_limit(args.max_volumes_per_node);
+            let controller = if args.backend == "gcp" {
+                gcp_controller(&args.gcp, args.csi.driver_name.as_str()).await?
+            } else {
+                controller_service(&args.backend, &args.local, args.local_node)?
+            }
+            .with_attach_limit(args.max_volumes_per_node);
             serve_csi(args.csi, Some(controller), None).await
         }
         Command::Node(args) => {
@@ -311,7 +356,8 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 tls.as_ref(),
                 args.kms_insecure,
             )?);
-            let node = node_service(args.node, args.local_data_dir, keys)?;
+            let (node_args, topology) = node_identity(args.cloud, args.node).await?;
+            let node = node_service(node_args, args.local_data_dir, topology, keys)?;
             serve_csi(args.csi, None, Some(node)).await
         }
         Command::Dev(args) => {
@@ -322,12 +368,17 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             };
             let keys = Arc::new(LocalKeySource::new(master, "embedded"));
             let controller = controller_service("local", &args.local, Some(node_id.clone()))?
-                .with_attach_limit(u64::try_from(args.node.max_volumes).unwrap_or(0));
+                .with_attach_limit(u64::try_from(args.node.max_volumes.unwrap_or(0)).unwrap_or(0));
             let node_args = NodeIdArgs {
                 node_id: Some(node_id),
                 ..args.node
             };
-            let node = node_service(node_args, Some(args.local.data_dir.clone()), keys)?;
+            let node = node_service(
+                node_args,
+                Some(args.local.data_dir.clone()),
+                BTreeMap::new(),
+                keys,
+            )?;
             serve_csi(args.csi, Some(controller), Some(node)).await
         }
         Command::Kms(args) => serve_kms(args).await,
@@ -350,8 +401,74 @@ fn controller_service(
             let backend = LocalBackend::open(&local.data_dir, &node, local.capacity_bytes)?;
             Ok(ControllerService::new(Arc::new(backend), Some(vec![node])))
         }
-        other => {
-            Err(format!("--backend {other:?}: this build serves only the local backend").into())
+        other => Err(format!("--backend {other:?}: expected local or gcp").into()),
+    }
+}
+
+/// The gcp backend, its project and default zone from the flags or the
+/// metadata server.
+async fn gcp_controller(
+    args: &GcpArgs,
+    driver_name: &str,
+) -> Result<ControllerService, Box<dyn std::error::Error>> {
+    let metadata = gcp::metadata::Metadata::from_env()?;
+    let mut config =
+        GcpConfig::resolve(args.gcp_project.clone(), args.gcp_zone.clone(), &metadata).await?;
+    config.driver_name = driver_name.to_string();
+    tracing::info!(
+        project = %config.project,
+        zone = %config.default_zone,
+        endpoint = config.endpoint.as_deref().unwrap_or("default"),
+        "gcp backend"
+    );
+    let credentials = gcp::config::application_default_credentials()?;
+    let backend = GcpBackend::connect(config, credentials).await?;
+    Ok(ControllerService::new(Arc::new(backend), None))
+}
+
+/// The node's id, topology and attach limit for its cloud.
+async fn node_identity(
+    cloud: Cloud,
+    args: NodeIdArgs,
+) -> Result<(NodeIdArgs, BTreeMap<String, String>), Box<dyn std::error::Error>> {
+    match cloud {
+        Cloud::Local => Ok((args, BTreeMap::new())),
+        Cloud::Azure => Err("--cloud azure is not supported by this build".into()),
+        Cloud::Gcp => {
+            let metadata = gcp::metadata::Metadata::from_env()?;
+            let node = match args.node_id.as_deref() {
+                Some(id) => gcp::NodeName::parse(id).ok_or_else(|| {
+                    format!(
+                        "--node-id {id:?}: with --cloud gcp a node id is <zone>.<instance>, \
+                         which the controller needs to attach disks"
+                    )
+                })?,
+                None => gcp::NodeName {
+                    zone: metadata.zone().await?,
+                    instance: metadata.instance_name().await?,
+                },
+            };
+            let node_id = node.to_string();
+            cryptdisk_csi::csi::validate::node_id("node id", &node_id)
+                .map_err(|e| e.message().to_string())?;
+            let max_volumes = match args.max_volumes {
+                Some(m) => m,
+                None => {
+                    let machine_type = metadata.machine_type().await?;
+                    let max = gcp::node::max_volumes_for(&machine_type);
+                    tracing::info!(%machine_type, max_volumes = max, "attach limit");
+                    max
+                }
+            };
+            let topology = BTreeMap::from([(gcp::TOPOLOGY_ZONE.to_string(), node.zone.clone())]);
+            Ok((
+                NodeIdArgs {
+                    node_id: Some(node_id),
+                    max_volumes: Some(max_volumes),
+                    ..args
+                },
+                topology,
+            ))
         }
     }
 }
@@ -359,10 +476,10 @@ fn controller_service(
 fn node_service(
     args: NodeIdArgs,
     local_data_dir: Option<PathBuf>,
+    mut topology: BTreeMap<String, String>,
     keys: Arc<dyn KeySource>,
 ) -> Result<NodeService, Box<dyn std::error::Error>> {
     let node_id = resolve_node_id(args.node_id)?;
-    let mut topology = BTreeMap::new();
     if local_data_dir.is_some() {
         topology.insert(TOPOLOGY_NODE.to_string(), node_id.clone());
     }
@@ -372,7 +489,7 @@ fn node_service(
             node_id,
             local_data_dir,
             topology,
-            max_volumes: args.max_volumes,
+            max_volumes: args.max_volumes.unwrap_or(0),
             max_parallel_work: args.max_parallel_work,
             wipe_budget: std::time::Duration::from_secs(args.wipe_budget_seconds),
         },

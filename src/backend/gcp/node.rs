@@ -21,7 +21,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::attach::PUBLISH_DEVICE_NAME;
 use super::params;
+use crate::volume::VolumeId;
+
+/// How long a stage waits for an attached disk's device to appear.
+pub const DEVICE_WAIT: Duration = Duration::from_secs(30);
 
 /// Reads the 4096-byte Identify Namespace data of an NVMe namespace device.
 pub type NvmeIdentify = Arc<dyn Fn(&Path) -> io::Result<Vec<u8>> + Send + Sync>;
@@ -116,6 +121,40 @@ pub async fn wait_for_device(
             return Ok(found);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The block device of a published gcp volume, from its publish context
+/// ([`PUBLISH_DEVICE_NAME`]); waits up to `timeout` for it to appear.
+pub async fn block_device(
+    roots: &DeviceRoots,
+    id: &VolumeId,
+    publish_context: &std::collections::HashMap<String, String>,
+    timeout: Duration,
+) -> Result<PathBuf, tonic::Status> {
+    let device = publish_context.get(PUBLISH_DEVICE_NAME).ok_or_else(|| {
+        tonic::Status::invalid_argument(format!(
+            "publish_context has no {PUBLISH_DEVICE_NAME} for volume {id}; was it published by \
+             this driver's controller?"
+        ))
+    })?;
+    if !params::is_resource_name(device) {
+        return Err(tonic::Status::invalid_argument(format!(
+            "publish_context {PUBLISH_DEVICE_NAME} {:?} is not a GCP device name",
+            device.chars().take(64).collect::<String>()
+        )));
+    }
+    match wait_for_device(roots, device, timeout).await {
+        Ok(Some(path)) => Ok(path),
+        Ok(None) => Err(tonic::Status::unavailable(format!(
+            "volume {id}: no device for GCP device name {device} after {} s (neither \
+             /dev/disk/by-id/google-{device} nor a SCSI/NVMe disk reporting it); is it attached \
+             to this VM?",
+            timeout.as_secs()
+        ))),
+        Err(e) => Err(tonic::Status::internal(format!(
+            "volume {id}: looking for device {device}: {e}"
+        ))),
     }
 }
 
@@ -426,6 +465,34 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(none, None);
+    }
+
+    #[tokio::test]
+    async fn device_from_publish_context() {
+        let t = tempfile::tempdir().unwrap();
+        let r = roots(t.path(), no_nvme);
+        scsi(t.path(), "sdb", Some(pg80("pvc-1")), None);
+        let id: VolumeId = "gcp:us-central1-a:pvc-1".parse().unwrap();
+        let ctx = |v: &str| {
+            std::collections::HashMap::from([(PUBLISH_DEVICE_NAME.to_string(), v.to_string())])
+        };
+        let short = Duration::from_millis(50);
+        assert_eq!(
+            block_device(&r, &id, &ctx("pvc-1"), short).await.unwrap(),
+            r.dev.join("sdb")
+        );
+        let code = |c: &std::collections::HashMap<String, String>| {
+            let r = r.clone();
+            let id = id.clone();
+            let c = c.clone();
+            async move { block_device(&r, &id, &c, short).await.unwrap_err().code() }
+        };
+        assert_eq!(
+            code(&Default::default()).await,
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(code(&ctx("../../sda")).await, tonic::Code::InvalidArgument);
+        assert_eq!(code(&ctx("pvc-2")).await, tonic::Code::Unavailable);
     }
 
     #[test]
