@@ -264,7 +264,7 @@ impl WrapConfig {
         }
         // Google's client libraries read GCE_METADATA_HOST (host[:port]); the
         // others are ours, for private endpoints and for tests.
-        endpoints.gcp_metadata = metadata::metadata_url(&var);
+        endpoints.gcp_metadata = metadata::metadata_url(var);
         if let Some(url) = var("CRYPTDISK_GCP_KMS_ENDPOINT") {
             endpoints.gcp_kms = url;
         }
