@@ -73,8 +73,8 @@ async fn fake() -> (String, Log) {
                                     r#"{"access_token":"tok-from-metadata","expires_in":3599,"token_type":"Bearer"}"#
                                         .into(),
                                 ),
-                                "/compute/v1/projects/meta-project/aggregated/disks" => {
-                                    if header("authorization") == "Bearer tok-from-metadata" {
+                                p if p.starts_with("/compute/v1/projects/") && p.ends_with("/aggregated/disks") => {
+                                    if authorised(&header("authorization")) {
                                         (200, r#"{"kind":"compute#diskAggregatedList","items":{}}"#.into())
                                     } else {
                                         (401, r#"{"error":{"code":401,"message":"Request is missing required authentication credential.","errors":[{"reason":"required"}]}}"#.into())
@@ -101,6 +101,37 @@ async fn fake() -> (String, Log) {
     (addr.to_string(), log)
 }
 
+/// The metadata server's token, or a self-signed JWT of the fixture key.
+fn authorised(header: &str) -> bool {
+    use base64::Engine as _;
+    let Some(token) = header.strip_prefix("Bearer ") else {
+        return false;
+    };
+    if token == "tok-from-metadata" {
+        return true;
+    }
+    let parts: Vec<&str> = token.split('.').collect();
+    let decode = |p: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(p)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    };
+    match (
+        parts.as_slice(),
+        parts.first().and_then(|h| decode(h)),
+        parts.get(1).and_then(|c| decode(c)),
+    ) {
+        ([_, _, sig], Some(head), Some(claims)) => {
+            head["alg"] == "RS256"
+                && head["kid"] == "fixture-key-id"
+                && claims["iss"] == "csi@test-project.iam.gserviceaccount.com"
+                && sig.len() > 300
+        }
+        _ => false,
+    }
+}
+
 struct Plugin {
     child: Child,
     socket: PathBuf,
@@ -108,6 +139,16 @@ struct Plugin {
 
 impl Plugin {
     fn start(args: &[&str], socket: &Path, home: &Path, host: &str) -> Plugin {
+        Self::start_with(args, socket, home, host, &[])
+    }
+
+    fn start_with(
+        args: &[&str],
+        socket: &Path,
+        home: &Path,
+        host: &str,
+        env: &[(&str, &str)],
+    ) -> Plugin {
         let mut child = Command::new(BIN)
             .args(args)
             .arg(format!("--endpoint=unix://{}", socket.display()))
@@ -115,6 +156,7 @@ impl Plugin {
             .env("HOME", home)
             .env("GCE_METADATA_HOST", host)
             .env("CRYPTDISK_GCP_COMPUTE_ENDPOINT", format!("http://{host}"))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -254,4 +296,61 @@ async fn controller_with_application_default_credentials() {
             && auth == "Bearer tok-from-metadata"),
         "{compute:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_with_a_service_account_key() {
+    let (host, log) = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pem = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/gcp-fixtures/throwaway-test-rsa-key.pem"
+    ))
+    .unwrap();
+    let key = serde_json::json!({
+        "type": "service_account",
+        "project_id": "test-project",
+        "private_key_id": "fixture-key-id",
+        "private_key": pem,
+        "client_email": "csi@test-project.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": format!("http://{host}/token"),
+    });
+    let key_file = dir.path().join("key.json");
+    std::fs::write(&key_file, key.to_string()).unwrap();
+    let ctl = Plugin::start_with(
+        &[
+            "controller",
+            "--backend=gcp",
+            "--gcp-project=flag-project",
+            "--gcp-zone=europe-west4-a",
+        ],
+        &dir.path().join("ctl.sock"),
+        dir.path(),
+        &host,
+        &[("GOOGLE_APPLICATION_CREDENTIALS", key_file.to_str().unwrap())],
+    );
+    ControllerClient::new(ctl.channel().await)
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap();
+    let log = log.lock().unwrap();
+    // Flags, not the metadata server, chose the project; the key signed the token.
+    assert!(
+        log.iter()
+            .all(|(_, p, _)| !p.starts_with("/computeMetadata/")),
+        "{log:?}"
+    );
+    let compute: Vec<_> = log
+        .iter()
+        .filter(|(_, p, _)| p.starts_with("/compute/v1/"))
+        .collect();
+    assert!(!compute.is_empty());
+    for (_, path, auth) in compute {
+        assert_eq!(path, "/compute/v1/projects/flag-project/aggregated/disks");
+        assert!(
+            authorised(auth) && auth != "Bearer tok-from-metadata",
+            "{auth}"
+        );
+    }
 }

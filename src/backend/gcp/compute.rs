@@ -91,7 +91,7 @@ impl ApiError {
             Kind::Invalid => Error::InvalidArgument(msg),
             Kind::Denied => Error::FailedPrecondition(format!(
                 "{msg}; the controller's service account needs roles/compute.storageAdmin \
-                 and roles/compute.instanceAdmin on the project"
+                 and roles/compute.instanceAdmin.v1 on the project"
             )),
             Kind::Other => Error::Internal(msg),
         }

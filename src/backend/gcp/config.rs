@@ -128,6 +128,7 @@ impl GcpConfig {
 
 /// Application Default Credentials (see the module docs).
 pub fn application_default_credentials() -> Result<Credentials> {
+    install_crypto_provider();
     credentials::Builder::default().build().map_err(|e| {
         Error::FailedPrecondition(format!(
             "no Google credentials: {e}; on GCE/GKE the metadata server provides them, \
