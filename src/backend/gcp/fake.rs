@@ -66,6 +66,8 @@ struct Injection {
     path_part: String,
     times: usize,
     reply: Reply,
+    /// Handle the request first, then answer `reply` (a lost answer).
+    after: bool,
 }
 
 enum Effect {
@@ -214,6 +216,19 @@ impl Fake {
             path_part: path_part.to_string(),
             times,
             reply,
+            after: false,
+        });
+    }
+
+    /// The next matching request takes effect, but its answer is `reply` (as
+    /// when a proxy or the network loses Compute's answer).
+    pub fn lose_answer(&self, method: &'static str, path_part: &str, reply: Reply) {
+        self.state.lock().unwrap().injections.push(Injection {
+            method,
+            path_part: path_part.to_string(),
+            times: 1,
+            reply,
+            after: true,
         });
     }
 
@@ -272,8 +287,18 @@ impl State {
             .find(|i| i.times > 0 && i.method == seen.method && seen.path.contains(&i.path_part))
         {
             i.times -= 1;
-            return i.reply.clone();
+            let reply = i.reply.clone();
+            if !i.after {
+                return reply;
+            }
+            self.route(&seen);
+            return reply;
         }
+        self.route(&seen)
+    }
+
+    fn route(&mut self, seen: &Seen) -> Reply {
+        let seen = seen.clone();
         let Some(path) = seen.path.strip_prefix("/compute/v1/") else {
             return error(404, "notFound", &format!("no route {}", seen.path));
         };

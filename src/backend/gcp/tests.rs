@@ -967,3 +967,93 @@ async fn errors_keep_their_message_and_code() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("already being used"), "{e:?}");
 }
+
+#[tokio::test]
+async fn a_lost_answer_is_retried_with_the_same_request_id() {
+    let (fake, ctl) = setup().await;
+    // Compute accepts the insert, but its answer is lost: the retry, with the
+    // same requestId, gets the same operation and one disk is made.
+    fake.lose_answer(
+        "POST",
+        "/zones/us-central1-a/disks",
+        error(503, "backendError", "Backend Error"),
+    );
+    let vol = ctl
+        .create_volume(Request::new(create("pvc-lost", 1, &[])))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(vol.volume_id, "gcp:us-central1-a:pvc-lost");
+    let seen = fake.seen();
+    let inserts = calls(&seen, "POST", &api("zones/us-central1-a/disks"));
+    assert_eq!(inserts.len(), 2);
+    assert_eq!(inserts[0].query["requestId"], inserts[1].query["requestId"]);
+    let ops: std::collections::BTreeSet<&str> = seen
+        .iter()
+        .filter(|s| s.path.ends_with("/wait"))
+        .map(|s| s.path.as_str())
+        .collect();
+    assert_eq!(ops.len(), 1, "one operation: {ops:?}");
+}
+
+#[tokio::test]
+async fn provisioned_performance_reaches_compute() {
+    let (fake, ctl) = setup().await;
+    ctl.create_volume(Request::new(create(
+        "pvc-hd",
+        1,
+        &[
+            ("type", "hyperdisk-balanced"),
+            ("provisioned-iops-on-create", "3000"),
+            ("provisioned-throughput-on-create", "140"),
+        ],
+    )))
+    .await
+    .unwrap();
+    ctl.create_volume(Request::new(create(
+        "pvc-ex",
+        1,
+        &[
+            ("type", "pd-extreme"),
+            ("provisioned-iops-on-create", "10000"),
+        ],
+    )))
+    .await
+    .unwrap();
+    let seen = fake.seen();
+    let bodies: Vec<&Value> = calls(&seen, "POST", &api("zones/us-central1-a/disks"))
+        .iter()
+        .map(|s| &s.body)
+        .collect();
+    assert_eq!(bodies[0]["sizeGb"], "4");
+    assert_eq!(bodies[0]["provisionedIops"], "3000");
+    assert_eq!(bodies[0]["provisionedThroughput"], "140");
+    assert_eq!(bodies[1]["sizeGb"], "500");
+    assert_eq!(bodies[1]["provisionedIops"], "10000");
+    assert!(bodies[1].get("provisionedThroughput").is_none());
+    // GetCapacity: the largest disk in a zone, nothing elsewhere.
+    let cap = |segments: HashMap<String, String>| GetCapacityRequest {
+        accessible_topology: Some(Topology { segments }),
+        ..Default::default()
+    };
+    let here = ctl
+        .get_capacity(Request::new(cap(HashMap::from([(
+            ZONE_KEY.into(),
+            "us-central1-a".into(),
+        )]))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(here.available_capacity > 60_000 * GIB);
+    let elsewhere = ctl
+        .get_capacity(Request::new(cap(HashMap::from([(
+            "other".into(),
+            "x".into(),
+        )]))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(elsewhere.available_capacity, 0);
+}
