@@ -270,7 +270,8 @@ macro_rules! build_client {
     ($ty:ty, $config:expr, $credentials:expr) => {{
         let mut builder = <$ty>::builder()
             .with_credentials($credentials.clone())
-            .with_retry_policy(NeverRetry);
+            .with_retry_policy(NeverRetry)
+            .with_attempt_timeout($config.attempt_timeout);
         if let Some(endpoint) = &$config.endpoint {
             builder = builder.with_endpoint(endpoint.clone());
         }

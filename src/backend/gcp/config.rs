@@ -55,9 +55,12 @@ pub struct GcpConfig {
     pub retry: Retry,
     /// Pause between two operation waits that returned unfinished.
     pub poll_interval: Duration,
-    /// How long one call waits for its operation before answering ABORTED (a
-    /// retry picks the operation's result up from the resource).
+    /// How long one call waits for its operation before answering UNAVAILABLE
+    /// (a retry picks the operation's result up from the resource).
     pub operation_timeout: Duration,
+    /// Time limit of one HTTP attempt; above the two minutes an
+    /// `operations.wait` may hold a request open.
+    pub attempt_timeout: Duration,
 }
 
 impl GcpConfig {
@@ -71,6 +74,7 @@ impl GcpConfig {
             retry: Retry::default(),
             poll_interval: Duration::from_secs(1),
             operation_timeout: Duration::from_secs(300),
+            attempt_timeout: Duration::from_secs(150),
         }
     }
 

@@ -1057,3 +1057,37 @@ async fn provisioned_performance_reaches_compute() {
         .into_inner();
     assert_eq!(elsewhere.available_capacity, 0);
 }
+
+#[tokio::test]
+async fn a_silent_endpoint_times_out_as_unavailable() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let mut cfg = GcpConfig::new(PROJECT, "us-central1-a");
+    cfg.endpoint = Some(format!("http://{addr}"));
+    cfg.retry = Retry {
+        max_attempts: 2,
+        base_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(5),
+    };
+    cfg.attempt_timeout = Duration::from_millis(200);
+    let backend = GcpBackend::connect(cfg, config::anonymous_credentials())
+        .await
+        .unwrap();
+    let ctl = ControllerService::new(Arc::new(backend), None);
+    let started = std::time::Instant::now();
+    let e = ctl
+        .controller_get_volume(Request::new(ControllerGetVolumeRequest {
+            volume_id: "gcp:us-central1-a:pvc-1".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
