@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use cryptdisk_csi::backend::LocalBackend;
 use cryptdisk_csi::backend::azure::{self, AzureBackend};
+use cryptdisk_csi::backend::gcp::{self, GcpBackend, GcpConfig};
 use cryptdisk_csi::config::{DriverName, Endpoint};
 use cryptdisk_csi::csi::controller::ControllerService;
 use cryptdisk_csi::csi::identity::IdentityService;
@@ -122,8 +123,12 @@ struct ControllerArgs {
     #[command(flatten)]
     csi: CsiArgs,
 
-    /// The disk backend: local (sparse image files on this machine) or azure
-    /// (Azure managed disks through Azure Resource Manager).
+    /// The disk backend: local (sparse image files on this machine), azure
+    /// (Azure managed disks through Azure Resource Manager) or gcp (Compute
+    /// Engine persistent disks; credentials from Application Default
+    /// Credentials: the metadata server, or GOOGLE_APPLICATION_CREDENTIALS naming a
+    /// service-account key or an external-account file; the Compute endpoint can
+    /// be replaced with CRYPTDISK_GCP_COMPUTE_ENDPOINT).
     #[arg(long, default_value = "local", env = "CRYPTDISK_BACKEND")]
     backend: String,
 
@@ -146,6 +151,9 @@ struct ControllerArgs {
     #[command(flatten)]
     local: LocalArgs,
 
+    #[command(flatten)]
+    gcp: GcpArgs,
+
     /// The node the local backend's disks live on (default: the host name).
     #[arg(long, env = "CRYPTDISK_LOCAL_NODE")]
     local_node: Option<String>,
@@ -158,15 +166,45 @@ struct ControllerArgs {
 }
 
 #[derive(Args)]
+struct GcpArgs {
+    /// gcp backend: the project of the disks and VMs (default: the metadata
+    /// server's project).
+    #[arg(long, env = "CRYPTDISK_GCP_PROJECT")]
+    gcp_project: Option<String>,
+
+    /// gcp backend: the zone of a new disk whose request names no zone (default:
+    /// the metadata server's zone, that of the VM the controller runs on).
+    #[arg(long, env = "CRYPTDISK_GCP_ZONE")]
+    gcp_zone: Option<String>,
+}
+
+/// The cloud a node plugin runs in, which says how it finds attached disks and
+/// what it reports about itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Cloud {
+    /// Local-backend volumes only; node id from --node-id or the host name.
+    Local,
+    /// Azure VMs: node id (the VM name), the zone topology and --max-volumes
+    /// (from the VM size) from the Instance Metadata Service; data disks found
+    /// by the LUN the controller publishes.
+    Azure,
+    /// GCE VMs: node id <zone>.<instance> and the zone topology from the
+    /// metadata server, --max-volumes from the machine type.
+    Gcp,
+}
+
+#[derive(Args)]
 struct NodeIdArgs {
-    /// This node's id as the controller knows it (for Kubernetes, the node name).
-    /// Defaults to the host name.
+    /// This node's id as the controller knows it. Defaults to the host name; with
+    /// --cloud gcp to <zone>.<instance> from the metadata server (the form the gcp
+    /// controller needs to attach disks).
     #[arg(long, env = "CRYPTDISK_NODE_ID")]
     node_id: Option<String>,
 
-    /// Most volumes this node accepts (0: no limit). Default: with --cloud azure,
-    /// the VM size's data-disk limit (16 for a size not in the driver's table);
-    /// otherwise 0.
+    /// Most volumes this node accepts (0: no limit). Default: 0; with --cloud
+    /// azure, the VM size's data-disk limit (16 for a size not in the driver's
+    /// table); with --cloud gcp, the limit of the VM's machine type less the boot
+    /// disk (127, or 15 on shared-core types).
     #[arg(long, env = "CRYPTDISK_MAX_VOLUMES")]
     max_volumes: Option<i64>,
 
@@ -188,6 +226,13 @@ struct NodeArgs {
 
     #[command(flatten)]
     node: NodeIdArgs,
+
+    /// The cloud this node runs in: local, azure or gcp. For azure the Instance
+    /// Metadata Service's address can be replaced with
+    /// CRYPTDISK_AZURE_IMDS_ENDPOINT, for gcp the metadata server's with
+    /// GCE_METADATA_HOST.
+    #[arg(long, value_enum, default_value = "local", env = "CRYPTDISK_CLOUD")]
+    cloud: Cloud,
 
     /// The cluster KMS: https://HOST:PORT (mutual TLS, with the three --kms-*-file
     /// flags), tcp://HOST:PORT (plaintext, with --kms-insecure) or unix:///path.
@@ -214,20 +259,6 @@ struct NodeArgs {
     /// the machine that holds them).
     #[arg(long, env = "CRYPTDISK_LOCAL_DATA_DIR")]
     local_data_dir: Option<PathBuf>,
-
-    /// The cloud this node runs in. azure: the node id defaults to the VM name
-    /// and the zone (topology.cryptdisk.csi.io/zone) and volume limit come from
-    /// the Instance Metadata Service (CRYPTDISK_AZURE_IMDS_ENDPOINT overrides its
-    /// address); data disks are found by the LUN the controller publishes.
-    #[arg(long, value_enum, default_value = "local", env = "CRYPTDISK_CLOUD")]
-    cloud: Cloud,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Cloud {
-    Local,
-    Azure,
-    Gcp,
 }
 
 #[derive(Args)]
@@ -333,6 +364,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::Controller(args) => {
             let controller = match args.backend.as_str() {
                 "azure" => azure_controller(&args.azure_config_file, &args.csi.driver_name)?,
+                "gcp" => gcp_controller(&args.gcp, args.csi.driver_name.as_str()).await?,
                 other => controller_service(other, &args.local, args.local_node)?,
             }
             .with_attach_limit(args.max_volumes_per_node);
@@ -349,32 +381,8 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 tls.as_ref(),
                 args.kms_insecure,
             )?);
-            let mut node_args = args.node;
-            let mut zone = None;
-            match args.cloud {
-                Cloud::Local => {}
-                Cloud::Azure => {
-                    let imds = azure::config::imds_endpoint(|k| std::env::var(k).ok());
-                    let facts = azure::imds::node_facts(
-                        &imds,
-                        node_args.node_id.take(),
-                        node_args.max_volumes,
-                    )
-                    .await
-                    .map_err(|e| format!("--cloud azure: {e}"))?;
-                    cryptdisk_csi::csi::validate::node_id("node id", &facts.node_id)
-                        .map_err(|e| format!("--cloud azure: {}", e.message()))?;
-                    node_args.node_id = Some(facts.node_id);
-                    node_args.max_volumes = Some(facts.max_volumes);
-                    zone = facts.zone;
-                }
-                Cloud::Gcp => return Err("--cloud gcp is not served by this build".into()),
-            }
-            let mut topology = BTreeMap::new();
-            if let Some(zone) = zone {
-                topology.insert(azure::TOPOLOGY_ZONE.to_string(), zone);
-            }
-            let node = node_service(node_args, args.local_data_dir, keys, topology)?;
+            let (node_args, topology) = node_identity(args.cloud, args.node).await?;
+            let node = node_service(node_args, args.local_data_dir, topology, keys)?;
             serve_csi(args.csi, None, Some(node)).await
         }
         Command::Dev(args) => {
@@ -394,8 +402,8 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             let node = node_service(
                 node_args,
                 Some(args.local.data_dir.clone()),
-                keys,
                 BTreeMap::new(),
+                keys,
             )?;
             serve_csi(args.csi, Some(controller), Some(node)).await
         }
@@ -419,8 +427,93 @@ fn controller_service(
             let backend = LocalBackend::open(&local.data_dir, &node, local.capacity_bytes)?;
             Ok(ControllerService::new(Arc::new(backend), Some(vec![node])))
         }
-        other => {
-            Err(format!("--backend {other:?}: this build serves only the local backend").into())
+        other => Err(format!("--backend {other:?}: expected local or gcp").into()),
+    }
+}
+
+/// The gcp backend, its project and default zone from the flags or the
+/// metadata server.
+async fn gcp_controller(
+    args: &GcpArgs,
+    driver_name: &str,
+) -> Result<ControllerService, Box<dyn std::error::Error>> {
+    let metadata = gcp::metadata::Metadata::from_env()?;
+    let mut config =
+        GcpConfig::resolve(args.gcp_project.clone(), args.gcp_zone.clone(), &metadata).await?;
+    config.driver_name = driver_name.to_string();
+    tracing::info!(
+        project = %config.project,
+        zone = %config.default_zone,
+        endpoint = config.endpoint.as_deref().unwrap_or("default"),
+        "gcp backend"
+    );
+    let credentials = gcp::config::application_default_credentials()?;
+    let backend = GcpBackend::connect(config, credentials).await?;
+    Ok(ControllerService::new(Arc::new(backend), None))
+}
+
+/// The node's id, topology and attach limit for its cloud.
+async fn node_identity(
+    cloud: Cloud,
+    args: NodeIdArgs,
+) -> Result<(NodeIdArgs, BTreeMap<String, String>), Box<dyn std::error::Error>> {
+    match cloud {
+        Cloud::Local => Ok((args, BTreeMap::new())),
+        Cloud::Azure => {
+            let imds = azure::config::imds_endpoint(|k| std::env::var(k).ok());
+            let facts = azure::imds::node_facts(&imds, args.node_id.clone(), args.max_volumes)
+                .await
+                .map_err(|e| format!("--cloud azure: {e}"))?;
+            cryptdisk_csi::csi::validate::node_id("node id", &facts.node_id)
+                .map_err(|e| format!("--cloud azure: {}", e.message()))?;
+            let topology = facts
+                .zone
+                .map(|zone| BTreeMap::from([(azure::TOPOLOGY_ZONE.to_string(), zone)]))
+                .unwrap_or_default();
+            Ok((
+                NodeIdArgs {
+                    node_id: Some(facts.node_id),
+                    max_volumes: Some(facts.max_volumes),
+                    ..args
+                },
+                topology,
+            ))
+        }
+        Cloud::Gcp => {
+            let metadata = gcp::metadata::Metadata::from_env()?;
+            let node = match args.node_id.as_deref() {
+                Some(id) => gcp::NodeName::parse(id).ok_or_else(|| {
+                    format!(
+                        "--node-id {id:?}: with --cloud gcp a node id is <zone>.<instance>, \
+                         which the controller needs to attach disks"
+                    )
+                })?,
+                None => gcp::NodeName {
+                    zone: metadata.zone().await?,
+                    instance: metadata.instance_name().await?,
+                },
+            };
+            let node_id = node.to_string();
+            cryptdisk_csi::csi::validate::node_id("node id", &node_id)
+                .map_err(|e| e.message().to_string())?;
+            let max_volumes = match args.max_volumes {
+                Some(m) => m,
+                None => {
+                    let machine_type = metadata.machine_type().await?;
+                    let max = gcp::node::max_volumes_for(&machine_type);
+                    tracing::info!(%machine_type, max_volumes = max, "attach limit");
+                    max
+                }
+            };
+            let topology = BTreeMap::from([(gcp::TOPOLOGY_ZONE.to_string(), node.zone.clone())]);
+            Ok((
+                NodeIdArgs {
+                    node_id: Some(node_id),
+                    max_volumes: Some(max_volumes),
+                    ..args
+                },
+                topology,
+            ))
         }
     }
 }
@@ -439,8 +532,8 @@ fn azure_controller(
 fn node_service(
     args: NodeIdArgs,
     local_data_dir: Option<PathBuf>,
-    keys: Arc<dyn KeySource>,
     mut topology: BTreeMap<String, String>,
+    keys: Arc<dyn KeySource>,
 ) -> Result<NodeService, Box<dyn std::error::Error>> {
     let node_id = resolve_node_id(args.node_id)?;
     if local_data_dir.is_some() {

@@ -16,6 +16,7 @@
 //! simply matches nothing.
 
 pub mod azure;
+pub mod gcp;
 pub mod local;
 
 use std::collections::BTreeMap;

@@ -158,9 +158,15 @@ impl NodeService {
                 )
                 .await?)
             }
-            other => Err(Status::unimplemented(format!(
-                "volumes of the {other} backend are not served by this node yet"
-            ))),
+            BackendKind::Gcp => {
+                crate::backend::gcp::node::block_device(
+                    &crate::backend::gcp::node::DeviceRoots::default(),
+                    id,
+                    publish_context,
+                    crate::backend::gcp::node::DEVICE_WAIT,
+                )
+                .await
+            }
         }
     }
 

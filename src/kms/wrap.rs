@@ -27,6 +27,8 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use crate::backend::gcp::metadata;
+
 /// Key Vault REST API version used for `unwrapKey`.
 pub const AZURE_KEYVAULT_API_VERSION: &str = "7.4";
 /// The `alg` sent to Key Vault: the wrapping key is an RSA key.
@@ -188,7 +190,7 @@ impl Default for Endpoints {
             azure_authority_host: "https://login.microsoftonline.com/".into(),
             azure_imds: "http://169.254.169.254".into(),
             gcp_kms: "https://cloudkms.googleapis.com".into(),
-            gcp_metadata: "http://metadata.google.internal".into(),
+            gcp_metadata: metadata::DEFAULT_METADATA_URL.into(),
         }
     }
 }
@@ -262,9 +264,7 @@ impl WrapConfig {
         }
         // Google's client libraries read GCE_METADATA_HOST (host[:port]); the
         // others are ours, for private endpoints and for tests.
-        if let Some(host) = var("GCE_METADATA_HOST") {
-            endpoints.gcp_metadata = format!("http://{host}");
-        }
+        endpoints.gcp_metadata = metadata::metadata_url(var);
         if let Some(url) = var("CRYPTDISK_GCP_KMS_ENDPOINT") {
             endpoints.gcp_kms = url;
         }
@@ -491,7 +491,7 @@ async fn gcp_token(cfg: &WrapConfig) -> Result<Zeroizing<String>, WrapError> {
     let url = format!("{}{GCP_TOKEN_PATH}", base(&cfg.endpoints.gcp_metadata));
     let req = client(cfg, true)?
         .get(&url)
-        .header("Metadata-Flavor", "Google");
+        .header(metadata::METADATA_FLAVOR.0, metadata::METADATA_FLAVOR.1);
     let body = send(op, &url, req, cfg, false).await?;
     access_token(op, &url, &body)
 }

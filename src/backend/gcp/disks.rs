@@ -1,0 +1,1025 @@
+//! Disks and snapshots: create (zonal or regional, empty, restored from a
+//! snapshot or cloned from a disk), get, list, resize, delete; snapshot create,
+//! get, list, delete. Every method checks what exists first, so a retry after
+//! any failure converges on one resource.
+
+use std::collections::{BTreeMap, HashMap};
+
+use google_cloud_compute_v1::model;
+use serde::{Deserialize, Serialize};
+
+use super::super::{Disk, DiskSource, DiskSpec, Error, Result, Snapshot, Topology};
+use super::attach::NodeName;
+use super::compute::Kind;
+use super::metadata::last_segment;
+use super::params::{self, DiskParams, MAX_DISK_GIB, TOPOLOGY_ZONE};
+use super::{GcpBackend, LABEL_DRIVER, LABEL_NAME, SNAPSHOT_LOCATION};
+use crate::volume::{BackendKind, SnapshotId, VolumeId};
+
+const GIB: u64 = 1 << 30;
+
+/// Where a disk lives: a zone, or a region for a regional disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    Zone(String),
+    Region(String),
+}
+
+impl Location {
+    /// The location of a volume id; `None` when it can be neither (so no disk
+    /// of ours is there).
+    pub fn of(id: &VolumeId) -> Option<Self> {
+        let loc = id.location();
+        if params::is_zone(loc) {
+            Some(Location::Zone(loc.to_string()))
+        } else if params::is_region(loc) {
+            Some(Location::Region(loc.to_string()))
+        } else {
+            None
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Location::Zone(z) | Location::Region(z) => z,
+        }
+    }
+
+    /// `projects/P/zones/Z/disks/N` or `projects/P/regions/R/disks/N`.
+    pub fn disk_path(&self, project: &str, disk: &str) -> String {
+        match self {
+            Location::Zone(z) => format!("projects/{project}/zones/{z}/disks/{disk}"),
+            Location::Region(r) => format!("projects/{project}/regions/{r}/disks/{disk}"),
+        }
+    }
+
+    fn disk_type_path(&self, project: &str, disk_type: &str) -> String {
+        match self {
+            Location::Zone(z) => format!("projects/{project}/zones/{z}/diskTypes/{disk_type}"),
+            Location::Region(r) => {
+                format!("projects/{project}/regions/{r}/diskTypes/{disk_type}")
+            }
+        }
+    }
+}
+
+/// A resource URL relative to the API root: from `projects/` on (Compute
+/// answers with full `https://…/compute/v1/projects/…` links).
+pub fn relative(url: &str) -> &str {
+    match url.find("projects/") {
+        Some(i) => &url[i..],
+        None => url,
+    }
+}
+
+/// What the description of our disks and snapshots records.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Note {
+    /// The CO's name.
+    name: String,
+    /// A disk's content source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source: Option<DiskSource>,
+    /// A snapshot's source volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    volume: Option<VolumeId>,
+    #[serde(default)]
+    options: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Description {
+    cryptdisk: Note,
+}
+
+impl Note {
+    fn to_description(&self) -> String {
+        serde_json::to_string(&Description {
+            cryptdisk: self.clone(),
+        })
+        .expect("a note serialises")
+    }
+
+    fn from_description(text: Option<&str>) -> Option<Note> {
+        serde_json::from_str::<Description>(text?)
+            .ok()
+            .map(|d| d.cryptdisk)
+    }
+}
+
+/// A disk of ours as Compute has it and as the backend reports it.
+pub struct Found {
+    pub disk: Disk,
+    pub raw: model::Disk,
+    pub location: Location,
+    note: Note,
+}
+
+impl Found {
+    /// The disk's path relative to the API root.
+    pub fn path(&self, project: &str) -> String {
+        self.location.disk_path(project, self.disk.id.disk())
+    }
+
+    /// Zones the disk can be attached in.
+    pub fn zones(&self) -> Vec<String> {
+        self.disk
+            .topology
+            .iter()
+            .filter_map(|t| t.get(TOPOLOGY_ZONE).cloned())
+            .collect()
+    }
+}
+
+fn zone_topology(zone: &str) -> Topology {
+    Topology::from([(TOPOLOGY_ZONE.to_string(), zone.to_string())])
+}
+
+/// A creation timestamp (RFC 3339, as Compute writes it) in Unix nanoseconds.
+pub fn parse_timestamp(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let (date, rest) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-');
+    let (y, m, day): (i64, i64, i64) = (
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+    );
+    let (time, offset_secs) = if let Some(t) = rest.strip_suffix('Z') {
+        (t, 0)
+    } else {
+        let i = rest.rfind(['+', '-'])?;
+        let (t, off) = rest.split_at(i);
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let (oh, om) = off[1..].split_once(':')?;
+        (
+            t,
+            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60),
+        )
+    };
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':');
+    let (h, mi, sec): (i64, i64, i64) = (
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+    );
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let nanos: i64 = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().take(9).collect();
+        if !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        format!("{digits:0<9}").parse().ok()?
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let yy = if m <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_secs;
+    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
+}
+
+/// One page of `items` (sorted by `key`) from `token` on, at most `max` (0: all).
+/// A token is the key of the first entry of its page.
+fn page<T>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> String,
+    token: Option<&str>,
+    max: u32,
+) -> (Vec<T>, Option<String>) {
+    let start = match token {
+        None => 0,
+        Some(t) => items
+            .iter()
+            .position(|i| key(i).as_str() >= t)
+            .unwrap_or(items.len()),
+    };
+    let mut rest: Vec<T> = items.into_iter().skip(start).collect();
+    if max == 0 || rest.len() <= max as usize {
+        return (rest, None);
+    }
+    let next = key(&rest[max as usize]);
+    rest.truncate(max as usize);
+    (rest, Some(next))
+}
+
+impl GcpBackend {
+    fn labels(&self, co_name: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_DRIVER.to_string(), self.driver_label.clone()),
+            (LABEL_NAME.to_string(), params::label_value(co_name)),
+        ])
+    }
+
+    fn ours(&self, labels: &HashMap<String, String>) -> bool {
+        labels.get(LABEL_DRIVER) == Some(&self.driver_label)
+    }
+
+    fn list_filter(&self) -> String {
+        format!("labels.{LABEL_DRIVER} = \"{}\"", self.driver_label)
+    }
+
+    /// The backend's view of a Compute disk, if it is ours.
+    fn to_found(&self, raw: model::Disk) -> Option<Found> {
+        if !self.ours(&raw.labels) {
+            return None;
+        }
+        let name = raw.name.clone()?;
+        let regional = raw.region.as_deref().is_some_and(|r| !r.is_empty());
+        let location = if regional {
+            Location::Region(last_segment(raw.region.as_deref()?).to_string())
+        } else {
+            Location::Zone(last_segment(raw.zone.as_deref()?).to_string())
+        };
+        let id = VolumeId::new(BackendKind::Gcp, location.name(), &name).ok()?;
+        let note = Note::from_description(raw.description.as_deref()).unwrap_or(Note {
+            name: name.clone(),
+            ..Note::default()
+        });
+        let topology = match &location {
+            Location::Zone(z) => vec![zone_topology(z)],
+            Location::Region(_) => raw
+                .replica_zones
+                .iter()
+                .map(|z| zone_topology(last_segment(z)))
+                .collect(),
+        };
+        let mut attached_to: Vec<String> = raw
+            .users
+            .iter()
+            .filter_map(|u| NodeName::from_instance_url(u))
+            .map(|n| n.to_string())
+            .collect();
+        attached_to.sort();
+        attached_to.dedup();
+        let disk = Disk {
+            id,
+            name: note.name.clone(),
+            capacity_bytes: raw.size_gb.unwrap_or(0).max(0) as u64 * GIB,
+            source: note.source.clone(),
+            topology,
+            attached_to,
+            options: note.options.clone(),
+        };
+        Some(Found {
+            disk,
+            raw,
+            location,
+            note,
+        })
+    }
+
+    /// The Compute disk `name` at `location`, whoever owns it.
+    async fn raw_disk(&self, location: &Location, name: &str) -> Result<Option<model::Disk>> {
+        let what = format!("getting disk {name} in {}", location.name());
+        let p = self.project();
+        let got = match location {
+            Location::Zone(z) => {
+                self.compute
+                    .call(&what, || {
+                        self.compute
+                            .disks
+                            .get()
+                            .set_project(p)
+                            .set_zone(z)
+                            .set_disk(name)
+                            .send()
+                    })
+                    .await
+            }
+            Location::Region(r) => {
+                self.compute
+                    .call(&what, || {
+                        self.compute
+                            .region_disks
+                            .get()
+                            .set_project(p)
+                            .set_region(r)
+                            .set_disk(name)
+                            .send()
+                    })
+                    .await
+            }
+        };
+        match got {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.kind == Kind::NotFound => Ok(None),
+            Err(e) => Err(e.into_error(&what)),
+        }
+    }
+
+    /// The disk of a volume id, if it exists and is ours.
+    pub(super) async fn find_disk(&self, id: &VolumeId) -> Result<Option<Found>> {
+        let Some(location) = Location::of(id) else {
+            return Ok(None);
+        };
+        Ok(self
+            .raw_disk(&location, id.disk())
+            .await?
+            .and_then(|raw| self.to_found(raw)))
+    }
+
+    pub(super) async fn create(&self, spec: &DiskSpec) -> Result<Disk> {
+        let params = DiskParams::parse(&spec.parameters)?;
+        let name = params::resource_name(&spec.name);
+        let p = self.project().to_string();
+
+        // The source: its path, its size, and for a clone its location.
+        let mut source_gib = None;
+        let mut source_path = None;
+        let mut clone_of: Option<Found> = None;
+        match &spec.source {
+            None => {}
+            Some(DiskSource::Snapshot(sid)) => {
+                let snap =
+                    if sid.backend() == BackendKind::Gcp && sid.location() == SNAPSHOT_LOCATION {
+                        self.find_snapshot(sid.snapshot()).await?
+                    } else {
+                        None
+                    };
+                let snap = snap.ok_or_else(|| {
+                    Error::NotFound(format!("source snapshot {sid} does not exist"))
+                })?;
+                if !snap.ready {
+                    return Err(Error::Aborted(format!(
+                        "source snapshot {sid} is not ready yet; retry"
+                    )));
+                }
+                source_gib = Some(snap.size_bytes.div_ceil(GIB));
+                source_path = Some(format!("projects/{p}/global/snapshots/{}", sid.snapshot()));
+            }
+            Some(DiskSource::Disk(vid)) => {
+                let found = if vid.backend() == BackendKind::Gcp {
+                    self.find_disk(vid).await?
+                } else {
+                    None
+                };
+                let found = found.ok_or_else(|| {
+                    Error::NotFound(format!("source volume {vid} does not exist"))
+                })?;
+                let regional = matches!(found.location, Location::Region(_));
+                if regional != params.regional {
+                    return Err(Error::InvalidArgument(format!(
+                        "source volume {vid} is {}, the clone asks for {}; a clone keeps its \
+                         source's replication",
+                        if regional { "regional" } else { "zonal" },
+                        if params.regional { "regional" } else { "zonal" },
+                    )));
+                }
+                source_gib = Some(found.disk.capacity_bytes.div_ceil(GIB));
+                source_path = Some(found.path(&p));
+                clone_of = Some(found);
+            }
+        }
+
+        // Zones: a clone stays where its source is.
+        let zones = match &clone_of {
+            Some(src) => {
+                let zones = src.zones();
+                if let Some(req) = &spec.accessibility
+                    && !zones.iter().all(|z| req.admits(&zone_topology(z)))
+                {
+                    return Err(Error::ResourceExhausted(format!(
+                        "a clone of {} must be in {zones:?}, which the requisite topology does \
+                         not allow",
+                        src.disk.id
+                    )));
+                }
+                zones
+            }
+            None => params::pick_zones(
+                spec.accessibility.as_ref(),
+                &self.config.default_zone,
+                params.regional,
+            )?,
+        };
+        let location = if params.regional {
+            Location::Region(params::region_of(&zones[0]).to_string())
+        } else {
+            Location::Zone(zones[0].clone())
+        };
+
+        // Size.
+        let mut gib = match (spec.capacity_bytes, source_gib) {
+            (0, Some(s)) => s.max(params.size_gib(0)),
+            (bytes, _) => params.size_gib(bytes),
+        };
+        if let Some(s) = source_gib {
+            if s > gib && spec.capacity_bytes != 0 {
+                return Err(Error::OutOfRange(format!(
+                    "the source holds {s} GiB, more than the {} bytes asked for",
+                    spec.capacity_bytes
+                )));
+            }
+            gib = gib.max(s);
+        }
+        if gib > MAX_DISK_GIB {
+            return Err(Error::OutOfRange(format!(
+                "{gib} GiB is above the largest persistent disk ({MAX_DISK_GIB} GiB)"
+            )));
+        }
+
+        let note = Note {
+            name: spec.name.clone(),
+            source: spec.source.clone(),
+            volume: None,
+            options: spec.options.clone(),
+        };
+        let want = Wanted {
+            note: &note,
+            gib,
+            params: &params,
+        };
+        if let Some(raw) = self.raw_disk(&location, &name).await? {
+            return self.existing(raw, &location, &want);
+        }
+
+        let mut body = model::Disk::new()
+            .set_name(name.clone())
+            .set_size_gb(gib as i64)
+            .set_type(location.disk_type_path(&p, params.disk_type.as_str()))
+            .set_labels(self.labels(&spec.name))
+            .set_description(note.to_description());
+        if params.regional {
+            body = body.set_replica_zones(zones.iter().map(|z| format!("projects/{p}/zones/{z}")));
+        }
+        match (&spec.source, source_path) {
+            (Some(DiskSource::Snapshot(_)), Some(path)) => body = body.set_source_snapshot(path),
+            (Some(DiskSource::Disk(_)), Some(path)) => body = body.set_source_disk(path),
+            _ => {}
+        }
+        if let Some(iops) = params.iops {
+            body = body.set_provisioned_iops(iops);
+        }
+        if let Some(t) = params.throughput {
+            body = body.set_provisioned_throughput(t);
+        }
+        let what = format!("creating disk {name} in {}", location.name());
+        tracing::info!(disk = %name, location = location.name(), gib, r#type = params.disk_type.as_str(), "creating disk");
+        let done = match &location {
+            Location::Zone(z) => {
+                self.compute
+                    .mutate(&what, |rid| {
+                        self.compute
+                            .disks
+                            .insert()
+                            .set_project(&p)
+                            .set_zone(z)
+                            .set_request_id(rid)
+                            .set_body(body.clone())
+                            .send()
+                    })
+                    .await
+            }
+            Location::Region(r) => {
+                self.compute
+                    .mutate(&what, |rid| {
+                        self.compute
+                            .region_disks
+                            .insert()
+                            .set_project(&p)
+                            .set_region(r)
+                            .set_request_id(rid)
+                            .set_body(body.clone())
+                            .send()
+                    })
+                    .await
+            }
+        };
+        match done {
+            Ok(()) => {}
+            // Someone (a retry whose answer was lost) made it meanwhile.
+            Err(e) if e.kind == Kind::AlreadyExists => {}
+            Err(e) => return Err(e.into_error(&what)),
+        }
+        let raw = self.raw_disk(&location, &name).await?.ok_or_else(|| {
+            Error::Unavailable(format!(
+                "{what}: done, but the disk is not there yet; retry"
+            ))
+        })?;
+        self.existing(raw, &location, &want)
+    }
+
+    /// A disk already under the name: the same volume when it matches the
+    /// request, `ALREADY_EXISTS` when it does not.
+    fn existing(&self, raw: model::Disk, location: &Location, want: &Wanted<'_>) -> Result<Disk> {
+        let name = raw.name.clone().unwrap_or_default();
+        let type_now = raw
+            .r#type
+            .as_deref()
+            .map(last_segment)
+            .unwrap_or("")
+            .to_string();
+        let size_now = raw.size_gb.unwrap_or(0).max(0) as u64;
+        let status = raw.status.clone();
+        let Some(found) = self.to_found(raw) else {
+            return Err(Error::AlreadyExists(format!(
+                "a disk named {name} exists in {} and was not created by this driver",
+                location.name()
+            )));
+        };
+        let differs = |what: String| {
+            Err(Error::AlreadyExists(format!(
+                "volume {:?} exists as {} with {what}",
+                want.note.name, found.disk.id
+            )))
+        };
+        if found.note.name != want.note.name {
+            return differs(format!("another name ({:?})", found.note.name));
+        }
+        if size_now != want.gib {
+            return differs(format!("{size_now} GiB, not {} GiB", want.gib));
+        }
+        if type_now != want.params.disk_type.as_str() {
+            return differs(format!(
+                "type {type_now}, not {}",
+                want.params.disk_type.as_str()
+            ));
+        }
+        if found.note.source != want.note.source {
+            return differs(format!(
+                "source {:?}, not {:?}",
+                found.note.source, want.note.source
+            ));
+        }
+        if found.note.options != want.note.options {
+            return differs(format!(
+                "options {:?}, not {:?}",
+                found.note.options, want.note.options
+            ));
+        }
+        match status {
+            Some(model::disk::Status::Ready) | None => Ok(found.disk),
+            Some(model::disk::Status::Failed) => Err(Error::Internal(format!(
+                "disk {} failed to be created; delete the volume and create it again",
+                found.disk.id
+            ))),
+            Some(s) => Err(Error::Aborted(format!(
+                "disk {} is {s:?}, not yet READY; retry",
+                found.disk.id
+            ))),
+        }
+    }
+
+    pub(super) async fn delete(&self, id: &VolumeId) -> Result<()> {
+        let Some(found) = self.find_disk(id).await? else {
+            return Ok(());
+        };
+        if !found.disk.attached_to.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is attached to {:?}; unpublish it first",
+                found.disk.attached_to
+            )));
+        }
+        let what = format!("deleting disk {id}");
+        let p = self.project();
+        let name = id.disk();
+        let done = match &found.location {
+            Location::Zone(z) => {
+                self.compute
+                    .mutate(&what, |rid| {
+                        self.compute
+                            .disks
+                            .delete()
+                            .set_project(p)
+                            .set_zone(z)
+                            .set_disk(name)
+                            .set_request_id(rid)
+                            .send()
+                    })
+                    .await
+            }
+            Location::Region(r) => {
+                self.compute
+                    .mutate(&what, |rid| {
+                        self.compute
+                            .region_disks
+                            .delete()
+                            .set_project(p)
+                            .set_region(r)
+                            .set_disk(name)
+                            .set_request_id(rid)
+                            .send()
+                    })
+                    .await
+            }
+        };
+        match done {
+            Ok(()) => {
+                tracing::info!(volume = %id, "disk deleted");
+                Ok(())
+            }
+            Err(e) if e.kind == Kind::NotFound => Ok(()),
+            Err(e) => Err(e.into_error(&what)),
+        }
+    }
+
+    /// Every disk of ours in the project (zonal and regional), sorted by id.
+    async fn all_disks(&self) -> Result<Vec<Disk>> {
+        let what = "listing disks";
+        let p = self.project();
+        let filter = self.list_filter();
+        let mut token = String::new();
+        let mut disks = Vec::new();
+        loop {
+            let list = self
+                .compute
+                .call(what, || {
+                    self.compute
+                        .disks
+                        .aggregated_list()
+                        .set_project(p)
+                        .set_filter(&filter)
+                        .set_return_partial_success(true)
+                        .set_page_token(&token)
+                        .send()
+                })
+                .await
+                .map_err(|e| e.into_error(what))?;
+            if !list.unreachables.is_empty() {
+                return Err(Error::Unavailable(format!(
+                    "{what}: Compute Engine could not reach {:?}; retry",
+                    list.unreachables
+                )));
+            }
+            for scoped in list.items.into_values() {
+                disks.extend(
+                    scoped
+                        .disks
+                        .into_iter()
+                        .filter_map(|raw| self.to_found(raw))
+                        .map(|f| f.disk),
+                );
+            }
+            match list.next_page_token.filter(|t| !t.is_empty()) {
+                Some(t) => token = t,
+                None => break,
+            }
+        }
+        disks.sort_by_key(|d| d.id.to_string());
+        Ok(disks)
+    }
+
+    pub(super) async fn list(
+        &self,
+        token: Option<&str>,
+        max: u32,
+    ) -> Result<(Vec<Disk>, Option<String>)> {
+        if let Some(t) = token
+            && t.parse::<VolumeId>().map(|id| id.backend()) != Ok(BackendKind::Gcp)
+        {
+            return Err(Error::Aborted(format!(
+                "starting_token {t:?} was not handed out by this plugin"
+            )));
+        }
+        let all = self.all_disks().await?;
+        Ok(page(all, |d| d.id.to_string(), token, max))
+    }
+
+    pub(super) async fn resize(&self, id: &VolumeId, bytes: u64) -> Result<u64> {
+        let found = self
+            .find_disk(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
+        let now = found.disk.capacity_bytes / GIB;
+        let gib = bytes.div_ceil(GIB);
+        if gib < now {
+            return Err(Error::InvalidArgument(format!(
+                "volume {id} is {now} GiB; disks do not shrink (asked for {gib} GiB)"
+            )));
+        }
+        if gib == now {
+            return Ok(found.disk.capacity_bytes);
+        }
+        if gib > MAX_DISK_GIB {
+            return Err(Error::OutOfRange(format!(
+                "{gib} GiB is above the largest persistent disk ({MAX_DISK_GIB} GiB)"
+            )));
+        }
+        let what = format!("resizing disk {id} to {gib} GiB");
+        let p = self.project();
+        let name = id.disk();
+        let done = match &found.location {
+            Location::Zone(z) => {
+                self.compute
+                    .mutate(&what, |rid| {
+                        self.compute
+                            .disks
+                            .resize()
+                            .set_project(p)
+                            .set_zone(z)
+                            .set_disk(name)
+                            .set_request_id(rid)
+                            .set_body(model::DisksResizeRequest::new().set_size_gb(gib as i64))
+                            .send()
+                    })
+                    .await
+            }
+            Location::Region(r) => {
+                self.compute
+                    .mutate(&what, |rid| {
+                        self.compute
+                            .region_disks
+                            .resize()
+                            .set_project(p)
+                            .set_region(r)
+                            .set_disk(name)
+                            .set_request_id(rid)
+                            .set_body(
+                                model::RegionDisksResizeRequest::new().set_size_gb(gib as i64),
+                            )
+                            .send()
+                    })
+                    .await
+            }
+        };
+        done.map_err(|e| e.into_error(&what))?;
+        let after = self
+            .find_disk(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {id} vanished while resizing")))?;
+        Ok(after.disk.capacity_bytes)
+    }
+
+    // Snapshots.
+
+    fn to_snapshot(&self, raw: &model::Snapshot) -> Option<Snapshot> {
+        if !self.ours(&raw.labels) {
+            return None;
+        }
+        let name = raw.name.clone()?;
+        let note = Note::from_description(raw.description.as_deref())?;
+        Some(Snapshot {
+            id: SnapshotId::new(BackendKind::Gcp, SNAPSHOT_LOCATION, name).ok()?,
+            name: note.name,
+            source: note.volume?,
+            size_bytes: raw.disk_size_gb.unwrap_or(0).max(0) as u64 * GIB,
+            created_unix_nanos: raw
+                .creation_timestamp
+                .as_deref()
+                .and_then(parse_timestamp)
+                .unwrap_or(0),
+            ready: raw.status == Some(model::snapshot::Status::Ready),
+            options: note.options,
+        })
+    }
+
+    async fn raw_snapshot(&self, name: &str) -> Result<Option<model::Snapshot>> {
+        let what = format!("getting snapshot {name}");
+        let p = self.project();
+        match self
+            .compute
+            .call(&what, || {
+                self.compute
+                    .snapshots
+                    .get()
+                    .set_project(p)
+                    .set_snapshot(name)
+                    .send()
+            })
+            .await
+        {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind == Kind::NotFound => Ok(None),
+            Err(e) => Err(e.into_error(&what)),
+        }
+    }
+
+    pub(super) async fn find_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
+        Ok(self
+            .raw_snapshot(name)
+            .await?
+            .and_then(|raw| self.to_snapshot(&raw)))
+    }
+
+    fn existing_snapshot(
+        &self,
+        raw: &model::Snapshot,
+        source: &VolumeId,
+        co_name: &str,
+    ) -> Result<Snapshot> {
+        let name = raw.name.clone().unwrap_or_default();
+        let snap = self.to_snapshot(raw).ok_or_else(|| {
+            Error::AlreadyExists(format!(
+                "a snapshot named {name} exists and was not created by this driver"
+            ))
+        })?;
+        if snap.name != co_name || &snap.source != source {
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {:?} exists as {} of volume {}, not of {source}",
+                co_name, snap.id, snap.source
+            )));
+        }
+        if raw.status == Some(model::snapshot::Status::Failed) {
+            return Err(Error::Internal(format!(
+                "snapshot {} failed; delete it and take it again",
+                snap.id
+            )));
+        }
+        Ok(snap)
+    }
+
+    pub(super) async fn snapshot(&self, source: &VolumeId, co_name: &str) -> Result<Snapshot> {
+        let name = params::resource_name(co_name);
+        if let Some(raw) = self.raw_snapshot(&name).await? {
+            return self.existing_snapshot(&raw, source, co_name);
+        }
+        let found = self
+            .find_disk(source)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("source volume {source} does not exist")))?;
+        let p = self.project();
+        let note = Note {
+            name: co_name.to_string(),
+            source: None,
+            volume: Some(source.clone()),
+            options: found.disk.options.clone(),
+        };
+        let body = model::Snapshot::new()
+            .set_name(name.clone())
+            .set_source_disk(found.path(p))
+            .set_labels(self.labels(co_name))
+            .set_description(note.to_description());
+        let what = format!("creating snapshot {name} of {source}");
+        tracing::info!(snapshot = %name, volume = %source, "creating snapshot");
+        match self
+            .compute
+            .mutate(&what, |rid| {
+                self.compute
+                    .snapshots
+                    .insert()
+                    .set_project(p)
+                    .set_request_id(rid)
+                    .set_body(body.clone())
+                    .send()
+            })
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if e.kind == Kind::AlreadyExists => {}
+            Err(e) => return Err(e.into_error(&what)),
+        }
+        let raw = self.raw_snapshot(&name).await?.ok_or_else(|| {
+            Error::Unavailable(format!(
+                "{what}: done, but the snapshot is not there yet; retry"
+            ))
+        })?;
+        self.existing_snapshot(&raw, source, co_name)
+    }
+
+    pub(super) async fn remove_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        if self.find_snapshot(id.snapshot()).await?.is_none() {
+            return Ok(());
+        }
+        let what = format!("deleting snapshot {id}");
+        let p = self.project();
+        match self
+            .compute
+            .mutate(&what, |rid| {
+                self.compute
+                    .snapshots
+                    .delete()
+                    .set_project(p)
+                    .set_snapshot(id.snapshot())
+                    .set_request_id(rid)
+                    .send()
+            })
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind == Kind::NotFound => Ok(()),
+            Err(e) => Err(e.into_error(&what)),
+        }
+    }
+
+    async fn all_snapshots(&self) -> Result<Vec<Snapshot>> {
+        let what = "listing snapshots";
+        let p = self.project();
+        let filter = self.list_filter();
+        let mut token = String::new();
+        let mut out = Vec::new();
+        loop {
+            let list = self
+                .compute
+                .call(what, || {
+                    self.compute
+                        .snapshots
+                        .list()
+                        .set_project(p)
+                        .set_filter(&filter)
+                        .set_return_partial_success(true)
+                        .set_page_token(&token)
+                        .send()
+                })
+                .await
+                .map_err(|e| e.into_error(what))?;
+            out.extend(list.items.iter().filter_map(|s| self.to_snapshot(s)));
+            match list.next_page_token.filter(|t| !t.is_empty()) {
+                Some(t) => token = t,
+                None => break,
+            }
+        }
+        out.sort_by_key(|s| s.id.to_string());
+        Ok(out)
+    }
+
+    pub(super) async fn snapshots_page(
+        &self,
+        source: Option<&VolumeId>,
+        snapshot_id: Option<&SnapshotId>,
+        token: Option<&str>,
+        max: u32,
+    ) -> Result<(Vec<Snapshot>, Option<String>)> {
+        if let Some(t) = token
+            && t.parse::<SnapshotId>().map(|id| id.backend()) != Ok(BackendKind::Gcp)
+        {
+            return Err(Error::Aborted(format!(
+                "starting_token {t:?} was not handed out by this plugin"
+            )));
+        }
+        let matches_source = |s: &Snapshot| source.is_none_or(|v| &s.source == v);
+        let all = match snapshot_id {
+            Some(id) if id.backend() == BackendKind::Gcp && id.location() == SNAPSHOT_LOCATION => {
+                self.find_snapshot(id.snapshot())
+                    .await?
+                    .into_iter()
+                    .collect()
+            }
+            Some(_) => Vec::new(),
+            None => self.all_snapshots().await?,
+        };
+        let all: Vec<Snapshot> = all.into_iter().filter(matches_source).collect();
+        Ok(page(all, |s| s.id.to_string(), token, max))
+    }
+}
+
+/// What a CreateVolume asks for, to compare with a disk already there.
+struct Wanted<'a> {
+    note: &'a Note,
+    gib: u64,
+    params: &'a DiskParams,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(parse_timestamp("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_timestamp("2024-02-29T12:00:00.5+00:00"),
+            Some(1_709_208_000_500_000_000)
+        );
+        assert_eq!(
+            parse_timestamp("2024-02-29T05:00:00.000-07:00"),
+            Some(1_709_208_000_000_000_000)
+        );
+        assert_eq!(parse_timestamp("yesterday"), None);
+        assert_eq!(parse_timestamp("2024-13-01T00:00:00Z"), None);
+    }
+
+    #[test]
+    fn pages_by_key() {
+        let items: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
+        let key = |s: &String| s.clone();
+        let (p1, t1) = page(items.clone(), key, None, 2);
+        assert_eq!(
+            (p1, t1.as_deref()),
+            (vec!["a".into(), "b".into()], Some("c"))
+        );
+        let (p2, t2) = page(items.clone(), key, Some("c"), 2);
+        assert_eq!(
+            (p2, t2.as_deref()),
+            (vec!["c".into(), "d".into()], Some("e"))
+        );
+        let (p3, t3) = page(items.clone(), key, Some("e"), 2);
+        assert_eq!((p3, t3), (vec!["e".to_string()], None));
+        // An entry deleted between pages does not make the next page skip any.
+        let fewer: Vec<String> = ["a", "b", "d", "e"].map(String::from).to_vec();
+        let (p, _) = page(fewer, key, Some("c"), 2);
+        assert_eq!(p, vec!["d".to_string(), "e".to_string()]);
+        assert_eq!(page(items, key, None, 0).0.len(), 5);
+    }
+
+    #[test]
+    fn relative_paths() {
+        assert_eq!(
+            relative("https://www.googleapis.com/compute/v1/projects/p/zones/z/disks/d"),
+            "projects/p/zones/z/disks/d"
+        );
+        assert_eq!(
+            relative("projects/p/zones/z/disks/d"),
+            "projects/p/zones/z/disks/d"
+        );
+    }
+}

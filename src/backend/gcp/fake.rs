@@ -1,0 +1,902 @@
+//! An in-process fake of the Compute Engine REST endpoints the backend calls,
+//! answering with the documented shapes: resources with string int64 fields and
+//! full `https://www.googleapis.com/compute/v1/…` links, Operations that go
+//! PENDING → RUNNING → DONE over successive `wait` calls (and take effect when
+//! DONE), `requestId` deduplication, error bodies
+//! `{"error":{"code","message","errors":[{"domain","reason","message"}]}}`.
+//! It checks request shapes (paths, query, JSON bodies) and answers 400 to a
+//! malformed one, and can inject answers (throttling, errors) and failed
+//! operations.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use serde_json::{Value, json};
+
+pub const PROJECT: &str = "test-project";
+const ROOT: &str = "https://www.googleapis.com/compute/v1/";
+const TYPES: [&str; 5] = [
+    "pd-standard",
+    "pd-balanced",
+    "pd-ssd",
+    "pd-extreme",
+    "hyperdisk-balanced",
+];
+
+/// A request as the fake saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: HashMap<String, String>,
+    pub body: Value,
+}
+
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Value,
+}
+
+pub fn reply(status: u16, body: Value) -> Reply {
+    Reply {
+        status,
+        headers: vec![],
+        body,
+    }
+}
+
+/// The documented Compute error body.
+pub fn error(status: u16, reason: &str, message: &str) -> Reply {
+    reply(
+        status,
+        json!({"error": {"code": status, "message": message,
+            "errors": [{"domain": "global", "reason": reason, "message": message}]}}),
+    )
+}
+
+/// An answer to inject: to the next `times` requests whose method is `method`
+/// and whose path contains `path_part`.
+struct Injection {
+    method: &'static str,
+    path_part: String,
+    times: usize,
+    reply: Reply,
+    /// Handle the request first, then answer `reply` (a lost answer).
+    after: bool,
+}
+
+enum Effect {
+    Put(String, Value),
+    Delete(String),
+    Patch(String, Box<dyn FnOnce(&mut Value) + Send>),
+    Attach {
+        instance: String,
+        disk: String,
+        attached: Value,
+    },
+    Detach {
+        instance: String,
+        device: String,
+    },
+}
+
+struct Op {
+    json: Value,
+    /// Waits still needed before DONE.
+    remaining: u32,
+    effect: Option<Effect>,
+    /// The error it ends with instead of its effect.
+    fails_with: Option<Value>,
+}
+
+#[derive(Default)]
+pub struct State {
+    /// Resources by path relative to the root (`projects/p/zones/z/disks/d`).
+    pub resources: BTreeMap<String, Value>,
+    ops: HashMap<String, Op>,
+    request_ids: HashMap<String, String>,
+    injections: Vec<Injection>,
+    fail_next_operation: VecDeque<Value>,
+    pub seen: Vec<Seen>,
+    next_id: u64,
+    /// Page size of list answers (the backend must follow pages).
+    pub page_size: usize,
+}
+
+#[derive(Clone)]
+pub struct Fake {
+    pub state: Arc<Mutex<State>>,
+    pub url: String,
+}
+
+fn link(path: &str) -> String {
+    format!("{ROOT}{path}")
+}
+
+fn relative(url: &str) -> &str {
+    url.strip_prefix(ROOT).unwrap_or(url)
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_i64(),
+        _ => None,
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    crate::backend::gcp::params::is_resource_name(s)
+}
+
+fn valid_uuid(s: &str) -> bool {
+    uuid::Uuid::parse_str(s).is_ok()
+}
+
+impl Fake {
+    pub async fn start() -> Fake {
+        let state = Arc::new(Mutex::new(State {
+            page_size: 2,
+            next_id: 1000,
+            ..State::default()
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let state = state.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let bytes = body.collect().await.map(|b| b.to_bytes().to_vec());
+                                let bytes = bytes.unwrap_or_default();
+                                let query = parts
+                                    .uri
+                                    .query()
+                                    .map(|q| {
+                                        reqwest::Url::parse(&format!("http://x/?{q}"))
+                                            .unwrap()
+                                            .query_pairs()
+                                            .into_owned()
+                                            .collect()
+                                    })
+                                    .unwrap_or_default();
+                                let body = if bytes.is_empty() {
+                                    Value::Null
+                                } else {
+                                    serde_json::from_slice(&bytes).unwrap_or(Value::String(
+                                        String::from_utf8_lossy(&bytes).into_owned(),
+                                    ))
+                                };
+                                let seen = Seen {
+                                    method: parts.method.to_string(),
+                                    path: parts.uri.path().to_string(),
+                                    query,
+                                    body,
+                                };
+                                let r = state.lock().unwrap().handle(seen);
+                                let mut resp = http::Response::builder()
+                                    .status(r.status)
+                                    .header("content-type", "application/json");
+                                for (k, v) in r.headers {
+                                    resp = resp.header(k, v);
+                                }
+                                Ok::<_, Infallible>(
+                                    resp.body(Full::new(Bytes::from(r.body.to_string())))
+                                        .unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+        Fake {
+            state,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    pub fn inject(&self, method: &'static str, path_part: &str, times: usize, reply: Reply) {
+        self.state.lock().unwrap().injections.push(Injection {
+            method,
+            path_part: path_part.to_string(),
+            times,
+            reply,
+            after: false,
+        });
+    }
+
+    /// The next matching request takes effect, but its answer is `reply` (as
+    /// when a proxy or the network loses Compute's answer).
+    pub fn lose_answer(&self, method: &'static str, path_part: &str, reply: Reply) {
+        self.state.lock().unwrap().injections.push(Injection {
+            method,
+            path_part: path_part.to_string(),
+            times: 1,
+            reply,
+            after: true,
+        });
+    }
+
+    /// The next operation started ends DONE with this Compute error.
+    pub fn fail_next_operation(&self, code: &str, message: &str, http: u16) {
+        self.state
+            .lock()
+            .unwrap()
+            .fail_next_operation
+            .push_back(json!({"code": code, "message": message, "http": http}));
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().seen.clone()
+    }
+
+    pub fn clear_seen(&self) {
+        self.state.lock().unwrap().seen.clear();
+    }
+
+    pub fn resource(&self, path: &str) -> Option<Value> {
+        self.state.lock().unwrap().resources.get(path).cloned()
+    }
+
+    pub fn put(&self, path: &str, value: Value) {
+        self.state
+            .lock()
+            .unwrap()
+            .resources
+            .insert(path.to_string(), value);
+    }
+
+    /// A VM in `zone`.
+    pub fn add_instance(&self, zone: &str, name: &str) {
+        let path = format!("projects/{PROJECT}/zones/{zone}/instances/{name}");
+        self.put(
+            &path,
+            json!({"kind": "compute#instance", "id": "77", "name": name,
+                "zone": link(&format!("projects/{PROJECT}/zones/{zone}")),
+                "machineType": link(&format!("projects/{PROJECT}/zones/{zone}/machineTypes/n2-standard-4")),
+                "status": "RUNNING", "selfLink": link(&path),
+                "disks": [{"kind": "compute#attachedDisk", "type": "PERSISTENT", "mode": "READ_WRITE",
+                    "source": link(&format!("projects/{PROJECT}/zones/{zone}/disks/{name}-boot")),
+                    "deviceName": "persistent-disk-0", "index": 0, "boot": true, "autoDelete": true,
+                    "interface": "SCSI"}]}),
+        );
+    }
+}
+
+impl State {
+    fn handle(&mut self, seen: Seen) -> Reply {
+        self.seen.push(seen.clone());
+        if let Some(i) = self
+            .injections
+            .iter_mut()
+            .find(|i| i.times > 0 && i.method == seen.method && seen.path.contains(&i.path_part))
+        {
+            i.times -= 1;
+            let reply = i.reply.clone();
+            if !i.after {
+                return reply;
+            }
+            self.route(&seen);
+            return reply;
+        }
+        self.route(&seen)
+    }
+
+    fn route(&mut self, seen: &Seen) -> Reply {
+        let seen = seen.clone();
+        let Some(path) = seen.path.strip_prefix("/compute/v1/") else {
+            return error(404, "notFound", &format!("no route {}", seen.path));
+        };
+        let parts: Vec<&str> = path.split('/').collect();
+        if parts.len() < 2 || parts[0] != "projects" || parts[1] != PROJECT {
+            return error(404, "notFound", &format!("no project in {path}"));
+        }
+        let m = seen.method.as_str();
+        match (m, &parts[2..]) {
+            ("GET", ["aggregated", "disks"]) => self.aggregated_disks(&seen),
+            ("GET", ["global", "snapshots"]) => self.list_snapshots(&seen),
+            ("POST", ["global", "snapshots"]) => self.insert_snapshot(&seen),
+            ("POST", [scope @ ("zones" | "regions"), loc, "disks"]) => {
+                self.insert_disk(&seen, scope, loc)
+            }
+            ("POST", [scope @ ("zones" | "regions"), loc, "disks", disk, "resize"]) => {
+                self.resize(&seen, &format!("projects/{PROJECT}/{scope}/{loc}"), disk)
+            }
+            ("POST", ["zones", zone, "instances", inst, "attachDisk"]) => {
+                self.attach(&seen, zone, inst)
+            }
+            ("POST", ["zones", zone, "instances", inst, "detachDisk"]) => {
+                self.detach(&seen, zone, inst)
+            }
+            ("POST", [.., "operations", name, "wait"]) => self.wait(path, name),
+            ("GET", _) => match self.resources.get(path) {
+                Some(v) => reply(200, v.clone()),
+                None => error(
+                    404,
+                    "notFound",
+                    &format!("The resource '{path}' was not found"),
+                ),
+            },
+            ("DELETE", [.., kind @ ("disks" | "snapshots"), _]) => self.delete(&seen, path, kind),
+            _ => error(404, "notFound", &format!("no route {m} {path}")),
+        }
+    }
+
+    fn bad(message: &str) -> Reply {
+        error(400, "invalid", message)
+    }
+
+    fn request_id(&self, seen: &Seen) -> Result<Option<String>, Reply> {
+        match seen.query.get("requestId") {
+            None => Ok(None),
+            Some(id) if valid_uuid(id) => Ok(Some(id.clone())),
+            Some(id) => Err(Self::bad(&format!(
+                "Invalid value for field 'requestId': '{id}'"
+            ))),
+        }
+    }
+
+    /// Starts an operation in `scope` (`projects/p/zones/z`, `…/regions/r` or
+    /// `…/global`) that applies `effect` when DONE.
+    fn operation(
+        &mut self,
+        seen: &Seen,
+        scope: &str,
+        kind: &str,
+        target: &str,
+        effect: Effect,
+    ) -> Reply {
+        let rid = match self.request_id(seen) {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        if let Some(rid) = &rid
+            && let Some(name) = self.request_ids.get(rid)
+        {
+            return reply(200, self.ops[name].json.clone());
+        }
+        self.next_id += 1;
+        let name = format!("operation-{}-{kind}", self.next_id);
+        let mut op = json!({"kind": "compute#operation", "id": self.next_id.to_string(),
+            "name": name, "operationType": kind, "targetLink": link(target),
+            "status": "PENDING", "progress": 0,
+            "selfLink": link(&format!("{scope}/operations/{name}")),
+            "insertTime": "2026-11-29T20:00:00.000-08:00"});
+        if let Some(zone) = scope.split("/zones/").nth(1) {
+            op["zone"] = json!(link(&format!("projects/{PROJECT}/zones/{zone}")));
+        } else if let Some(region) = scope.split("/regions/").nth(1) {
+            op["region"] = json!(link(&format!("projects/{PROJECT}/regions/{region}")));
+        }
+        let fails_with = self.fail_next_operation.pop_front();
+        self.ops.insert(
+            name.clone(),
+            Op {
+                json: op.clone(),
+                remaining: 2,
+                effect: Some(effect),
+                fails_with,
+            },
+        );
+        if let Some(rid) = rid {
+            self.request_ids.insert(rid, name);
+        }
+        reply(200, op)
+    }
+
+    fn wait(&mut self, path: &str, name: &str) -> Reply {
+        let Some(op) = self.ops.get_mut(name) else {
+            return error(
+                404,
+                "notFound",
+                &format!("The resource '{path}' was not found"),
+            );
+        };
+        let scope_ok = op.json["selfLink"]
+            .as_str()
+            .is_some_and(|l| format!("{}/wait", relative(l)) == path);
+        if !scope_ok {
+            return Self::bad(&format!("operation {name} is not in the scope of {path}"));
+        }
+        if op.remaining > 0 {
+            op.remaining -= 1;
+            op.json["status"] = json!(if op.remaining == 0 { "DONE" } else { "RUNNING" });
+            op.json["progress"] = json!(if op.remaining == 0 { 100 } else { 50 });
+            if op.remaining == 0 {
+                match op.fails_with.take() {
+                    Some(f) => {
+                        op.json["error"] =
+                            json!({"errors": [{"code": f["code"], "message": f["message"]}]});
+                        op.json["httpErrorStatusCode"] = f["http"].clone();
+                        op.json["httpErrorMessage"] = json!("ERROR");
+                        op.effect = None;
+                    }
+                    None => {
+                        let effect = op.effect.take();
+                        let json = op.json.clone();
+                        if let Some(e) = effect {
+                            self.apply(e);
+                        }
+                        return reply(200, json);
+                    }
+                }
+            }
+        }
+        reply(200, op.json.clone())
+    }
+
+    fn apply(&mut self, effect: Effect) {
+        match effect {
+            Effect::Put(path, v) => {
+                self.resources.insert(path, v);
+            }
+            Effect::Delete(path) => {
+                self.resources.remove(&path);
+            }
+            Effect::Patch(path, f) => {
+                if let Some(v) = self.resources.get_mut(&path) {
+                    f(v);
+                }
+            }
+            Effect::Attach {
+                instance,
+                disk,
+                attached,
+            } => {
+                if let Some(i) = self.resources.get_mut(&instance) {
+                    i["disks"].as_array_mut().unwrap().push(attached);
+                }
+                if let Some(d) = self.resources.get_mut(&disk) {
+                    d["users"]
+                        .as_array_mut()
+                        .unwrap()
+                        .push(json!(link(&instance)));
+                }
+            }
+            Effect::Detach { instance, device } => {
+                let mut source = None;
+                if let Some(i) = self.resources.get_mut(&instance) {
+                    let disks = i["disks"].as_array_mut().unwrap();
+                    if let Some(pos) = disks.iter().position(|d| d["deviceName"] == json!(device)) {
+                        source = disks.remove(pos)["source"]
+                            .as_str()
+                            .map(|s| relative(s).to_string());
+                    }
+                }
+                if let Some(d) = source.and_then(|s| self.resources.get_mut(&s)) {
+                    let me = json!(link(&instance));
+                    d["users"].as_array_mut().unwrap().retain(|u| u != &me);
+                }
+            }
+        }
+    }
+
+    fn insert_disk(&mut self, seen: &Seen, scope: &str, loc: &str) -> Reply {
+        let b = &seen.body;
+        let Some(name) = b["name"].as_str().filter(|n| valid_name(n)) else {
+            return Self::bad(&format!(
+                "Invalid value for field 'resource.name': {}",
+                b["name"]
+            ));
+        };
+        let scope_path = format!("projects/{PROJECT}/{scope}/{loc}");
+        let path = format!("{scope_path}/disks/{name}");
+        if self.resources.contains_key(&path) {
+            return error(
+                409,
+                "alreadyExists",
+                &format!("The resource '{path}' already exists"),
+            );
+        }
+        let Some(size) = int(&b["sizeGb"]).filter(|s| *s > 0) else {
+            return Self::bad("Invalid value for field 'resource.sizeGb'");
+        };
+        let ty = b["type"].as_str().map(relative).unwrap_or("");
+        let type_ok = ty
+            .strip_prefix(&format!("{scope_path}/diskTypes/"))
+            .is_some_and(|t| TYPES.contains(&t));
+        if !type_ok {
+            return Self::bad(&format!("Invalid value for field 'resource.type': '{ty}'"));
+        }
+        let mut disk = b.clone();
+        if scope == "regions" {
+            let zones: Vec<&str> = b["replicaZones"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|z| z.as_str()).map(relative).collect())
+                .unwrap_or_default();
+            let in_region = zones.iter().all(|z| {
+                z.strip_prefix(&format!("projects/{PROJECT}/zones/"))
+                    .is_some_and(|z| z.starts_with(&format!("{loc}-")))
+            });
+            if zones.len() != 2 || !in_region || zones[0] == zones[1] {
+                return Self::bad("Invalid value for field 'resource.replicaZones'");
+            }
+            disk["replicaZones"] = json!(zones.iter().map(|z| link(z)).collect::<Vec<_>>());
+            disk["region"] = json!(link(&scope_path));
+        } else {
+            if b.get("replicaZones").is_some() {
+                return Self::bad("replicaZones is for regional disks");
+            }
+            disk["zone"] = json!(link(&scope_path));
+        }
+        if let Some(snap) = b["sourceSnapshot"].as_str() {
+            match self.resources.get(relative(snap)) {
+                None => {
+                    return error(
+                        404,
+                        "notFound",
+                        &format!("The resource '{snap}' was not found"),
+                    );
+                }
+                Some(s) if int(&s["diskSizeGb"]).unwrap_or(0) > size => {
+                    return Self::bad(
+                        "Requested disk size cannot be smaller than the snapshot size",
+                    );
+                }
+                Some(_) => disk["sourceSnapshot"] = json!(link(relative(snap))),
+            }
+        }
+        if let Some(src) = b["sourceDisk"].as_str() {
+            match self.resources.get(relative(src)) {
+                None => {
+                    return error(
+                        404,
+                        "notFound",
+                        &format!("The resource '{src}' was not found"),
+                    );
+                }
+                Some(s) if int(&s["sizeGb"]).unwrap_or(0) > size => {
+                    return Self::bad("Requested disk size cannot be smaller than the source disk");
+                }
+                Some(_) => disk["sourceDisk"] = json!(link(relative(src))),
+            }
+        }
+        self.next_id += 1;
+        disk["kind"] = json!("compute#disk");
+        disk["id"] = json!(self.next_id.to_string());
+        disk["sizeGb"] = json!(size.to_string());
+        disk["type"] = json!(link(ty));
+        disk["status"] = json!("READY");
+        disk["selfLink"] = json!(link(&path));
+        disk["users"] = json!([]);
+        disk["creationTimestamp"] = json!("2026-11-29T12:00:00.000-08:00");
+        self.operation(
+            seen,
+            &scope_path,
+            "insert",
+            &path,
+            Effect::Put(path.clone(), disk),
+        )
+    }
+
+    fn resize(&mut self, seen: &Seen, scope_path: &str, disk: &str) -> Reply {
+        let path = format!("{scope_path}/disks/{disk}");
+        let Some(now) = self.resources.get(&path).and_then(|d| int(&d["sizeGb"])) else {
+            return error(
+                404,
+                "notFound",
+                &format!("The resource '{path}' was not found"),
+            );
+        };
+        let Some(size) = int(&seen.body["sizeGb"]) else {
+            return Self::bad("Invalid value for field 'sizeGb'");
+        };
+        if size <= now {
+            return Self::bad(&format!(
+                "Invalid value for field 'sizeGb': '{size}'. New disk size must be larger than {now}"
+            ));
+        }
+        self.operation(
+            seen,
+            scope_path,
+            "resize",
+            &path,
+            Effect::Patch(
+                path.clone(),
+                Box::new(move |d| d["sizeGb"] = json!(size.to_string())),
+            ),
+        )
+    }
+
+    fn delete(&mut self, seen: &Seen, path: &str, kind: &str) -> Reply {
+        let Some(res) = self.resources.get(path) else {
+            return error(
+                404,
+                "notFound",
+                &format!("The resource '{path}' was not found"),
+            );
+        };
+        if kind == "disks"
+            && let Some(user) = res["users"].as_array().and_then(|u| u.first())
+        {
+            return error(
+                400,
+                "resourceInUseByAnotherResource",
+                &format!(
+                    "The disk resource '{path}' is already being used by '{}'",
+                    relative(user.as_str().unwrap_or(""))
+                ),
+            );
+        }
+        if kind == "snapshots" {
+            let me = link(path);
+            if self
+                .resources
+                .values()
+                .any(|r| r["sourceSnapshot"] == json!(me) && r["status"] == json!("CREATING"))
+            {
+                return error(400, "resourceInUseByAnotherResource", "snapshot in use");
+            }
+        }
+        let scope = path.rsplitn(3, '/').nth(2).unwrap_or("").to_string();
+        self.operation(
+            seen,
+            &scope,
+            "delete",
+            path,
+            Effect::Delete(path.to_string()),
+        )
+    }
+
+    fn attach(&mut self, seen: &Seen, zone: &str, inst: &str) -> Reply {
+        let instance = format!("projects/{PROJECT}/zones/{zone}/instances/{inst}");
+        let Some(vm) = self.resources.get(&instance) else {
+            return error(
+                404,
+                "notFound",
+                &format!("The resource '{instance}' was not found"),
+            );
+        };
+        let b = &seen.body;
+        let source = b["source"].as_str().map(relative).unwrap_or("").to_string();
+        let Some(disk) = self.resources.get(&source) else {
+            return error(
+                404,
+                "notFound",
+                &format!("The resource '{source}' was not found"),
+            );
+        };
+        let mode = b["mode"].as_str().unwrap_or("READ_WRITE");
+        if !matches!(mode, "READ_WRITE" | "READ_ONLY") || b["type"] != json!("PERSISTENT") {
+            return Self::bad("Invalid value for field 'resource.mode' or 'resource.type'");
+        }
+        let Some(device) = b["deviceName"].as_str().filter(|d| valid_name(d)) else {
+            return Self::bad("Invalid value for field 'resource.deviceName'");
+        };
+        if vm["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["deviceName"] == json!(device))
+        {
+            return Self::bad(&format!(
+                "Invalid value for field 'resource.deviceName': '{device}' is in use"
+            ));
+        }
+        let zonal_elsewhere = disk["zone"]
+            .as_str()
+            .is_some_and(|z| !z.ends_with(&format!("/zones/{zone}")));
+        if zonal_elsewhere {
+            return Self::bad("Disk must be in the same zone as the instance");
+        }
+        let rw_user = disk["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u != &json!(link(&instance)));
+        if rw_user && mode == "READ_WRITE" {
+            return error(
+                400,
+                "resourceInUseByAnotherResource",
+                &format!("The disk resource '{source}' is already being used by another instance"),
+            );
+        }
+        let attached = json!({"kind": "compute#attachedDisk", "type": "PERSISTENT", "mode": mode,
+            "source": link(&source), "deviceName": device, "index": 1, "boot": false,
+            "autoDelete": b["autoDelete"].as_bool().unwrap_or(false), "interface": "SCSI"});
+        let scope = format!("projects/{PROJECT}/zones/{zone}");
+        self.operation(
+            seen,
+            &scope,
+            "attachDisk",
+            &instance,
+            Effect::Attach {
+                instance: instance.clone(),
+                disk: source,
+                attached,
+            },
+        )
+    }
+
+    fn detach(&mut self, seen: &Seen, zone: &str, inst: &str) -> Reply {
+        let instance = format!("projects/{PROJECT}/zones/{zone}/instances/{inst}");
+        let Some(vm) = self.resources.get(&instance) else {
+            return error(
+                404,
+                "notFound",
+                &format!("The resource '{instance}' was not found"),
+            );
+        };
+        let Some(device) = seen.query.get("deviceName").cloned() else {
+            return Self::bad("Required field 'deviceName' not specified");
+        };
+        if !vm["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["deviceName"] == json!(device))
+        {
+            return Self::bad(&format!(
+                "No attached disk found with device name '{device}'"
+            ));
+        }
+        let scope = format!("projects/{PROJECT}/zones/{zone}");
+        self.operation(
+            seen,
+            &scope,
+            "detachDisk",
+            &instance,
+            Effect::Detach {
+                instance: instance.clone(),
+                device,
+            },
+        )
+    }
+
+    fn insert_snapshot(&mut self, seen: &Seen) -> Reply {
+        let b = &seen.body;
+        let Some(name) = b["name"].as_str().filter(|n| valid_name(n)) else {
+            return Self::bad("Invalid value for field 'resource.name'");
+        };
+        let path = format!("projects/{PROJECT}/global/snapshots/{name}");
+        if self.resources.contains_key(&path) {
+            return error(
+                409,
+                "alreadyExists",
+                &format!("The resource '{path}' already exists"),
+            );
+        }
+        let source = b["sourceDisk"]
+            .as_str()
+            .map(relative)
+            .unwrap_or("")
+            .to_string();
+        let Some(disk) = self.resources.get(&source) else {
+            return error(
+                404,
+                "notFound",
+                &format!("The resource '{source}' was not found"),
+            );
+        };
+        let mut snap = b.clone();
+        self.next_id += 1;
+        snap["kind"] = json!("compute#snapshot");
+        snap["id"] = json!(self.next_id.to_string());
+        snap["status"] = json!("READY");
+        snap["diskSizeGb"] = disk["sizeGb"].clone();
+        snap["sourceDisk"] = json!(link(&source));
+        snap["selfLink"] = json!(link(&path));
+        snap["storageBytes"] = json!("1024");
+        snap["creationTimestamp"] = json!("2026-11-29T12:30:00.250-08:00");
+        let scope = format!("projects/{PROJECT}/global");
+        self.operation(
+            seen,
+            &scope,
+            "insert",
+            &path,
+            Effect::Put(path.clone(), snap),
+        )
+    }
+
+    /// `labels.KEY = "VALUE"`, the only filter form the backend sends.
+    fn filter(seen: &Seen) -> Result<Option<(String, String)>, Reply> {
+        let Some(f) = seen.query.get("filter") else {
+            return Ok(None);
+        };
+        let parsed = f.strip_prefix("labels.").and_then(|rest| {
+            let (k, v) = rest.split_once(" = ")?;
+            Some((
+                k.to_string(),
+                v.strip_prefix('"')?.strip_suffix('"')?.to_string(),
+            ))
+        });
+        parsed
+            .map(Some)
+            .ok_or_else(|| Self::bad(&format!("Invalid list filter expression '{f}'")))
+    }
+
+    fn matches(v: &Value, filter: &Option<(String, String)>) -> bool {
+        filter
+            .as_ref()
+            .is_none_or(|(k, want)| v["labels"][k].as_str() == Some(want))
+    }
+
+    /// Pages of `items` with `pageToken` an offset.
+    fn page<T: Clone>(&self, seen: &Seen, items: &[T]) -> Result<(Vec<T>, Option<String>), Reply> {
+        let start = match seen.query.get("pageToken").filter(|t| !t.is_empty()) {
+            None => 0,
+            Some(t) => t
+                .strip_prefix("page-")
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| Self::bad("Invalid value for field 'pageToken'"))?,
+        };
+        let end = (start + self.page_size).min(items.len());
+        let next = (end < items.len()).then(|| format!("page-{end}"));
+        Ok((items[start.min(end)..end].to_vec(), next))
+    }
+
+    fn aggregated_disks(&mut self, seen: &Seen) -> Reply {
+        if seen.query.get("returnPartialSuccess").map(String::as_str) != Some("true") {
+            return Self::bad("aggregated lists should ask for returnPartialSuccess");
+        }
+        let filter = match Self::filter(seen) {
+            Ok(f) => f,
+            Err(e) => return e,
+        };
+        let disks: Vec<(String, Value)> = self
+            .resources
+            .iter()
+            .filter(|(p, v)| p.contains("/disks/") && Self::matches(v, &filter))
+            .map(|(p, v)| {
+                let scope = p.split('/').skip(2).take(2).collect::<Vec<_>>().join("/");
+                (scope, v.clone())
+            })
+            .collect();
+        let (page, next) = match self.page(seen, &disks) {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
+        let mut items = serde_json::Map::new();
+        // An empty scope carries a warning instead of disks, as Compute's do.
+        items.insert(
+            "zones/asia-east1-a".into(),
+            json!({"warning": {"code": "NO_RESULTS_ON_PAGE", "message": "There are no results for scope 'zones/asia-east1-a' on this page."}}),
+        );
+        for (scope, disk) in page {
+            let entry = items.entry(scope).or_insert_with(|| json!({"disks": []}));
+            entry["disks"].as_array_mut().unwrap().push(disk);
+        }
+        let mut body = json!({"kind": "compute#diskAggregatedList", "items": items,
+            "selfLink": link(&format!("projects/{PROJECT}/aggregated/disks"))});
+        if let Some(n) = next {
+            body["nextPageToken"] = json!(n);
+        }
+        reply(200, body)
+    }
+
+    fn list_snapshots(&mut self, seen: &Seen) -> Reply {
+        let filter = match Self::filter(seen) {
+            Ok(f) => f,
+            Err(e) => return e,
+        };
+        let snaps: Vec<Value> = self
+            .resources
+            .iter()
+            .filter(|(p, v)| p.contains("/global/snapshots/") && Self::matches(v, &filter))
+            .map(|(_, v)| v.clone())
+            .collect();
+        let (page, next) = match self.page(seen, &snaps) {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
+        let mut body = json!({"kind": "compute#snapshotList", "items": page});
+        if let Some(n) = next {
+            body["nextPageToken"] = json!(n);
+        }
+        reply(200, body)
+    }
+}

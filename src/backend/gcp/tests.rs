@@ -1,0 +1,1093 @@
+//! The GCP backend through the CSI Controller service, against the in-process
+//! Compute fake ([`super::fake`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tonic::{Code, Request};
+
+use super::fake::{self, Fake, PROJECT, error};
+use super::{GcpBackend, GcpConfig, Retry, config};
+use crate::csi::controller::ControllerService;
+use crate::proto::csi::controller_server::Controller;
+use crate::proto::csi::volume_capability::access_mode::Mode;
+use crate::proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+use crate::proto::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
+use crate::proto::csi::*;
+
+const GIB: i64 = 1 << 30;
+const ZONE_KEY: &str = "topology.cryptdisk.csi.io/zone";
+
+async fn setup() -> (Fake, ControllerService) {
+    let fake = Fake::start().await;
+    let mut cfg = GcpConfig::new(PROJECT, "us-central1-a");
+    cfg.endpoint = Some(fake.url.clone());
+    cfg.retry = Retry {
+        max_attempts: 4,
+        base_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(5),
+    };
+    cfg.poll_interval = Duration::from_millis(1);
+    let backend = GcpBackend::connect(cfg, config::anonymous_credentials())
+        .await
+        .unwrap();
+    (fake, ControllerService::new(Arc::new(backend), None))
+}
+
+fn cap(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            mount_flags: vec![],
+            volume_mount_group: String::new(),
+        })),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+fn zones(list: &[&str]) -> Vec<Topology> {
+    list.iter()
+        .map(|z| Topology {
+            segments: HashMap::from([(ZONE_KEY.to_string(), z.to_string())]),
+        })
+        .collect()
+}
+
+fn create(name: &str, gib: i64, params: &[(&str, &str)]) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: gib * GIB,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap(Mode::SingleNodeWriter)],
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn publish(volume: &str, node: &str, readonly: bool) -> ControllerPublishVolumeRequest {
+    ControllerPublishVolumeRequest {
+        volume_id: volume.into(),
+        node_id: node.into(),
+        volume_capability: Some(cap(if readonly {
+            Mode::SingleNodeReaderOnly
+        } else {
+            Mode::SingleNodeWriter
+        })),
+        readonly,
+        ..Default::default()
+    }
+}
+
+fn unpublish(volume: &str, node: &str) -> ControllerUnpublishVolumeRequest {
+    ControllerUnpublishVolumeRequest {
+        volume_id: volume.into(),
+        node_id: node.into(),
+        ..Default::default()
+    }
+}
+
+fn calls<'a>(seen: &'a [fake::Seen], method: &str, suffix: &str) -> Vec<&'a fake::Seen> {
+    seen.iter()
+        .filter(|s| s.method == method && s.path.ends_with(suffix))
+        .collect()
+}
+
+fn api(path: &str) -> String {
+    format!("/compute/v1/projects/{PROJECT}/{path}")
+}
+
+#[tokio::test]
+async fn zonal_lifecycle() {
+    let (fake, ctl) = setup().await;
+    fake.add_instance("us-central1-b", "vm-1");
+    fake.add_instance("us-central1-c", "vm-2");
+
+    // CreateVolume honours requisite and preferred zones.
+    let mut req = create("pvc-1", 5, &[("type", "pd-ssd")]);
+    req.accessibility_requirements = Some(TopologyRequirement {
+        requisite: zones(&["us-central1-a", "us-central1-b"]),
+        preferred: zones(&["us-central1-b", "us-central1-a"]),
+    });
+    let vol = ctl
+        .create_volume(Request::new(req.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(vol.volume_id, "gcp:us-central1-b:pvc-1");
+    assert_eq!(vol.capacity_bytes, 5 * GIB);
+    assert_eq!(vol.accessible_topology, zones(&["us-central1-b"]));
+
+    let seen = fake.seen();
+    let inserts = calls(&seen, "POST", &api("zones/us-central1-b/disks"));
+    assert_eq!(inserts.len(), 1);
+    let insert = inserts[0];
+    assert!(uuid::Uuid::parse_str(&insert.query["requestId"]).is_ok());
+    let body = &insert.body;
+    assert_eq!(body["name"], "pvc-1");
+    // 5 GiB usable + the LUKS2 header rounds up to 6 GiB, above pd-ssd's minimum of 10.
+    assert_eq!(body["sizeGb"], "10");
+    assert_eq!(
+        body["type"],
+        format!("projects/{PROJECT}/zones/us-central1-b/diskTypes/pd-ssd")
+    );
+    assert_eq!(body["labels"]["cryptdisk-csi-driver"], "cryptdisk_csi_io");
+    assert_eq!(body["labels"]["cryptdisk-csi-name"], "pvc-1");
+    let note: Value = serde_json::from_str(body["description"].as_str().unwrap()).unwrap();
+    assert_eq!(note["cryptdisk"]["name"], "pvc-1");
+    assert!(body.get("replicaZones").is_none());
+    // The operation was waited on in its zone until DONE (PENDING → RUNNING → DONE).
+    let waits: Vec<_> = seen
+        .iter()
+        .filter(|s| {
+            s.path.starts_with(&api("zones/us-central1-b/operations/")) && s.path.ends_with("/wait")
+        })
+        .collect();
+    assert_eq!(waits.len(), 2, "{waits:?}");
+
+    // Idempotent retry: the same volume, no second insert.
+    fake.clear_seen();
+    let again = ctl
+        .create_volume(Request::new(req.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(again.volume_id, vol.volume_id);
+    assert!(calls(&fake.seen(), "POST", "/disks").is_empty());
+
+    // The same name with another size or type: ALREADY_EXISTS.
+    let mut bigger = req.clone();
+    bigger.capacity_range.as_mut().unwrap().required_bytes = 40 * GIB;
+    let e = ctl.create_volume(Request::new(bigger)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let mut other_type = req.clone();
+    other_type
+        .parameters
+        .insert("type".into(), "pd-standard".into());
+    let e = ctl
+        .create_volume(Request::new(other_type))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+    // Publish: attachDisk with the disk's device name, returned in the context.
+    fake.clear_seen();
+    let ctx = ctl
+        .controller_publish_volume(Request::new(publish(
+            &vol.volume_id,
+            "us-central1-b.vm-1",
+            false,
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx.get("gcpDeviceName").map(String::as_str), Some("pvc-1"));
+    let seen = fake.seen();
+    let attach = calls(
+        &seen,
+        "POST",
+        &api("zones/us-central1-b/instances/vm-1/attachDisk"),
+    );
+    assert_eq!(attach.len(), 1);
+    assert_eq!(
+        attach[0].body,
+        json!({"source": format!("projects/{PROJECT}/zones/us-central1-b/disks/pvc-1"),
+            "deviceName": "pvc-1", "mode": "READ_WRITE", "type": "PERSISTENT", "autoDelete": false})
+    );
+    // Idempotent re-publish: no second attach.
+    fake.clear_seen();
+    let ctx2 = ctl
+        .controller_publish_volume(Request::new(publish(
+            &vol.volume_id,
+            "us-central1-b.vm-1",
+            false,
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx2, ctx);
+    assert!(calls(&fake.seen(), "POST", "/attachDisk").is_empty());
+    // Read-only on the same node while attached read-write: incompatible.
+    let e = ctl
+        .controller_publish_volume(Request::new(publish(
+            &vol.volume_id,
+            "us-central1-b.vm-1",
+            true,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    // Another node while published: FAILED_PRECONDITION.
+    let e = ctl
+        .controller_publish_volume(Request::new(publish(
+            &vol.volume_id,
+            "us-central1-c.vm-2",
+            false,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let got = ctl
+        .controller_get_volume(Request::new(ControllerGetVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.status.unwrap().published_node_ids,
+        vec!["us-central1-b.vm-1".to_string()]
+    );
+    // Deleting an attached disk: FAILED_PRECONDITION.
+    let e = ctl
+        .delete_volume(Request::new(DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            secrets: HashMap::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // Unpublish, twice.
+    fake.clear_seen();
+    for _ in 0..2 {
+        ctl.controller_unpublish_volume(Request::new(unpublish(
+            &vol.volume_id,
+            "us-central1-b.vm-1",
+        )))
+        .await
+        .unwrap();
+    }
+    let seen = fake.seen();
+    let detach = calls(
+        &seen,
+        "POST",
+        &api("zones/us-central1-b/instances/vm-1/detachDisk"),
+    );
+    assert_eq!(detach.len(), 1);
+    assert_eq!(detach[0].query["deviceName"], "pvc-1");
+    let vm = fake
+        .resource(&format!(
+            "projects/{PROJECT}/zones/us-central1-b/instances/vm-1"
+        ))
+        .unwrap();
+    assert_eq!(
+        vm["disks"].as_array().unwrap().len(),
+        1,
+        "only the boot disk is left"
+    );
+
+    // Expand.
+    fake.clear_seen();
+    let grown = ctl
+        .controller_expand_volume(Request::new(ControllerExpandVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 30 * GIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(grown.capacity_bytes >= 30 * GIB);
+    assert!(grown.node_expansion_required);
+    let seen = fake.seen();
+    let resize = calls(
+        &seen,
+        "POST",
+        &api("zones/us-central1-b/disks/pvc-1/resize"),
+    );
+    assert_eq!(resize.len(), 1);
+    assert_eq!(resize[0].body, json!({"sizeGb": "31"}));
+
+    // Snapshot, idempotent; the same name for another volume is ALREADY_EXISTS.
+    let snap_req = CreateSnapshotRequest {
+        source_volume_id: vol.volume_id.clone(),
+        name: "snap-1".into(),
+        ..Default::default()
+    };
+    let snap = ctl
+        .create_snapshot(Request::new(snap_req.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(snap.snapshot_id, "gcp:global:snap-1");
+    assert_eq!(snap.source_volume_id, vol.volume_id);
+    assert!(snap.ready_to_use);
+    assert_eq!(snap.size_bytes, 31 * GIB);
+    assert!(snap.creation_time.unwrap().seconds > 1_700_000_000);
+    let seen = fake.seen();
+    let snap_insert = calls(&seen, "POST", &api("global/snapshots"));
+    assert_eq!(snap_insert.len(), 1);
+    assert_eq!(
+        snap_insert[0].body["sourceDisk"],
+        format!("projects/{PROJECT}/zones/us-central1-b/disks/pvc-1")
+    );
+    assert!(
+        seen.iter()
+            .any(|s| s.path.starts_with(&api("global/operations/")))
+    );
+    let again = ctl
+        .create_snapshot(Request::new(snap_req.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(again.snapshot_id, snap.snapshot_id);
+
+    // Restore from the snapshot, in a zone the requirement allows.
+    let mut restore = create("pvc-restored", 30, &[("type", "pd-ssd")]);
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    });
+    restore.accessibility_requirements = Some(TopologyRequirement {
+        requisite: zones(&["us-central1-c"]),
+        preferred: vec![],
+    });
+    let restored = ctl
+        .create_volume(Request::new(restore))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(restored.volume_id, "gcp:us-central1-c:pvc-restored");
+    let disk = fake
+        .resource(&format!(
+            "projects/{PROJECT}/zones/us-central1-c/disks/pvc-restored"
+        ))
+        .unwrap();
+    assert!(
+        disk["sourceSnapshot"]
+            .as_str()
+            .unwrap()
+            .ends_with("/global/snapshots/snap-1")
+    );
+    assert!(matches!(
+        restored.content_source.unwrap().r#type,
+        Some(SourceType::Snapshot(_))
+    ));
+    // Another volume's snapshot under the same name.
+    let mut other = snap_req.clone();
+    other.source_volume_id = restored.volume_id.clone();
+    let e = ctl.create_snapshot(Request::new(other)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+    // Clone: stays in its source's zone.
+    let mut clone = create("pvc-clone", 30, &[("type", "pd-ssd")]);
+    clone.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Volume(VolumeSource {
+            volume_id: vol.volume_id.clone(),
+        })),
+    });
+    let cloned = ctl
+        .create_volume(Request::new(clone))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(cloned.volume_id, "gcp:us-central1-b:pvc-clone");
+    let disk = fake
+        .resource(&format!(
+            "projects/{PROJECT}/zones/us-central1-b/disks/pvc-clone"
+        ))
+        .unwrap();
+    assert!(
+        disk["sourceDisk"]
+            .as_str()
+            .unwrap()
+            .ends_with("/zones/us-central1-b/disks/pvc-1")
+    );
+    // A clone smaller than its source is refused.
+    let mut small = create("pvc-small-clone", 1, &[("type", "pd-ssd")]);
+    small.volume_content_source = cloned_source(&vol.volume_id);
+    let e = ctl.create_volume(Request::new(small)).await.unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+
+    // A disk that is not ours is neither listed nor adopted.
+    fake.put(
+        &format!("projects/{PROJECT}/zones/us-central1-a/disks/pvc-foreign"),
+        json!({"name": "pvc-foreign", "sizeGb": "10", "status": "READY",
+            "zone": format!("https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/us-central1-a"),
+            "type": format!("https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/us-central1-a/diskTypes/pd-balanced"),
+            "users": [], "labels": {"team": "x"}}),
+    );
+    let e = ctl
+        .create_volume(Request::new(create("pvc-foreign", 1, &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    ctl.delete_volume(Request::new(DeleteVolumeRequest {
+        volume_id: "gcp:us-central1-a:pvc-foreign".into(),
+        secrets: HashMap::new(),
+    }))
+    .await
+    .unwrap();
+    assert!(
+        fake.resource(&format!(
+            "projects/{PROJECT}/zones/us-central1-a/disks/pvc-foreign"
+        ))
+        .is_some()
+    );
+
+    // ListVolumes, one entry a page (the fake pages Compute's answer by two).
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = ctl
+            .list_volumes(Request::new(ListVolumesRequest {
+                max_entries: 1,
+                starting_token: token.clone(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 1);
+        ids.extend(
+            page.entries
+                .into_iter()
+                .map(|e| e.volume.unwrap().volume_id),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(
+        ids,
+        vec![
+            "gcp:us-central1-b:pvc-1",
+            "gcp:us-central1-b:pvc-clone",
+            "gcp:us-central1-c:pvc-restored"
+        ]
+    );
+    let e = ctl
+        .list_volumes(Request::new(ListVolumesRequest {
+            max_entries: 1,
+            starting_token: "not-a-token".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted);
+    let seen = fake.seen();
+    let lists = calls(&seen, "GET", &api("aggregated/disks"));
+    assert!(
+        lists
+            .iter()
+            .any(|s| s.query.get("pageToken").is_some_and(|t| !t.is_empty()))
+    );
+    assert!(
+        lists
+            .iter()
+            .all(|s| s.query["filter"] == "labels.cryptdisk-csi-driver = \"cryptdisk_csi_io\"")
+    );
+
+    // ListSnapshots by source.
+    let snaps = ctl
+        .list_snapshots(Request::new(ListSnapshotsRequest {
+            source_volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snaps.entries.len(), 1);
+    let none = ctl
+        .list_snapshots(Request::new(ListSnapshotsRequest {
+            source_volume_id: restored.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.entries.is_empty());
+
+    // Delete everything, each twice.
+    for _ in 0..2 {
+        ctl.delete_snapshot(Request::new(DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            secrets: HashMap::new(),
+        }))
+        .await
+        .unwrap();
+        for id in &ids {
+            ctl.delete_volume(Request::new(DeleteVolumeRequest {
+                volume_id: id.clone(),
+                secrets: HashMap::new(),
+            }))
+            .await
+            .unwrap();
+        }
+    }
+    let left = ctl
+        .list_volumes(Request::new(ListVolumesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(left.entries.is_empty());
+    assert!(
+        fake.resource(&format!("projects/{PROJECT}/global/snapshots/snap-1"))
+            .is_none()
+    );
+}
+
+fn cloned_source(volume_id: &str) -> Option<VolumeContentSource> {
+    Some(VolumeContentSource {
+        r#type: Some(SourceType::Volume(VolumeSource {
+            volume_id: volume_id.into(),
+        })),
+    })
+}
+
+#[tokio::test]
+async fn regional_lifecycle() {
+    let (fake, ctl) = setup().await;
+    fake.add_instance("us-east1-c", "vm-east");
+    let mut req = create(
+        "pvc-r",
+        50,
+        &[("type", "pd-balanced"), ("replication-type", "regional-pd")],
+    );
+    req.accessibility_requirements = Some(TopologyRequirement {
+        requisite: zones(&["us-east1-b", "us-west1-a", "us-east1-c"]),
+        preferred: zones(&["us-west1-a", "us-east1-c"]),
+    });
+    let vol = ctl
+        .create_volume(Request::new(req.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(vol.volume_id, "gcp:us-east1:pvc-r");
+    assert_eq!(
+        vol.accessible_topology,
+        zones(&["us-east1-c", "us-east1-b"])
+    );
+    let seen = fake.seen();
+    let insert = calls(&seen, "POST", &api("regions/us-east1/disks"));
+    assert_eq!(insert.len(), 1);
+    assert_eq!(
+        insert[0].body["replicaZones"],
+        json!([
+            format!("projects/{PROJECT}/zones/us-east1-c"),
+            format!("projects/{PROJECT}/zones/us-east1-b")
+        ])
+    );
+    assert_eq!(
+        insert[0].body["type"],
+        format!("projects/{PROJECT}/regions/us-east1/diskTypes/pd-balanced")
+    );
+    assert!(
+        seen.iter()
+            .any(|s| s.path.starts_with(&api("regions/us-east1/operations/")))
+    );
+    // Idempotent.
+    let again = ctl
+        .create_volume(Request::new(req))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.volume.unwrap().volume_id, vol.volume_id);
+
+    // Attach in one of its zones, not elsewhere.
+    let ctx = ctl
+        .controller_publish_volume(Request::new(publish(
+            &vol.volume_id,
+            "us-east1-c.vm-east",
+            false,
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx["gcpDeviceName"], "pvc-r");
+    let seen = fake.seen();
+    let attach = calls(&seen, "POST", "/instances/vm-east/attachDisk");
+    assert_eq!(
+        attach[0].body["source"],
+        format!("projects/{PROJECT}/regions/us-east1/disks/pvc-r")
+    );
+    ctl.controller_unpublish_volume(Request::new(unpublish(
+        &vol.volume_id,
+        "us-east1-c.vm-east",
+    )))
+    .await
+    .unwrap();
+    fake.add_instance("us-west1-a", "vm-west");
+    let e = ctl
+        .controller_publish_volume(Request::new(publish(
+            &vol.volume_id,
+            "us-west1-a.vm-west",
+            false,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // Resize and snapshot go through the region.
+    fake.clear_seen();
+    ctl.controller_expand_volume(Request::new(ControllerExpandVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 300 * GIB,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    assert_eq!(
+        calls(
+            &fake.seen(),
+            "POST",
+            &api("regions/us-east1/disks/pvc-r/resize")
+        )
+        .len(),
+        1
+    );
+    let snap = ctl
+        .create_snapshot(Request::new(CreateSnapshotRequest {
+            source_volume_id: vol.volume_id.clone(),
+            name: "snap-r".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let s = fake
+        .resource(&format!("projects/{PROJECT}/global/snapshots/snap-r"))
+        .unwrap();
+    assert!(
+        s["sourceDisk"]
+            .as_str()
+            .unwrap()
+            .ends_with("/regions/us-east1/disks/pvc-r")
+    );
+    // A zonal clone of a regional disk is refused; a regional one stays in its zones.
+    let mut clone = create("pvc-r-clone", 301, &[]);
+    clone.volume_content_source = cloned_source(&vol.volume_id);
+    let e = ctl
+        .create_volume(Request::new(clone.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    clone
+        .parameters
+        .insert("replication-type".into(), "regional-pd".into());
+    let c = ctl
+        .create_volume(Request::new(clone))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(c.volume_id, "gcp:us-east1:pvc-r-clone");
+
+    // Delete.
+    ctl.delete_snapshot(Request::new(DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id,
+        secrets: HashMap::new(),
+    }))
+    .await
+    .unwrap();
+    for id in [&vol.volume_id, &c.volume_id] {
+        ctl.delete_volume(Request::new(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            secrets: HashMap::new(),
+        }))
+        .await
+        .unwrap();
+    }
+    assert!(
+        fake.resource(&format!("projects/{PROJECT}/regions/us-east1/disks/pvc-r"))
+            .is_none()
+    );
+
+    // Not enough zones of one region for a regional disk.
+    let mut lonely = create("pvc-lonely", 10, &[("replication-type", "regional-pd")]);
+    lonely.accessibility_requirements = Some(TopologyRequirement {
+        requisite: zones(&["us-east1-b", "us-west1-a"]),
+        preferred: vec![],
+    });
+    let e = ctl.create_volume(Request::new(lonely)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+}
+
+#[tokio::test]
+async fn throttling_is_retried_with_one_request_id() {
+    let (fake, ctl) = setup().await;
+    fake.inject(
+        "POST",
+        "/zones/us-central1-a/disks",
+        2,
+        error(429, "rateLimitExceeded", "Too Many Requests"),
+    );
+    fake.inject(
+        "POST",
+        "/operations/",
+        1,
+        error(403, "rateLimitExceeded", "Rate Limit Exceeded"),
+    );
+    fake.inject(
+        "GET",
+        "/aggregated/disks",
+        1,
+        error(503, "backendError", "Backend Error"),
+    );
+    let vol = ctl
+        .create_volume(Request::new(create("pvc-t", 1, &[])))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(vol.volume_id, "gcp:us-central1-a:pvc-t");
+    let seen = fake.seen();
+    let inserts = calls(&seen, "POST", &api("zones/us-central1-a/disks"));
+    assert_eq!(inserts.len(), 3, "two throttled, one accepted");
+    let ids: Vec<&String> = inserts.iter().map(|s| &s.query["requestId"]).collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    let listed = ctl
+        .list_volumes(Request::new(ListVolumesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.entries.len(), 1);
+
+    // Throttled for good: RESOURCE_EXHAUSTED with Compute's message, after the retries.
+    fake.clear_seen();
+    fake.inject(
+        "GET",
+        "/disks/pvc-t",
+        4,
+        error(403, "rateLimitExceeded", "Rate Limit Exceeded"),
+    );
+    let e = ctl
+        .controller_get_volume(Request::new(ControllerGetVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("Rate Limit Exceeded"), "{e:?}");
+    assert_eq!(calls(&fake.seen(), "GET", "/disks/pvc-t").len(), 4);
+
+    // 5xx for good: UNAVAILABLE.
+    fake.inject(
+        "GET",
+        "/disks/pvc-t",
+        100,
+        error(500, "backendError", "Internal Error"),
+    );
+    let e = ctl
+        .controller_get_volume(Request::new(ControllerGetVolumeRequest {
+            volume_id: vol.volume_id,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("Internal Error"), "{e:?}");
+}
+
+#[tokio::test]
+async fn errors_keep_their_message_and_code() {
+    let (fake, ctl) = setup().await;
+    fake.add_instance("us-central1-a", "vm-1");
+
+    // An operation DONE with an error.
+    fake.fail_next_operation(
+        "QUOTA_EXCEEDED",
+        "Quota 'SSD_TOTAL_GB' exceeded. Limit: 500.0 in region us-central1.",
+        403,
+    );
+    let e = ctl
+        .create_volume(Request::new(create("pvc-q", 1, &[("type", "pd-ssd")])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("SSD_TOTAL_GB"), "{e:?}");
+    assert!(
+        fake.resource(&format!(
+            "projects/{PROJECT}/zones/us-central1-a/disks/pvc-q"
+        ))
+        .is_none()
+    );
+
+    // Permission denied: FAILED_PRECONDITION naming the roles, message kept.
+    fake.inject(
+        "POST",
+        "/disks",
+        1,
+        error(403, "forbidden", "Required 'compute.disks.create' permission for 'projects/test-project/zones/us-central1-a/disks/pvc-p'"),
+    );
+    let e = ctl
+        .create_volume(Request::new(create("pvc-p", 1, &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("compute.disks.create"), "{e:?}");
+
+    // Bad parameters and topology.
+    let e = ctl
+        .create_volume(Request::new(create("pvc-x", 1, &[("type", "pd-fast")])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = ctl
+        .create_volume(Request::new(create(
+            "pvc-x",
+            1,
+            &[("skuName", "Premium_LRS")],
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("skuName"));
+    let mut nowhere = create("pvc-x", 1, &[]);
+    nowhere.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![Topology {
+            segments: HashMap::from([("topology.cryptdisk.csi.io/node".into(), "n1".into())]),
+        }],
+        preferred: vec![],
+    });
+    let e = ctl.create_volume(Request::new(nowhere)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let e = ctl
+        .create_volume(Request::new(create("pvc-huge", 70_000, &[])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+
+    // Unknown things.
+    let vol = ctl
+        .create_volume(Request::new(create("pvc-e", 1, &[])))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let code = |r: Result<tonic::Response<ControllerPublishVolumeResponse>, tonic::Status>| {
+        r.unwrap_err().code()
+    };
+    assert_eq!(
+        code(
+            ctl.controller_publish_volume(Request::new(publish(
+                "gcp:us-central1-a:nope",
+                "us-central1-a.vm-1",
+                false
+            )))
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            ctl.controller_publish_volume(Request::new(publish(
+                &vol.volume_id,
+                "us-central1-a.vm-gone",
+                false
+            )))
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            ctl.controller_publish_volume(Request::new(publish(&vol.volume_id, "vm-1", false)))
+                .await
+        ),
+        Code::NotFound
+    );
+    // Unpublishing from a node that does not exist is done already.
+    ctl.controller_unpublish_volume(Request::new(unpublish(
+        &vol.volume_id,
+        "us-central1-a.vm-gone",
+    )))
+    .await
+    .unwrap();
+    let e = ctl
+        .create_snapshot(Request::new(CreateSnapshotRequest {
+            source_volume_id: "gcp:us-central1-a:nope".into(),
+            name: "snap-x".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let mut from_nothing = create("pvc-y", 1, &[]);
+    from_nothing.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: "gcp:global:nope".into(),
+        })),
+    });
+    let e = ctl
+        .create_volume(Request::new(from_nothing))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // Compute refusing an attach (the disk is in use elsewhere) keeps its message.
+    fake.inject(
+        "POST",
+        "/attachDisk",
+        1,
+        error(400, "resourceInUseByAnotherResource", "The disk resource 'projects/test-project/zones/us-central1-a/disks/pvc-e' is already being used by 'projects/test-project/zones/us-central1-a/instances/other'"),
+    );
+    let e = ctl
+        .controller_publish_volume(Request::new(publish(
+            &vol.volume_id,
+            "us-central1-a.vm-1",
+            false,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("already being used"), "{e:?}");
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_retried_with_the_same_request_id() {
+    let (fake, ctl) = setup().await;
+    // Compute accepts the insert, but its answer is lost: the retry, with the
+    // same requestId, gets the same operation and one disk is made.
+    fake.lose_answer(
+        "POST",
+        "/zones/us-central1-a/disks",
+        error(503, "backendError", "Backend Error"),
+    );
+    let vol = ctl
+        .create_volume(Request::new(create("pvc-lost", 1, &[])))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(vol.volume_id, "gcp:us-central1-a:pvc-lost");
+    let seen = fake.seen();
+    let inserts = calls(&seen, "POST", &api("zones/us-central1-a/disks"));
+    assert_eq!(inserts.len(), 2);
+    assert_eq!(inserts[0].query["requestId"], inserts[1].query["requestId"]);
+    let ops: std::collections::BTreeSet<&str> = seen
+        .iter()
+        .filter(|s| s.path.ends_with("/wait"))
+        .map(|s| s.path.as_str())
+        .collect();
+    assert_eq!(ops.len(), 1, "one operation: {ops:?}");
+}
+
+#[tokio::test]
+async fn provisioned_performance_reaches_compute() {
+    let (fake, ctl) = setup().await;
+    ctl.create_volume(Request::new(create(
+        "pvc-hd",
+        1,
+        &[
+            ("type", "hyperdisk-balanced"),
+            ("provisioned-iops-on-create", "3000"),
+            ("provisioned-throughput-on-create", "140"),
+        ],
+    )))
+    .await
+    .unwrap();
+    ctl.create_volume(Request::new(create(
+        "pvc-ex",
+        1,
+        &[
+            ("type", "pd-extreme"),
+            ("provisioned-iops-on-create", "10000"),
+        ],
+    )))
+    .await
+    .unwrap();
+    let seen = fake.seen();
+    let bodies: Vec<&Value> = calls(&seen, "POST", &api("zones/us-central1-a/disks"))
+        .iter()
+        .map(|s| &s.body)
+        .collect();
+    assert_eq!(bodies[0]["sizeGb"], "4");
+    assert_eq!(bodies[0]["provisionedIops"], "3000");
+    assert_eq!(bodies[0]["provisionedThroughput"], "140");
+    assert_eq!(bodies[1]["sizeGb"], "500");
+    assert_eq!(bodies[1]["provisionedIops"], "10000");
+    assert!(bodies[1].get("provisionedThroughput").is_none());
+    // GetCapacity: the largest disk in a zone, nothing elsewhere.
+    let cap = |segments: HashMap<String, String>| GetCapacityRequest {
+        accessible_topology: Some(Topology { segments }),
+        ..Default::default()
+    };
+    let here = ctl
+        .get_capacity(Request::new(cap(HashMap::from([(
+            ZONE_KEY.into(),
+            "us-central1-a".into(),
+        )]))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(here.available_capacity > 60_000 * GIB);
+    let elsewhere = ctl
+        .get_capacity(Request::new(cap(HashMap::from([(
+            "other".into(),
+            "x".into(),
+        )]))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(elsewhere.available_capacity, 0);
+}
+
+#[tokio::test]
+async fn a_silent_endpoint_times_out_as_unavailable() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let mut cfg = GcpConfig::new(PROJECT, "us-central1-a");
+    cfg.endpoint = Some(format!("http://{addr}"));
+    cfg.retry = Retry {
+        max_attempts: 2,
+        base_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(5),
+    };
+    cfg.attempt_timeout = Duration::from_millis(200);
+    let backend = GcpBackend::connect(cfg, config::anonymous_credentials())
+        .await
+        .unwrap();
+    let ctl = ControllerService::new(Arc::new(backend), None);
+    let started = std::time::Instant::now();
+    let e = ctl
+        .controller_get_volume(Request::new(ControllerGetVolumeRequest {
+            volume_id: "gcp:us-central1-a:pvc-1".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
