@@ -88,12 +88,12 @@ capabilities:
       fieldPath: metadata.namespace
 {{- end -}}
 
-{{/* The probe a leader-electing sidecar serves on its --http-endpoint. */}}
+{{/* The probe a leader-electing sidecar serves on its --http-endpoint (the port). */}}
 {{- define "cryptdisk.sidecarProbe" -}}
 livenessProbe:
   httpGet:
     path: /healthz/leader-election
-    port: http
+    port: {{ . }}
   initialDelaySeconds: 10
   periodSeconds: 20
   timeoutSeconds: 10
