@@ -132,6 +132,12 @@ def check_policy(doc):
             image = c["image"]
             if ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest"):
                 problems.append(f"container {name}: image {image} is not pinned to a tag")
+    if doc.get("kind") == "Deployment":
+        for c in spec["containers"]:
+            if c["name"] == "csi-snapshotter" and "--extra-create-metadata" in c.get("args", []):
+                problems.append("csi-snapshotter must pass no parameters: the driver refuses any in CreateSnapshot")
+    if doc.get("kind") == "VolumeSnapshotClass" and doc.get("parameters"):
+        problems.append("the driver refuses snapshot parameters")
     if doc.get("kind") == "StorageClass":
         unknown = set(doc.get("parameters", {})) - DRIVER_PARAMETERS
         if unknown:
