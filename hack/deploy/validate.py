@@ -1,0 +1,194 @@
+"""Validates Kubernetes manifests strictly, for hack/deploy-check.
+
+Built-in kinds are checked against the strict JSON schemas that the
+kubernetes-validate package ships for each Kubernetes version asked for; custom
+resources against the openAPIV3Schema of the CRD files given, made strict the
+way `kubeconform -strict` does: an object schema that lists its properties and
+does not preserve unknown fields gets `additionalProperties: false`, so a
+misspelt field fails. With --policy it also checks the chart's own rules
+(resources, probes and securityContext on every container, StorageClass
+parameters the driver knows, the master secret kept).
+
+    validate.py --k8s 1.35.0 --k8s 1.36.0 --crd a.yaml --crd b.yaml [--policy] FILE...
+
+Prints each problem on its own line and exits 1 if there is any.
+"""
+
+import argparse
+import sys
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+# The parameters the driver accepts (src/csi/params.rs; it refuses any other of
+# its own prefix) and the backend keys the StorageClasses may use.
+DRIVER_PARAMETERS = {
+    "csi.storage.k8s.io/fstype",
+    "cryptdisk.csi.io/integrity",
+    "cryptdisk.csi.io/integrityJournal",
+    "cryptdisk.csi.io/allowDiscards",
+    "cryptdisk.csi.io/kernelWorkqueues",
+    "skuName",
+    "type",
+    "replication-type",
+}
+
+
+def make_strict(schema):
+    """An openAPIV3Schema as JSON Schema that refuses unknown fields."""
+    if isinstance(schema, list):
+        return [make_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "properties":
+            out[key] = {k: make_strict(v) for k, v in value.items()}
+        elif key in ("items", "additionalProperties", "not"):
+            out[key] = make_strict(value)
+        elif key in ("anyOf", "allOf", "oneOf"):
+            out[key] = make_strict(value)
+        else:
+            out[key] = value
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if out.get("nullable") and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def load_crds(paths):
+    """(apiVersion, kind) -> a strict validator, from CustomResourceDefinitions."""
+    validators = {}
+    for path in paths:
+        with open(path) as f:
+            for doc in yaml.safe_load_all(f):
+                if not doc or doc.get("kind") != "CustomResourceDefinition":
+                    continue
+                spec = doc["spec"]
+                for version in spec["versions"]:
+                    if not version.get("served", True):
+                        continue
+                    schema = make_strict(version["schema"]["openAPIV3Schema"])
+                    # The API server sets and checks these itself; the schema
+                    # only says "object".
+                    schema.setdefault("properties", {})["metadata"] = {"type": "object"}
+                    schema["additionalProperties"] = False
+                    api_version = f"{spec['group']}/{version['name']}"
+                    validators[(api_version, spec["names"]["kind"])] = jsonschema.Draft7Validator(schema)
+    return validators
+
+
+def where(error):
+    return "/".join(str(p) for p in error.absolute_path) or "(root)"
+
+
+def check_object(doc, versions, crds):
+    """Problems with one object, as strings."""
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if key in crds:
+        return [f"{where(e)}: {e.message}" for e in crds[key].iter_errors(doc)]
+    problems = []
+    for version in versions:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            problems.append(f"Kubernetes {version} has no schema for {key[0]} {key[1]}")
+        except kubernetes_validate.ValidationError as e:
+            problems.append(f"Kubernetes {version}: {where(e)}: {e.message}")
+    return problems
+
+
+def pod_spec(doc):
+    if doc.get("kind") in ("Deployment", "DaemonSet", "StatefulSet"):
+        return doc["spec"]["template"]["spec"]
+    if doc.get("kind") == "Pod":
+        return doc["spec"]
+    return None
+
+
+def check_policy(doc):
+    """The chart's own rules for one rendered object."""
+    problems = []
+    spec = pod_spec(doc)
+    if spec is not None:
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            name = c["name"]
+            resources = c.get("resources", {})
+            if "requests" not in resources or "memory" not in resources.get("limits", {}):
+                problems.append(f"container {name}: needs resource requests and a memory limit")
+            if "livenessProbe" not in c:
+                problems.append(f"container {name}: needs a livenessProbe")
+            if "securityContext" not in c:
+                problems.append(f"container {name}: needs a securityContext")
+            image = c["image"]
+            if ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest"):
+                problems.append(f"container {name}: image {image} is not pinned to a tag")
+    if doc.get("kind") == "Deployment":
+        for c in spec["containers"]:
+            if c["name"] == "csi-snapshotter" and "--extra-create-metadata" in c.get("args", []):
+                problems.append("csi-snapshotter must pass no parameters: the driver refuses any in CreateSnapshot")
+    if doc.get("kind") == "VolumeSnapshotClass" and doc.get("parameters"):
+        problems.append("the driver refuses snapshot parameters")
+    if doc.get("kind") == "StorageClass":
+        unknown = set(doc.get("parameters", {})) - DRIVER_PARAMETERS
+        if unknown:
+            problems.append(f"parameters the driver would refuse: {sorted(unknown)}")
+    if doc.get("kind") == "Secret" and doc["metadata"]["name"].endswith("-master-secret"):
+        keep = doc["metadata"].get("annotations", {}).get("helm.sh/resource-policy")
+        if keep != "keep":
+            problems.append("the master secret must carry helm.sh/resource-policy: keep")
+    if doc.get("kind") == "DaemonSet":
+        mounts = [m for c in spec["containers"] for m in c.get("volumeMounts", [])]
+        if not any(m.get("mountPropagation") == "Bidirectional" for m in mounts):
+            problems.append("the node plugin needs a Bidirectional mount of the kubelet directory")
+    return problems
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k8s", action="append", required=True, help="Kubernetes version, e.g. 1.35.0")
+    parser.add_argument("--crd", action="append", default=[], help="a file of CustomResourceDefinitions")
+    parser.add_argument("--policy", action="store_true", help="also check the chart's own rules")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="print one line per file, `ok   FILE` or `FAIL FILE`, its problems indented below",
+    )
+    parser.add_argument("files", nargs="+")
+    args = parser.parse_args()
+
+    crds = load_crds(args.crd)
+    failed = False
+    for path in args.files:
+        with open(path) as f:
+            docs = [d for d in yaml.safe_load_all(f) if d]
+        problems = [] if docs else ["no objects"]
+        for doc in docs:
+            name = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+            found = check_object(doc, args.k8s, crds)
+            if args.policy:
+                found += check_policy(doc)
+            problems += [f"{name}: {p}" for p in found]
+        failed = failed or bool(problems)
+        if args.report:
+            versions = ", ".join(args.k8s)
+            print(f"{'FAIL' if problems else 'ok  '} {path} ({len(docs)} objects; Kubernetes {versions})")
+            for p in problems:
+                print(f"       {p}")
+        else:
+            for p in problems:
+                print(f"{path}: {p}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
