@@ -15,6 +15,8 @@ Prints each problem on its own line and exits 1 if there is any.
 """
 
 import argparse
+import re
+import subprocess
 import sys
 
 import jsonschema
@@ -115,13 +117,45 @@ def pod_spec(doc):
     return None
 
 
-def check_policy(doc):
+DRIVER_COMMANDS = ("controller", "node", "kms")
+_help_texts = {}
+
+
+def driver_help(binary, command):
+    """`cryptdisk-csi COMMAND --help`, once per command."""
+    if command not in _help_texts:
+        out = subprocess.run([binary, command, "--help"], capture_output=True, text=True, check=True)
+        _help_texts[command] = out.stdout
+    return _help_texts[command]
+
+
+def check_driver_flags(container, binary):
+    """Every flag and CRYPTDISK_* variable the chart gives the driver must be one
+    that the driver's subcommand accepts (its --help names each)."""
+    args = container.get("args", [])
+    if not args or args[0] not in DRIVER_COMMANDS:
+        return []
+    text = driver_help(binary, args[0])
+    problems = []
+    for arg in args[1:]:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and not re.search(re.escape(flag) + r"[ =,\n<]", text):
+            problems.append(f"container {container['name']}: `{args[0]}` has no flag {flag}")
+    for env in container.get("env", []):
+        if env["name"].startswith("CRYPTDISK_") and f"env: {env['name']}=" not in text:
+            problems.append(f"container {container['name']}: `{args[0]}` reads no {env['name']}")
+    return problems
+
+
+def check_policy(doc, binary=None):
     """The chart's own rules for one rendered object."""
     problems = []
     spec = pod_spec(doc)
     if spec is not None:
         for c in spec.get("initContainers", []) + spec["containers"]:
             name = c["name"]
+            if binary:
+                problems += check_driver_flags(c, binary)
             resources = c.get("resources", {})
             if "requests" not in resources or "memory" not in resources.get("limits", {}):
                 problems.append(f"container {name}: needs resource requests and a memory limit")
@@ -159,6 +193,10 @@ def main():
     parser.add_argument("--crd", action="append", default=[], help="a file of CustomResourceDefinitions")
     parser.add_argument("--policy", action="store_true", help="also check the chart's own rules")
     parser.add_argument(
+        "--binary",
+        help="with --policy: the cryptdisk-csi binary whose --help must name every flag the chart passes",
+    )
+    parser.add_argument(
         "--report",
         action="store_true",
         help="print one line per file, `ok   FILE` or `FAIL FILE`, its problems indented below",
@@ -176,7 +214,7 @@ def main():
             name = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
             found = check_object(doc, args.k8s, crds)
             if args.policy:
-                found += check_policy(doc)
+                found += check_policy(doc, args.binary)
             problems += [f"{name}: {p}" for p in found]
         failed = failed or bool(problems)
         if args.report:
