@@ -380,3 +380,107 @@ impl Status {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn put(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// A fake sysfs, /dev and mountinfo: a healthy mapping on a loop device, one
+    /// over a deleted image, one whose disk is gone, a loop device with no
+    /// mapping, a leftover /dev/mapper node and a staging path with no mount.
+    #[test]
+    fn stale_items_are_found_and_healthy_ones_are_not() {
+        let t = tempfile::tempdir().unwrap();
+        let (sys, dev, data) = (
+            t.path().join("sys"),
+            t.path().join("dev"),
+            t.path().join("data"),
+        );
+        let block = sys.join("block");
+        let dm = |n: u32, name: &str, slave: &str| {
+            let d = block.join(format!("dm-{n}"));
+            put(&d.join("dm/name"), &format!("{name}\n"));
+            put(&d.join("dev"), &format!("253:{n}\n"));
+            std::fs::create_dir_all(d.join("slaves")).unwrap();
+            symlink(format!("../../{slave}"), d.join("slaves").join(slave)).unwrap();
+        };
+        let lo = |n: u32, backing: &str| {
+            let d = block.join(format!("loop{n}"));
+            put(&d.join("dev"), &format!("7:{n}\n"));
+            put(&d.join("loop/backing_file"), &format!("{backing}\n"));
+        };
+        let img = |n: &str| data.join("disks").join(n).display().to_string();
+        lo(0, &img("a.img"));
+        lo(1, &format!("{} (deleted)", img("b.img")));
+        lo(2, &img("c.img"));
+        lo(3, "/elsewhere/not-ours.img");
+        dm(0, "cryptdisk-aaa", "loop0");
+        dm(1, "cryptdisk-bbb", "loop1");
+        dm(2, "cryptdisk-ccc", "sdz"); // no sys/block/sdz: the disk is gone
+        dm(3, "other-mapping", "loop3");
+        put(&dev.join("mapper/cryptdisk-ddd"), "");
+        let staging = t.path().join("staging");
+        std::fs::create_dir_all(staging.join("a/globalmount")).unwrap();
+        std::fs::create_dir_all(staging.join("b/globalmount")).unwrap();
+        let a = std::fs::canonicalize(staging.join("a/globalmount")).unwrap();
+        let mountinfo = t.path().join("mountinfo");
+        put(
+            &mountinfo,
+            &format!(
+                "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                 2 1 253:0 / {} rw,relatime - ext4 /dev/mapper/cryptdisk-aaa rw\n",
+                a.display()
+            ),
+        );
+        let st = status(&Roots {
+            sys,
+            dev,
+            mountinfo,
+            staging: Some(staging.clone()),
+            local_data_dir: Some(data),
+        })
+        .unwrap();
+        let names: Vec<&str> = st.mappings.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["cryptdisk-aaa", "cryptdisk-bbb", "cryptdisk-ccc"]);
+        assert_eq!(st.mappings[0].stale, None);
+        assert_eq!(st.mappings[0].devices, ["/dev/loop0"]);
+        assert!(st.mappings[1].stale.as_ref().unwrap().contains("deleted"));
+        assert!(
+            st.mappings[2]
+                .stale
+                .as_ref()
+                .unwrap()
+                .contains("sdz is gone")
+        );
+        assert_eq!(st.mounts.len(), 1);
+        assert_eq!(st.mounts[0].mapping, "cryptdisk-aaa");
+        let loops: Vec<&str> = st.loop_devices.iter().map(|l| l.device.as_str()).collect();
+        assert_eq!(loops, ["/dev/loop0", "/dev/loop1", "/dev/loop2"]);
+        assert!(
+            st.loop_devices[2]
+                .stale
+                .as_ref()
+                .unwrap()
+                .contains("no mapping")
+        );
+        assert_eq!(
+            st.staging_paths[0].mapping.as_deref(),
+            Some("cryptdisk-aaa")
+        );
+        assert!(st.staging_paths[1].stale.is_some());
+        let all = st.stale.join("\n");
+        assert_eq!(st.stale.len(), 6, "{all}");
+        assert!(
+            all.contains("cryptdisk-ddd: a device node without"),
+            "{all}"
+        );
+        assert!(all.contains("staging path"), "{all}");
+        assert_eq!(st.outcome().unwrap_err().exit_code(), 6);
+    }
+}
