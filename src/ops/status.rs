@@ -154,7 +154,10 @@ pub fn status(roots: &Roots) -> Result<Status, OpsError> {
             } else if d.starts_with("loop") {
                 match loop_backing(d) {
                     Some(b) if b.ends_with(" (deleted)") => {
-                        stale = Some(format!("its loop device {d}'s backing file {b} is deleted"))
+                        stale = Some(format!(
+                            "its loop device {d}'s backing file {} was deleted",
+                            b.trim_end_matches(" (deleted)")
+                        ))
                     }
                     None => stale = Some(format!("its loop device {d} has no backing file")),
                     Some(_) => {}
@@ -243,14 +246,17 @@ pub fn status(roots: &Roots) -> Result<Status, OpsError> {
             continue;
         }
         let stale = if backing.ends_with(" (deleted)") {
-            Some("its backing file is deleted".to_string())
+            Some("its backing file was deleted".to_string())
         } else if mapping.is_none() {
             Some("attached, but no mapping is open on it".to_string())
         } else {
             None
         };
         if let Some(why) = &stale {
-            st.stale.push(format!("loop device /dev/{name}: {why}"));
+            st.stale.push(format!(
+                "loop device /dev/{name} over {}: {why}",
+                printable(&backing)
+            ));
         }
         st.loop_devices.push(LoopDevice {
             device: format!("/dev/{name}"),
