@@ -324,11 +324,8 @@ impl Drop for Kms {
     }
 }
 
-fn kms(dir: &Path, secret: &Path, salt: &Path) -> (Kms, String) {
-    let socket = dir.join(format!(
-        "kms-{}.sock",
-        secret.file_name().unwrap().to_string_lossy()
-    ));
+fn kms(dir: &Path, tag: &str, secret: &Path, salt: &Path) -> (Kms, String) {
+    let socket = dir.join(format!("kms-{tag}.sock"));
     let child = Command::new(BIN)
         .args(["kms", "--insecure"])
         .arg(format!("--listen=unix://{}", socket.display()))
@@ -349,9 +346,14 @@ fn kms(dir: &Path, secret: &Path, salt: &Path) -> (Kms, String) {
 #[tokio::test]
 async fn verify_asks_the_kms_and_tells_a_wrong_master_secret() {
     let v = Volume::new().await;
-    let (_right, right) = kms(v.dir.path(), &v.path("master.key"), &v.path("salt"));
+    let (_right, right) = kms(
+        v.dir.path(),
+        "right",
+        &v.path("master.key"),
+        &v.path("salt"),
+    );
     write_secret(&v.path("other.key"), &[99; 32]);
-    let (_wrong, wrong) = kms(v.dir.path(), &v.path("other.key"), &v.path("salt"));
+    let (_wrong, wrong) = kms(v.dir.path(), "wrong", &v.path("other.key"), &v.path("salt"));
     let img = v.image.to_str().unwrap();
 
     let out = run(&["verify", "--kms", &right, img]);
@@ -366,6 +368,33 @@ async fn verify_asks_the_kms_and_tells_a_wrong_master_secret() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(5), "{stdout}{stderr}");
     assert!(stderr.contains("opens no keyslot"), "{stderr}");
+
+    // After a rotation to version 2, a KMS that holds only version 1 refuses
+    // the key (exit 5, saying so); one started with version 2 opens it.
+    write_secret(&v.path("master.key-v2"), &[13; 32]);
+    let v1 = derive_data_key(&[11; 32], &[12; 32], v.key_id.as_str(), 32).unwrap();
+    let v2 = derive_data_key(&[13; 32], &[12; 32], v.key_id.as_str(), 32).unwrap();
+    crypt::rotate(&v.image, &v1, &v2, 2).await.unwrap();
+    let out = run(&["verify", "--kms", &right, img]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(5), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("version 2 (the token's key_version): the KMS refused"),
+        "{stderr}"
+    );
+    let (_rotated, rotated) = kms(
+        v.dir.path(),
+        "rotated",
+        &v.path("master.key"),
+        &v.path("salt"),
+    );
+    let out = run(&["verify", "--kms", &rotated, img]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    assert!(
+        text(&out)
+            .0
+            .contains("version 2 (the token's key_version): the KMS's key opens keyslot 1")
+    );
 
     // A KMS that is not there: a clear operational failure.
     let out = run(&["verify", "--kms", "unix:///nonexistent/kms.sock", img]);

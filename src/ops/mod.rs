@@ -15,7 +15,7 @@ pub mod status;
 use std::path::Path;
 
 use crate::crypt;
-use crate::kms::{DEFAULT_KEY_LEN, KeySource};
+use crate::kms::{DEFAULT_KEY_LEN, KeyError, KeySource};
 
 /// Why an operator tool failed; each kind has its own exit code.
 #[derive(Debug, thiserror::Error)]
@@ -98,12 +98,26 @@ pub async fn verify_with(keys: &dyn KeySource, device: &Path) -> Result<Vec<Stri
     let mut lines = Vec::new();
     let mut opened = false;
     for (version, why) in versions_named(&token) {
-        let (key, _) = keys
+        let key = match keys
             .versioned_key(key_id.as_str(), DEFAULT_KEY_LEN, Some(version))
             .await
-            .map_err(|e| {
-                OpsError::Failed(format!("asking {} for the key: {e}", keys.identity()))
-            })?;
+        {
+            Ok((key, _)) => key,
+            // A refusal is an answer about this version (one the KMS does not
+            // hold); another version the token names may still open.
+            Err(KeyError::Refused(reason)) => {
+                lines.push(format!(
+                    "version {version} ({why}): the KMS refused: {reason}"
+                ));
+                continue;
+            }
+            Err(e) => {
+                return Err(OpsError::Failed(format!(
+                    "asking {} for the key: {e}",
+                    keys.identity()
+                )));
+            }
+        };
         match crypt::key_slot(device, &key).await {
             Ok(slot) => {
                 opened = true;
