@@ -487,7 +487,7 @@ fn main() -> ExitCode {
         // The operator tools' errors carry their exit code and go to a person.
         Err(e) => match e.downcast_ref::<ops::OpsError>() {
             Some(ops_error) => {
-                eprintln!("cryptdisk-csi: {ops_error}");
+                eprintln!("cryptdisk-csi: {}", ops::printable(&ops_error.to_string()));
                 ExitCode::from(ops_error.exit_code())
             }
             None => {

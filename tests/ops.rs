@@ -176,6 +176,8 @@ async fn inspect_judges_valid_foreign_forged_and_absent_headers() {
     let made = Command::new("cryptsetup")
         .args(["luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2"])
         .args(["--pbkdf-force-iterations", "1000", "--key-file", "-"])
+        // A label with a terminal escape: shown escaped, never raw.
+        .args(["--label", "evil\x1b[31mred"])
         .arg(&foreign)
         .stdin(std::process::Stdio::piped())
         .spawn()
@@ -191,6 +193,8 @@ async fn inspect_judges_valid_foreign_forged_and_absent_headers() {
     assert_eq!(out.status.code(), Some(4), "{stdout}");
     assert!(stdout.contains("format:     LUKS2"), "{stdout}");
     assert!(stdout.contains("validation: REFUSED"), "{stdout}");
+    assert!(stdout.contains(r"evil\u{1b}[31mred"), "{stdout}");
+    assert!(!out.stdout.contains(&0x1b) && !out.stderr.contains(&0x1b));
 
     // No header at all, and no file at all.
     let blank = v.path("blank.img");

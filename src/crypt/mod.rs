@@ -478,6 +478,18 @@ mod tests {
     }
 
     #[test]
+    fn operator_mapping_names_stay_one_plain_entry() {
+        assert_eq!(
+            MapperName::operator("recovered").unwrap().as_str(),
+            "recovered"
+        );
+        MapperName::operator("cryptdisk-a_b.1").unwrap();
+        for bad in ["", ".", "..", "a/b", "../x", "a b", &"x".repeat(128)] {
+            assert!(MapperName::operator(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn key_id_is_a_lower_case_uuid() {
         let id = KeyId::parse("3F0E1D2C-0000-4000-8000-00000000000A").unwrap();
         assert_eq!(id.as_str(), "3f0e1d2c-0000-4000-8000-00000000000a");

@@ -140,3 +140,45 @@ pub async fn open(
     crypt::open(device, &name, key, &opts).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_quoted_for_a_shell() {
+        assert_eq!(
+            open_command(Path::new("/k/v.key"), Path::new("/dev/sdb"), "rec", false),
+            "cryptsetup open --type luks2 --key-file /k/v.key /dev/sdb rec"
+        );
+        assert_eq!(
+            open_command(
+                Path::new("/k/my key"),
+                Path::new("/d/it's.img"),
+                "rec",
+                true
+            ),
+            r"cryptsetup open --type luks2 --readonly --key-file '/k/my key' '/d/it'\''s.img' rec"
+        );
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("$(reboot)"), "'$(reboot)'");
+    }
+
+    #[test]
+    fn the_key_file_is_new_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let key = crate::kms::derive_data_key(&[1; 32], &[2; 32], "id", 32).unwrap();
+        write_key_file(&path, &key).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), key.expose());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let err = write_key_file(&path, &key).err().unwrap();
+        assert!(err.to_string().contains("never overwritten"), "{err}");
+        let err = write_key_file(&dir.path().join("no/such/dir/k"), &key)
+            .err()
+            .unwrap();
+        assert_eq!(err.exit_code(), 1);
+    }
+}
