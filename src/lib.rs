@@ -17,6 +17,7 @@ pub mod kms;
 pub mod logging;
 pub mod metrics;
 pub mod mount;
+pub mod ops;
 pub mod privileges;
 pub mod proto;
 pub mod server;

@@ -10,6 +10,7 @@ use cryptdisk_csi::backend::LocalBackend;
 use cryptdisk_csi::backend::azure::{self, AzureBackend};
 use cryptdisk_csi::backend::gcp::{self, GcpBackend, GcpConfig};
 use cryptdisk_csi::config::{DriverName, Endpoint};
+use cryptdisk_csi::crypt::MapperName;
 use cryptdisk_csi::csi::controller::ControllerService;
 use cryptdisk_csi::csi::identity::IdentityService;
 use cryptdisk_csi::csi::node::{NodeConfig, NodeService, TOPOLOGY_NODE};
@@ -18,6 +19,7 @@ use cryptdisk_csi::kms::server::{KmsService, MasterSecret};
 use cryptdisk_csi::kms::tls::TlsFiles;
 use cryptdisk_csi::kms::{KeySource, LocalKeySource};
 use cryptdisk_csi::logging::{self, LogFormat};
+use cryptdisk_csi::ops;
 use cryptdisk_csi::proto::csi::controller_server::ControllerServer;
 use cryptdisk_csi::proto::csi::identity_server::IdentityServer;
 use cryptdisk_csi::proto::csi::node_server::NodeServer;
@@ -60,8 +62,9 @@ enum Command {
     /// Serve CSI Identity and Controller (runs as a Deployment beside the
     /// provisioner, attacher, resizer and snapshotter sidecars).
     Controller(ControllerArgs),
-    /// Serve CSI Identity and Node (runs as a privileged DaemonSet on every node).
-    Node(NodeArgs),
+    /// Serve CSI Identity and Node (runs as a privileged DaemonSet on every node);
+    /// `node status` instead lists what this node's driver holds.
+    Node(NodeCommand),
     /// Serve the cluster KMS, which derives each volume's key from a master secret.
     Kms(KmsArgs),
     /// Everything in one process on one machine: Identity, Controller and Node on
@@ -72,6 +75,178 @@ enum Command {
     /// mode 0600, named <file>-v<N>). Restart the KMS to serve it: new volumes use
     /// it, and each older volume's keyslot moves to it at its next stage.
     AddKeyVersion(AddKeyVersionArgs),
+    /// Read a device's or image's LUKS2 header without any key: format, cipher,
+    /// sector size, keyslots, the cryptdisk token, and whether it passes the
+    /// driver's validation. Exit 0: a valid volume of this driver; 3: no LUKS2
+    /// header; 4: a header the driver refuses (the reason is printed); 1: the
+    /// device cannot be read.
+    Inspect(InspectArgs),
+    /// Derive a volume's key offline from the master secret files (as the KMS
+    /// does, for each version its token names), check which keyslot it opens
+    /// without activating anything, and write it to a new key file for stock
+    /// cryptsetup (--key-file) or open the mapping (--open). Key bytes are printed
+    /// only with --show-key. Exit 0: a key opens; 3/4 as inspect; 5: no derived
+    /// key opens a keyslot; 1: anything else (a key file that exists included).
+    Recover(RecoverArgs),
+    /// Ask the KMS for a volume's key (each version its token names) and check
+    /// that it opens a keyslot, without activating anything. Exit 0: it opens;
+    /// 3/4 as inspect; 5: the KMS's key opens no keyslot; 1: the KMS cannot be
+    /// reached or refuses.
+    Verify(VerifyArgs),
+}
+
+/// `node`: serve CSI (no subcommand: the DaemonSet's invocation), or a tool.
+#[derive(Args)]
+#[command(subcommand_negates_reqs = true)]
+struct NodeCommand {
+    #[command(subcommand)]
+    action: Option<NodeAction>,
+
+    #[command(flatten)]
+    serve: NodeArgs,
+}
+
+#[derive(Subcommand)]
+enum NodeAction {
+    /// The mappings (/dev/mapper/cryptdisk-*), mounts and loop devices this
+    /// node's driver owns, and what is stale: a mapping whose device is gone, a
+    /// loop device over a deleted image, a staging path without a mapping. Exit
+    /// 0: nothing stale; 6: stale items (listed); 1: cannot read the system.
+    Status(NodeStatusArgs),
+}
+
+#[derive(Args)]
+struct NodeStatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+
+    /// The kubelet's staging directory of this driver, holding
+    /// <volume>/globalmount per staged volume.
+    #[arg(
+        long,
+        default_value = "/var/lib/kubelet/plugins/kubernetes.io/csi/cryptdisk.csi.io",
+        env = "CRYPTDISK_STAGING_ROOT"
+    )]
+    staging_root: PathBuf,
+
+    /// The local backend's data directory, whose disk images this node attaches
+    /// as loop devices.
+    #[arg(long, env = "CRYPTDISK_LOCAL_DATA_DIR")]
+    local_data_dir: Option<PathBuf>,
+
+    /// Where sysfs is mounted (tests point it at a fake tree).
+    #[arg(long, default_value = "/sys", hide = true)]
+    sys_root: PathBuf,
+
+    /// Where /dev is (tests point it at a fake tree).
+    #[arg(long, default_value = "/dev", hide = true)]
+    dev_root: PathBuf,
+
+    /// The mount table to read (tests point it at a file).
+    #[arg(long, default_value = "/proc/self/mountinfo", hide = true)]
+    mountinfo: PathBuf,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+
+    /// The block device or image file.
+    device: PathBuf,
+}
+
+#[derive(Args)]
+struct RecoverArgs {
+    /// The master secret file (version 1); versions N >= 2 are read from
+    /// <file>-vN beside it. Mode 0600 or 0400.
+    #[arg(long, env = "CRYPTDISK_MASTER_SECRET_FILE")]
+    master_secret_file: PathBuf,
+
+    /// The HKDF salt file the KMS was started with.
+    #[arg(long, env = "CRYPTDISK_SALT_FILE")]
+    salt_file: PathBuf,
+
+    /// The master secret files hold ciphertext that this cloud key unwraps (as
+    /// the KMS's --master-secret-wrapped-by).
+    #[arg(long, env = "CRYPTDISK_MASTER_SECRET_WRAPPED_BY")]
+    master_secret_wrapped_by: Option<cryptdisk_csi::kms::wrap::WrapKey>,
+
+    /// Write the key to this new file (mode 0600; an existing file is never
+    /// overwritten) and print the cryptsetup command line that opens the volume
+    /// with it.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+
+    /// The mapping name in the printed cryptsetup command line.
+    #[arg(long, default_value = "cryptdisk-recovered")]
+    name: String,
+
+    /// Open the volume as /dev/mapper/NAME (needs device-mapper and root).
+    #[arg(long, value_name = "NAME")]
+    open: Option<String>,
+
+    /// Open read-only (with --open), or print --readonly in the command line.
+    #[arg(long)]
+    readonly: bool,
+
+    /// Print the key as hex on standard output. Anyone who sees it can read the
+    /// volume.
+    #[arg(long)]
+    show_key: bool,
+
+    /// The block device or image file.
+    device: PathBuf,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The KMS: https://HOST:PORT (mutual TLS, with the three --kms-*-file
+    /// flags), tcp://HOST:PORT (plaintext, with --kms-insecure) or unix:///path.
+    #[arg(long, env = "CRYPTDISK_KMS")]
+    kms: KmsAddress,
+
+    #[command(flatten)]
+    tls: KmsClientArgs,
+
+    /// The block device or image file.
+    device: PathBuf,
+}
+
+/// How a client authenticates to the KMS.
+#[derive(Args)]
+struct KmsClientArgs {
+    /// CA certificate (PEM) the KMS's certificate must chain to.
+    #[arg(long, env = "CRYPTDISK_KMS_CA_FILE", requires_all = ["kms_cert_file", "kms_key_file"])]
+    kms_ca_file: Option<PathBuf>,
+
+    /// This node's client certificate (PEM) for the KMS.
+    #[arg(long, env = "CRYPTDISK_KMS_CERT_FILE", requires_all = ["kms_ca_file", "kms_key_file"])]
+    kms_cert_file: Option<PathBuf>,
+
+    /// The private key (PEM) of --kms-cert-file.
+    #[arg(long, env = "CRYPTDISK_KMS_KEY_FILE", requires_all = ["kms_ca_file", "kms_cert_file"])]
+    kms_key_file: Option<PathBuf>,
+
+    /// Talk to a tcp:// KMS in plaintext: only for tests.
+    #[arg(long, env = "CRYPTDISK_KMS_INSECURE")]
+    kms_insecure: bool,
+}
+
+impl KmsClientArgs {
+    fn key_source(&self, kms: &KmsAddress) -> Result<GrpcKeySource, Box<dyn std::error::Error>> {
+        let tls = match (&self.kms_ca_file, &self.kms_cert_file, &self.kms_key_file) {
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            }),
+            _ => None,
+        };
+        Ok(GrpcKeySource::new(kms, tls.as_ref(), self.kms_insecure)?)
+    }
 }
 
 #[derive(Args)]
@@ -236,24 +411,12 @@ struct NodeArgs {
 
     /// The cluster KMS: https://HOST:PORT (mutual TLS, with the three --kms-*-file
     /// flags), tcp://HOST:PORT (plaintext, with --kms-insecure) or unix:///path.
-    #[arg(long, env = "CRYPTDISK_KMS")]
-    kms: KmsAddress,
+    /// Required to serve.
+    #[arg(long, env = "CRYPTDISK_KMS", required = true)]
+    kms: Option<KmsAddress>,
 
-    /// CA certificate (PEM) the KMS's certificate must chain to.
-    #[arg(long, env = "CRYPTDISK_KMS_CA_FILE", requires_all = ["kms_cert_file", "kms_key_file"])]
-    kms_ca_file: Option<PathBuf>,
-
-    /// This node's client certificate (PEM) for the KMS.
-    #[arg(long, env = "CRYPTDISK_KMS_CERT_FILE", requires_all = ["kms_ca_file", "kms_key_file"])]
-    kms_cert_file: Option<PathBuf>,
-
-    /// The private key (PEM) of --kms-cert-file.
-    #[arg(long, env = "CRYPTDISK_KMS_KEY_FILE", requires_all = ["kms_ca_file", "kms_cert_file"])]
-    kms_key_file: Option<PathBuf>,
-
-    /// Talk to a tcp:// KMS in plaintext: only for tests.
-    #[arg(long, env = "CRYPTDISK_KMS_INSECURE")]
-    kms_insecure: bool,
+    #[command(flatten)]
+    kms_client: KmsClientArgs,
 
     /// Serve local-backend volumes whose images live in this directory (only on
     /// the machine that holds them).
@@ -352,10 +515,17 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
-        }
+        // The operator tools' errors carry their exit code and go to a person.
+        Err(e) => match e.downcast_ref::<ops::OpsError>() {
+            Some(ops_error) => {
+                eprintln!("cryptdisk-csi: {}", ops::printable(&ops_error.to_string()));
+                ExitCode::from(ops_error.exit_code())
+            }
+            None => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -370,17 +540,14 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             .with_attach_limit(args.max_volumes_per_node);
             serve_csi(args.csi, Some(controller), None).await
         }
-        Command::Node(args) => {
+        Command::Node(NodeCommand {
+            action: Some(NodeAction::Status(args)),
+            ..
+        }) => node_status(args),
+        Command::Node(NodeCommand { serve: args, .. }) => {
             cryptdisk_csi::privileges::check_node()?;
-            let tls = match (args.kms_ca_file, args.kms_cert_file, args.kms_key_file) {
-                (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { cert, key, ca }),
-                _ => None,
-            };
-            let keys = Arc::new(GrpcKeySource::new(
-                &args.kms,
-                tls.as_ref(),
-                args.kms_insecure,
-            )?);
+            let kms = args.kms.as_ref().ok_or("--kms is required to serve")?;
+            let keys = Arc::new(args.kms_client.key_source(kms)?);
             let (node_args, topology) = node_identity(args.cloud, args.node).await?;
             let node = node_service(node_args, args.local_data_dir, topology, keys)?;
             serve_csi(args.csi, None, Some(node)).await
@@ -412,6 +579,101 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             let (version, path) = MasterSecret::add_version_file(&args.master_secret_file)?;
             println!("added master-secret version {version}: {}", path.display());
             Ok(())
+        }
+        Command::Inspect(args) => {
+            let report = ops::inspect::inspect(&args.device).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.human());
+            }
+            Ok(report.outcome()?)
+        }
+        Command::Recover(args) => recover(args).await,
+        Command::Verify(args) => {
+            let keys = args.tls.key_source(&args.kms)?;
+            for line in ops::verify_with(&keys, &args.device).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn node_status(args: NodeStatusArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let status = ops::status::status(&ops::status::Roots {
+        sys: args.sys_root,
+        dev: args.dev_root,
+        mountinfo: args.mountinfo,
+        staging: Some(args.staging_root),
+        local_data_dir: args.local_data_dir,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.human());
+    }
+    Ok(status.outcome()?)
+}
+
+async fn recover(args: RecoverArgs) -> Result<(), Box<dyn std::error::Error>> {
+    // Checked before any key is derived, so a typo costs nothing.
+    MapperName::operator(&args.name).map_err(|e| format!("--name: {e}"))?;
+    if let Some(name) = &args.open {
+        MapperName::operator(name).map_err(|e| format!("--open: {e}"))?;
+    }
+    let master = load_master(
+        &args.master_secret_file,
+        &args.salt_file,
+        args.master_secret_wrapped_by.as_ref(),
+    )
+    .await?;
+    let found = ops::recover::find_key(&args.device, &master).await?;
+    for line in &found.lines {
+        println!("{line}");
+    }
+    println!(
+        "recovered the key of master-secret version {} (keyslot {})",
+        found.version, found.keyslot
+    );
+    if let Some(path) = &args.key_file {
+        ops::recover::write_key_file(path, &found.key)?;
+        println!(
+            "wrote the key to {} (mode 0600); open the volume with:",
+            path.display()
+        );
+        println!(
+            "{}",
+            ops::recover::open_command(path, &args.device, &args.name, args.readonly)
+        );
+    }
+    if let Some(name) = &args.open {
+        ops::recover::open(&args.device, name, &found.key, args.readonly).await?;
+        println!("opened /dev/mapper/{name}");
+    }
+    if args.show_key {
+        println!("key (hex): {}", found.key_hex().as_str());
+    }
+    Ok(())
+}
+
+/// The master secret files, unwrapped first when `wrapped_by` names a cloud key.
+async fn load_master(
+    secret: &std::path::Path,
+    salt: &std::path::Path,
+    wrapped_by: Option<&cryptdisk_csi::kms::wrap::WrapKey>,
+) -> Result<MasterSecret, Box<dyn std::error::Error>> {
+    match wrapped_by {
+        None => Ok(MasterSecret::from_files(secret, salt)?),
+        Some(key) => {
+            let config = cryptdisk_csi::kms::wrap::WrapConfig::from_env();
+            let master = MasterSecret::from_wrapped_files(secret, salt, |wrapped| {
+                let config = config.clone();
+                async move { cryptdisk_csi::kms::wrap::unwrap(key, &wrapped, &config).await }
+            })
+            .await?;
+            tracing::info!(%key, versions = master.current_version(), "unwrapped the master secret");
+            Ok(master)
         }
     }
 }
@@ -599,23 +861,12 @@ async fn serve_kms(args: KmsArgs) -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     };
-    let master = match &args.master_secret_wrapped_by {
-        None => MasterSecret::from_files(&args.master_secret_file, &args.salt_file)?,
-        Some(key) => {
-            let config = cryptdisk_csi::kms::wrap::WrapConfig::from_env();
-            let master = MasterSecret::from_wrapped_files(
-                &args.master_secret_file,
-                &args.salt_file,
-                |wrapped| {
-                    let config = config.clone();
-                    async move { cryptdisk_csi::kms::wrap::unwrap(key, &wrapped, &config).await }
-                },
-            )
-            .await?;
-            tracing::info!(%key, versions = master.current_version(), "unwrapped the master secret");
-            master
-        }
-    };
+    let master = load_master(
+        &args.master_secret_file,
+        &args.salt_file,
+        args.master_secret_wrapped_by.as_ref(),
+    )
+    .await?;
     if let Some(addr) = args.metrics_address {
         cryptdisk_csi::metrics::serve(addr).await?;
     }

@@ -220,12 +220,16 @@ pub(super) fn update_token(
 }
 
 pub fn verify_key(device: &Path, key: &DataKey) -> Result<()> {
+    key_slot(device, key).map(|_| ())
+}
+
+/// The keyslot `key` opens, checked without activating anything.
+pub fn key_slot(device: &Path, key: &DataKey) -> Result<u32> {
     super::header::read_validated(device)?;
     let mut cd = load_luks2(device)?;
     cd.activate_handle()
         .activate_by_passphrase(None, None, key.expose(), CryptActivate::empty())
-        .map_err(|err| wrong_key_or(device, "check key", err))?;
-    Ok(())
+        .map_err(|err| wrong_key_or(device, "check key", err))
 }
 
 fn wrong_key_or(device: &Path, op: &'static str, err: LibcryptErr) -> Error {

@@ -58,6 +58,26 @@ impl MapperName {
         MapperName(format!("{}{}", Self::PREFIX, &hex::encode(digest)[..32]))
     }
 
+    /// A name an operator chose (recovery): 1 to 127 characters of letters,
+    /// digits, `-`, `_` and `.`, not `.` or `..`, so it stays one entry of
+    /// `/dev/mapper`.
+    pub fn operator(name: &str) -> std::result::Result<Self, String> {
+        let ok = !name.is_empty()
+            && name.len() <= 127
+            && name != "."
+            && name != ".."
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if ok {
+            Ok(MapperName(name.to_string()))
+        } else {
+            Err(format!(
+                "mapping name {name:?}: expected 1 to 127 letters, digits, '-', '_' or '.'"
+            ))
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -404,6 +424,14 @@ pub async fn verify_key(device: &Path, key: &DataKey) -> Result<()> {
     blocking(move || luks::verify_key(&device, &key)).await
 }
 
+/// The keyslot `key` opens on `device` (after header validation), checked
+/// without activating anything.
+pub async fn key_slot(device: &Path, key: &DataKey) -> Result<u32> {
+    let device = device.to_path_buf();
+    let key = key.clone();
+    blocking(move || luks::key_slot(&device, &key)).await
+}
+
 /// Opens `device` as `/dev/mapper/<name>`, or finds it already open on it.
 pub async fn open(
     device: &Path,
@@ -447,6 +475,18 @@ mod tests {
         let long = MapperName::for_volume(&"x".repeat(10_000));
         assert!(long.as_str().len() <= 127);
         assert_eq!(a.device_path(), Path::new("/dev/mapper").join(a.as_str()));
+    }
+
+    #[test]
+    fn operator_mapping_names_stay_one_plain_entry() {
+        assert_eq!(
+            MapperName::operator("recovered").unwrap().as_str(),
+            "recovered"
+        );
+        MapperName::operator("cryptdisk-a_b.1").unwrap();
+        for bad in ["", ".", "..", "a/b", "../x", "a b", &"x".repeat(128)] {
+            assert!(MapperName::operator(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod header_cases;
 mod lifecycle_cases;
 mod mount_cases;
 mod node_cases;
+mod ops_cases;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -70,6 +71,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(mount_cases::cases());
     v.extend(node_cases::cases());
     v.extend(header_cases::cases());
+    v.extend(ops_cases::cases());
     v
 }
 
