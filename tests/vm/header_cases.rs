@@ -9,8 +9,7 @@
 //! forgery that rewrites the same JSON with fresh checksums must still stage, so
 //! the refusals come from what the header says, not from how it was written.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
 use cryptdisk_csi::proto::csi::volume_capability::access_mode::Mode;
 use cryptdisk_csi::proto::csi::*;
@@ -18,7 +17,7 @@ use serde_json::{Value, json};
 use tonic::Code;
 
 use crate::lifecycle_cases::{MIB, NODE, create_attached, create_req, mount_cap, open_mappings};
-use crate::node_cases::{spawn, wait_socket};
+use crate::node_cases::{Split, spawn_kms, write_secrets};
 use crate::{Case, CaseResult, Ctx, check, ensure};
 
 pub fn cases() -> Vec<Case> {
@@ -201,77 +200,17 @@ fn cryptsetup_loads(image: &Path) -> Result<bool, String> {
 
 async fn forged_headers(_ctx: &mut Ctx) -> CaseResult {
     let dir = crate::lifecycle_cases::fresh_dir("header-forged")?;
-    let data = dir.join("data");
-    let kms_sock = dir.join("kms.sock");
-    let (ctl_sock, node_sock) = (dir.join("controller.sock"), dir.join("node.sock"));
-    use std::os::unix::fs::PermissionsExt;
-    for name in ["master.key", "salt"] {
-        let path = dir.join(name);
-        check!(std::fs::write(&path, [name.len() as u8 + 1; 32]));
-        check!(std::fs::set_permissions(
-            &path,
-            std::fs::Permissions::from_mode(0o600)
-        ));
-    }
-    let _kms = spawn(
-        &dir,
-        "kms.log",
-        &[
-            "kms".into(),
-            format!("--listen=unix://{}", kms_sock.display()),
-            "--insecure".into(),
-            format!("--master-secret-file={}", dir.join("master.key").display()),
-            format!("--salt-file={}", dir.join("salt").display()),
-        ],
-    )?;
-    let _controller = spawn(
-        &dir,
-        "controller.log",
-        &[
-            "controller".into(),
-            format!("--endpoint=unix://{}", ctl_sock.display()),
-            format!("--data-dir={}", data.display()),
-            format!("--local-node={NODE}"),
-        ],
-    )?;
-    let _node = spawn(
-        &dir,
-        "node.log",
-        &[
-            "node".into(),
-            format!("--endpoint=unix://{}", node_sock.display()),
-            format!("--kms=unix://{}", kms_sock.display()),
-            format!("--local-data-dir={}", data.display()),
-            format!("--node-id={NODE}"),
-        ],
-    )?;
-    for s in [&kms_sock, &ctl_sock, &node_sock] {
-        wait_socket(s).await?;
-    }
-    let timeout = Duration::from_secs(5);
-    let mut controller =
-        cryptdisk_csi::proto::csi::controller_client::ControllerClient::new(check!(
-            cryptdisk_csi::client::connect(
-                &cryptdisk_csi::config::Endpoint::Unix(ctl_sock.clone()),
-                timeout
-            )
-            .await
-        ));
-    let mut node = cryptdisk_csi::proto::csi::node_client::NodeClient::new(check!(
-        cryptdisk_csi::client::connect(
-            &cryptdisk_csi::config::Endpoint::Unix(node_sock.clone()),
-            timeout
-        )
-        .await
-    ));
+    let mut split = Split::start(&dir).await?;
+    let (secret, salt) = write_secrets(&dir, 5)?;
+    let _kms = spawn_kms(&dir, &split.kms_sock, &secret, &salt).await?;
+    let (controller, node) = (&mut split.controller, &mut split.node);
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let (volume, publish_context) = create_attached(
-        &mut controller,
-        create_req("pvc-forged", 32 * MIB, cap.clone()),
-    )
-    .await?;
-    let disk = volume.volume_id.rsplit(':').next().unwrap_or_default();
-    let image: PathBuf = data.join("disks").join(format!("{disk}.img"));
+    let (volume, publish_context) =
+        create_attached(controller, create_req("pvc-forged", 32 * MIB, cap.clone())).await?;
+    let image = dir.join("data/disks").join(format!(
+        "{}.img",
+        volume.volume_id.rsplit(':').next().unwrap_or_default()
+    ));
     let staging = dir.join("staging");
     let stage_req = NodeStageVolumeRequest {
         volume_id: volume.volume_id.clone(),

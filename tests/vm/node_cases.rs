@@ -10,10 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cryptdisk_csi::crypt;
+use cryptdisk_csi::proto::csi::controller_client::ControllerClient;
+use cryptdisk_csi::proto::csi::node_client::NodeClient;
 use cryptdisk_csi::proto::csi::volume_capability::access_mode::Mode;
 use cryptdisk_csi::proto::csi::*;
 use cryptdisk_csi::proto::csi::{volume_capability, volume_content_source};
 use tonic::Code;
+use tonic::transport::Channel;
 
 use crate::lifecycle_cases::{
     Driver, MIB, NODE, Staged, attach_req, block_cap, create_attached, create_req, delete,
@@ -1083,56 +1086,116 @@ pub async fn wait_socket(path: &Path) -> CaseResult {
     Err(format!("{} never accepted", path.display()))
 }
 
+/// Writes a 32-byte master secret and salt (mode 0600) into `dir`, each filled
+/// with `seed`-derived bytes, for a KMS process.
+pub fn write_secrets(dir: &Path, seed: u8) -> Result<(PathBuf, PathBuf), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let (secret, salt) = (dir.join("master.key"), dir.join("salt"));
+    for (path, byte) in [(&secret, seed), (&salt, seed.wrapping_add(1))] {
+        check!(std::fs::write(path, [byte; 32]));
+        check!(std::fs::set_permissions(
+            path,
+            std::fs::Permissions::from_mode(0o600)
+        ));
+    }
+    Ok((secret, salt))
+}
+
+/// A `cryptdisk-csi kms` process on the unix socket `socket` (plaintext, as a
+/// unix socket allows), serving from the secret files, logging to `kms.log` in
+/// `dir`; returns once it accepts.
+pub async fn spawn_kms(
+    dir: &Path,
+    socket: &Path,
+    secret: &Path,
+    salt: &Path,
+) -> Result<Process, String> {
+    let kms = spawn(
+        dir,
+        "kms.log",
+        &[
+            "kms".into(),
+            format!("--listen=unix://{}", socket.display()),
+            "--insecure".into(),
+            format!("--master-secret-file={}", secret.display()),
+            format!("--salt-file={}", salt.display()),
+        ],
+    )?;
+    wait_socket(socket).await?;
+    Ok(kms)
+}
+
+/// Separate controller and node processes of the real binary on unix sockets in
+/// `dir` (local backend in `dir/data`), the node asking the KMS at
+/// `dir/kms.sock`, which the caller starts (or not), with clients of both.
+pub struct Split {
+    pub kms_sock: PathBuf,
+    pub controller: ControllerClient<Channel>,
+    pub node: NodeClient<Channel>,
+    _processes: [Process; 2],
+}
+
+impl Split {
+    pub async fn start(dir: &Path) -> Result<Split, String> {
+        let data = dir.join("data");
+        let kms_sock = dir.join("kms.sock");
+        let (ctl_sock, node_sock) = (dir.join("controller.sock"), dir.join("node.sock"));
+        let controller = spawn(
+            dir,
+            "controller.log",
+            &[
+                "controller".into(),
+                format!("--endpoint=unix://{}", ctl_sock.display()),
+                format!("--data-dir={}", data.display()),
+                format!("--local-node={NODE}"),
+            ],
+        )?;
+        let node = spawn(
+            dir,
+            "node.log",
+            &[
+                "node".into(),
+                format!("--endpoint=unix://{}", node_sock.display()),
+                format!("--kms=unix://{}", kms_sock.display()),
+                format!("--local-data-dir={}", data.display()),
+                format!("--node-id={NODE}"),
+            ],
+        )?;
+        wait_socket(&ctl_sock).await?;
+        wait_socket(&node_sock).await?;
+        let timeout = Duration::from_secs(5);
+        let (ctl_ep, node_ep) = (
+            cryptdisk_csi::config::Endpoint::Unix(ctl_sock),
+            cryptdisk_csi::config::Endpoint::Unix(node_sock),
+        );
+        Ok(Split {
+            controller: ControllerClient::new(check!(
+                cryptdisk_csi::client::connect(&ctl_ep, timeout).await
+            )),
+            node: NodeClient::new(check!(
+                cryptdisk_csi::client::connect(&node_ep, timeout).await
+            )),
+            kms_sock,
+            _processes: [controller, node],
+        })
+    }
+}
+
 /// Separate controller, node and KMS processes. With no KMS, and then with a KMS
 /// slower than the node's deadline, a stage of a blank volume fails UNAVAILABLE
 /// after its retries and the disk stays blank; with the KMS up, it completes.
 async fn kms_down_and_slow(_ctx: &mut Ctx) -> CaseResult {
     let dir = fresh_dir("node-kms-down")?;
-    let data = dir.join("data");
-    let kms_sock = dir.join("kms.sock");
-    let (ctl_sock, node_sock) = (dir.join("controller.sock"), dir.join("node.sock"));
-    let _controller = spawn(
-        &dir,
-        "controller.log",
-        &[
-            "controller".into(),
-            format!("--endpoint=unix://{}", ctl_sock.display()),
-            format!("--data-dir={}", data.display()),
-            format!("--local-node={NODE}"),
-        ],
-    )?;
-    let _node = spawn(
-        &dir,
-        "node.log",
-        &[
-            "node".into(),
-            format!("--endpoint=unix://{}", node_sock.display()),
-            format!("--kms=unix://{}", kms_sock.display()),
-            format!("--local-data-dir={}", data.display()),
-            format!("--node-id={NODE}"),
-        ],
-    )?;
-    wait_socket(&ctl_sock).await?;
-    wait_socket(&node_sock).await?;
-    let (ctl_ep, node_ep) = (
-        cryptdisk_csi::config::Endpoint::Unix(ctl_sock.clone()),
-        cryptdisk_csi::config::Endpoint::Unix(node_sock.clone()),
-    );
-    let timeout = Duration::from_secs(5);
-    let mut controller = cryptdisk_csi::proto::csi::controller_client::ControllerClient::new(
-        check!(cryptdisk_csi::client::connect(&ctl_ep, timeout).await),
-    );
-    let mut node = cryptdisk_csi::proto::csi::node_client::NodeClient::new(check!(
-        cryptdisk_csi::client::connect(&node_ep, timeout).await
-    ));
+    let mut split = Split::start(&dir).await?;
+    let kms_sock = split.kms_sock.clone();
+    let (controller, node) = (&mut split.controller, &mut split.node);
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let (volume, publish_context) = create_attached(
-        &mut controller,
-        create_req("pvc-kms", 32 * MIB, cap.clone()),
-    )
-    .await?;
-    let disk = volume.volume_id.rsplit(':').next().unwrap_or_default();
-    let image = data.join("disks").join(format!("{disk}.img"));
+    let (volume, publish_context) =
+        create_attached(controller, create_req("pvc-kms", 32 * MIB, cap.clone())).await?;
+    let image = dir.join("data/disks").join(format!(
+        "{}.img",
+        volume.volume_id.rsplit(':').next().unwrap_or_default()
+    ));
     let stage_req = NodeStageVolumeRequest {
         volume_id: volume.volume_id.clone(),
         publish_context,
@@ -1184,27 +1247,8 @@ async fn kms_down_and_slow(_ctx: &mut Ctx) -> CaseResult {
     check!(crypt::probe_blank(&image));
 
     // 3. The KMS is up: the same stage completes.
-    use std::os::unix::fs::PermissionsExt;
-    for name in ["master.key", "salt"] {
-        let path = dir.join(name);
-        check!(std::fs::write(&path, [name.len() as u8; 32]));
-        check!(std::fs::set_permissions(
-            &path,
-            std::fs::Permissions::from_mode(0o600)
-        ));
-    }
-    let _kms = spawn(
-        &dir,
-        "kms.log",
-        &[
-            "kms".into(),
-            format!("--listen=unix://{}", kms_sock.display()),
-            "--insecure".into(),
-            format!("--master-secret-file={}", dir.join("master.key").display()),
-            format!("--salt-file={}", dir.join("salt").display()),
-        ],
-    )?;
-    wait_socket(&kms_sock).await?;
+    let (secret, salt) = write_secrets(&dir, 7)?;
+    let _kms = spawn_kms(&dir, &kms_sock, &secret, &salt).await?;
     check!(node.node_stage_volume(stage_req.clone()).await);
     ensure!(
         crypt::probe_blank(&image).is_err(),

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::lifecycle_cases::{
     Driver, MIB, create_req, image_of, mount_cap, open_mappings, provision, release, stage,
 };
-use crate::node_cases::{spawn, wait_socket};
+use crate::node_cases::spawn_kms;
 use crate::{Case, CaseResult, Ctx, check, ensure};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cryptdisk-csi");
@@ -284,21 +284,13 @@ async fn readme_recovery(_ctx: &mut Ctx) -> CaseResult {
 
     // The new cluster's KMS: the same secret files.
     let kms_sock = work.join("kms.sock");
-    let _kms = spawn(
+    let _kms = spawn_kms(
         &work,
-        "kms.log",
-        &[
-            "kms".into(),
-            format!("--listen=unix://{}", kms_sock.display()),
-            "--insecure".into(),
-            format!(
-                "--master-secret-file={}",
-                secrets.join("master.key").display()
-            ),
-            format!("--salt-file={}", secrets.join("salt").display()),
-        ],
-    )?;
-    wait_socket(&kms_sock).await?;
+        &kms_sock,
+        &secrets.join("master.key"),
+        &secrets.join("salt"),
+    )
+    .await?;
 
     let bin_dir: PathBuf = Path::new(BIN).parent().ok_or("binary dir")?.to_path_buf();
     let path = format!(
