@@ -54,6 +54,15 @@ struct Args {
     /// Seconds per fio job.
     #[arg(long, default_value_t = 5)]
     fio_seconds: u32,
+    /// Run only these items (e.g. `2,3`); all when empty.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<u32>,
+}
+
+impl Args {
+    fn wants(&self, item: u32) -> bool {
+        self.only.is_empty() || self.only.contains(&item)
+    }
 }
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -332,18 +341,31 @@ async fn main() -> Result<()> {
 
     let key = args.scratch.join("bench.key");
     std::fs::write(&key, random_bytes(32)?)?;
-    step("1: format + open", started);
-    format_open(&args, &key, &mut report)?;
-    step("2: NodeStage encrypted vs plain", started);
-    stage_latency(&args, &mut csi, &mut report).await?;
-    step("3: concurrent stages", started);
-    concurrent_stages(&args, &csi, &mut report).await?;
-    step("4: fio", started);
-    fio(&args, &key, &mut report)?;
-    step("5: idle RSS, CreateVolume + DeleteVolume", started);
-    controller_throughput(&csi, idle_kib, &mut report).await?;
-    step("6: integrity wipe", started);
-    integrity_wipe(&args, &key, &mut report)?;
+    if args.wants(1) {
+        step("1: format + open", started);
+        format_open(&args, &key, &mut report)?;
+        driver_format_open(&args, &mut report).await?;
+    }
+    if args.wants(2) {
+        step("2: NodeStage encrypted vs plain", started);
+        stage_latency(&args, &mut csi, &mut report).await?;
+    }
+    if args.wants(3) {
+        step("3: concurrent stages", started);
+        concurrent_stages(&args, &csi, &mut report).await?;
+    }
+    if args.wants(4) {
+        step("4: fio", started);
+        fio(&args, &key, &mut report)?;
+    }
+    if args.wants(5) {
+        step("5: idle RSS, CreateVolume + DeleteVolume", started);
+        controller_throughput(&csi, idle_kib, &mut report).await?;
+    }
+    if args.wants(6) {
+        step("6: integrity wipe", started);
+        integrity_wipe(&args, &key, &mut report)?;
+    }
     step("done", started);
 
     let (md, svg) = (markdown(&report), svg(&report));
@@ -462,15 +484,71 @@ fn format_open(args: &Args, key: &Path, report: &mut Report) -> Result<()> {
     ] {
         report
             .row("1", format!("format + open vs {name}"))
-            .ours(format!(
-                "{:.2} s ({:.2} + {:.2})",
-                ours_total, of, oo
-            ))
+            .ours(format!("{:.2} s ({:.2} + {:.2})", ours_total, of, oo))
             .baseline(format!("{:.2} s ({:.2} + {:.2})", f + o, f, o))
             .ratio((f + o) / ours_total)
             .goal_min(40.0)
             .done();
     }
+    Ok(())
+}
+
+/// Item 1, the driver's own path: `crypt::format` + `crypt::open` in process
+/// (libcryptsetup through libcryptsetup-rs, no CLI start-up), for the breakdown.
+async fn driver_format_open(args: &Args, report: &mut Report) -> Result<()> {
+    use cryptdisk_csi::crypt::{self, FormatOptions, Integrity, KeyId, MapperName, Token};
+    const REPS: usize = 5;
+    let name = MapperName::operator("bench-driver")?;
+    let (mut f, mut o) = (Vec::new(), Vec::new());
+    for _ in 0..REPS {
+        // Blank the ends again so that the blank check passes.
+        zero_ends(&args.io_disk)?;
+        let key_id = KeyId::new_random();
+        let key = cryptdisk_csi::kms::DataKey::from_bytes(random_bytes(32)?.into());
+        let opts = FormatOptions {
+            key_id: key_id.clone(),
+            token: Token {
+                key_id: key_id.to_string(),
+                key_version: 1,
+                kms: "bench".into(),
+                content: None,
+                wipe_offset: None,
+                rotation: None,
+            },
+            integrity: Integrity::None,
+            bypass_workqueues: true,
+        };
+        let t = Instant::now();
+        let blank = crypt::probe_blank(&args.io_disk)?;
+        crypt::format(blank, &key, &opts).await?;
+        f.push(secs(t.elapsed()));
+        let t = Instant::now();
+        crypt::open(&args.io_disk, &name, &key, &crypt::OpenOptions::default()).await?;
+        o.push(secs(t.elapsed()));
+        crypt::close(&name).await?;
+    }
+    let (f, o) = (median(f), median(o));
+    report
+        .row(
+            "1",
+            "format + open, the driver's in-process path (breakdown)",
+        )
+        .ours(format!("{:.2} s ({f:.2} + {o:.2})", f + o))
+        .baseline("-")
+        .done();
+    Ok(())
+}
+
+/// Zeros the first and last MiB of a device.
+fn zero_ends(device: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let mut f = std::fs::OpenOptions::new().write(true).open(device)?;
+    let size = f.seek(SeekFrom::End(0))?;
+    let zeros = vec![0u8; 1 << 20];
+    f.write_all_at(&zeros, 0)?;
+    f.write_all_at(&zeros, size - zeros.len() as u64)?;
+    f.sync_all()?;
     Ok(())
 }
 
@@ -486,12 +564,14 @@ async fn stage_latency(args: &Args, csi: &mut Csi, report: &mut Report) -> Resul
             FsType::Xfs
         };
         let (mut enc, mut plain) = (Vec::new(), Vec::new());
-        for i in 0..REPS {
+        // Rep 0 is a warm-up, not counted: the first stage loads the loop,
+        // dm-crypt and filesystem modules and fills caches for both sides.
+        for i in 0..=REPS {
             // Alternate, so that drift in the machine's load hits both sides.
             let p = csi
                 .create_published(&format!("lat-{fs}-{i}"), SIZE, fs)
                 .await?;
-            enc.push(secs(csi.stage(&p, fs).await?));
+            let e = secs(csi.stage(&p, fs).await?);
             csi.teardown(&p).await?;
 
             let image = args.scratch.join(format!("plain-{fs}-{i}.img"));
@@ -500,9 +580,18 @@ async fn stage_latency(args: &Args, csi: &mut Csi, report: &mut Report) -> Resul
             std::fs::File::create(&image)?.set_len(SIZE as u64)?;
             let t = Instant::now();
             let device = mount::loopdev::attach(&image).await?;
+            // What the stage does for a fresh volume, less the crypto: probe,
+            // mkfs, mount.
+            if mount::probe_fs(&device).await? != mount::FsProbe::Blank {
+                return Err(format!("{} is not blank", device.display()).into());
+            }
             mount::mkfs(&device, fstype).await?;
             mount::mount_fs(&device, &target, fstype, &[], false).await?;
-            plain.push(secs(t.elapsed()));
+            let p = secs(t.elapsed());
+            if i > 0 {
+                enc.push(e);
+                plain.push(p);
+            }
             mount::unmount(&target).await?;
             mount::loopdev::detach(&image).await?;
             std::fs::remove_file(&image)?;
@@ -789,9 +878,7 @@ fn integrity_wipe(args: &Args, key: &Path, report: &mut Report) -> Result<()> {
             |_| Ok(()),
         )?;
         Ok((
-            progress
-                .total
-                .load(std::sync::atomic::Ordering::Relaxed),
+            progress.total.load(std::sync::atomic::Ordering::Relaxed),
             t.elapsed(),
         ))
     };
@@ -832,10 +919,7 @@ fn integrity_wipe(args: &Args, key: &Path, report: &mut Report) -> Result<()> {
     let int_mib = int_bytes as f64 / 1048576.0 / secs(int_t);
     report
         .row("6", "integrity wipe / raw write of the same disk")
-        .ours(format!(
-            "{int_mib:.1} MiB/s ({} MiB)",
-            int_bytes >> 20
-        ))
+        .ours(format!("{int_mib:.1} MiB/s ({} MiB)", int_bytes >> 20))
         .baseline(format!("{raw_mib:.1} MiB/s ({} MiB)", raw_bytes >> 20))
         .ratio(int_mib / raw_mib)
         .done();
@@ -860,9 +944,7 @@ fn markdown(r: &Report) -> String {
             row.what,
             row.ours,
             row.baseline,
-            row.ratio
-                .map(|x| format!("{x:.3}"))
-                .unwrap_or("-".into()),
+            row.ratio.map(|x| format!("{x:.3}")).unwrap_or("-".into()),
             goal,
             met
         );
@@ -926,10 +1008,7 @@ fn svg(r: &Report) -> String {
             y + 15.0
         );
         if let Some((goal, _)) = &row.goal
-            && let Some(g) = goal
-                .trim_start_matches(['≥', '≤', ' '])
-                .parse::<f64>()
-                .ok()
+            && let Some(g) = goal.trim_start_matches(['≥', '≤', ' ']).parse::<f64>().ok()
         {
             let _ = writeln!(
                 s,

@@ -50,6 +50,15 @@ pub struct NodeConfig {
     pub wipe_budget: Duration,
 }
 
+/// Whether the stage's filesystem was made by this stage or found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Made {
+    /// mkfs ran in this call: nothing to check.
+    Now,
+    /// There already (an earlier stage, or one that crashed after mkfs).
+    Before,
+}
+
 pub struct NodeService {
     config: NodeConfig,
     keys: Arc<dyn KeySource>,
@@ -310,9 +319,13 @@ impl NodeService {
             },
             Access::Mount { fs, flags } => {
                 let read_only = validate::mode_read_only(mode);
-                self.make_filesystem(&device, &mapped, fs, content.as_deref(), read_only)
+                let made = self
+                    .make_filesystem(&device, &mapped, fs, content.as_deref(), read_only)
                     .await?;
-                self.mount_staging(&mapped, &staging, fs, &flags, read_only)
+                // A filesystem this stage just made needs no check (kubelet's
+                // FormatAndMount checks only one that was there already).
+                let check = !read_only && made == Made::Now;
+                self.mount_staging(&mapped, &staging, fs, &flags, read_only, check)
                     .await?;
                 if content.is_some() && !read_only {
                     grow_if_behind(&mapped, &staging, fs).await?;
@@ -323,7 +336,8 @@ impl NodeService {
     }
 
     /// Makes the filesystem of a fresh volume and records it in the token; checks
-    /// that a used volume holds the filesystem its token names.
+    /// that a used volume holds the filesystem its token names. Says whether
+    /// this call ran mkfs.
     async fn make_filesystem(
         &self,
         device: &Path,
@@ -331,9 +345,9 @@ impl NodeService {
         fs: FsType,
         content: Option<&str>,
         read_only: bool,
-    ) -> Result<(), Status> {
+    ) -> Result<Made, Status> {
         match content {
-            Some(c) if c == fs.as_str() => return Ok(()),
+            Some(c) if c == fs.as_str() => return Ok(Made::Before),
             Some("block") => {
                 return Err(Status::failed_precondition(
                     "the volume was used as a raw block device; it is never formatted",
@@ -348,6 +362,7 @@ impl NodeService {
         }
         // A fresh volume: its mapped content is noise, unless a stage that made
         // the filesystem crashed before it could record it.
+        let mut made = Made::Before;
         if mount::probe_fs(mapped).await? != FsProbe::Fs(fs) {
             if read_only {
                 return Err(Status::failed_precondition(
@@ -357,9 +372,10 @@ impl NodeService {
             tracing::info!(device = %mapped.display(), %fs, "making filesystem");
             mount::mkfs(mapped, fs).await?;
             failpoint::hit("stage:mkfs-done");
+            made = Made::Now;
         }
         crypt::set_content(device, fs.as_str()).await?;
-        Ok(())
+        Ok(made)
     }
 
     async fn mount_staging(
@@ -369,6 +385,7 @@ impl NodeService {
         fs: FsType,
         flags: &[String],
         read_only: bool,
+        check: bool,
     ) -> Result<(), Status> {
         let want = mount::device_number(mapped)?;
         if let Some(found) = mount::mounted_device(staging)? {
@@ -392,7 +409,7 @@ impl NodeService {
                 )));
             }
         }
-        if !read_only {
+        if check {
             mount::fsck(mapped, fs).await?;
         }
         tokio::fs::create_dir_all(staging)
