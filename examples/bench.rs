@@ -556,7 +556,7 @@ fn zero_ends(device: &Path) -> Result<()> {
 /// mkfs and mount of a plain 10 GiB image on the same filesystem.
 async fn stage_latency(args: &Args, csi: &mut Csi, report: &mut Report) -> Result<()> {
     const SIZE: i64 = 10 << 30;
-    const REPS: usize = 3;
+    const REPS: usize = 5;
     for fs in ["ext4", "xfs"] {
         let fstype = if fs == "ext4" {
             FsType::Ext4
@@ -928,6 +928,11 @@ fn integrity_wipe(args: &Args, key: &Path, report: &mut Report) -> Result<()> {
 
 fn markdown(r: &Report) -> String {
     let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Ratios of figures measured side by side in one run, in a qemu TCG VM (software \
+         emulation, AES included, 2 vCPUs). Absolute times are not hardware figures.\n"
+    );
     let _ = writeln!(
         s,
         "| # | measure | ours | baseline | ratio | goal | met |\n|---|---|---|---|---|---|---|"
