@@ -324,7 +324,7 @@ impl NodeService {
                     .await?;
                 // A filesystem this stage just made needs no check (kubelet's
                 // FormatAndMount checks only one that was there already).
-                let check = !read_only && made == Made::Now;
+                let check = !read_only && made == Made::Before;
                 self.mount_staging(&mapped, &staging, fs, &flags, read_only, check)
                     .await?;
                 if content.is_some() && !read_only {
