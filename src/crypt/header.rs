@@ -172,12 +172,6 @@ pub fn read(device: &Path) -> Result<Header> {
     }
 }
 
-/// Reads both header copies of `device`, requires them to agree, and returns the
-/// JSON metadata.
-pub fn read_json(device: &Path) -> Result<Value> {
-    read(device).map(|h| h.json)
-}
-
 /// Reads both header copies and checks them against [`validate_header`].
 pub fn read_validated(device: &Path) -> Result<Value> {
     let header = read(device)?;

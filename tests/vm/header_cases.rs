@@ -16,8 +16,8 @@ use cryptdisk_csi::proto::csi::*;
 use serde_json::{Value, json};
 use tonic::Code;
 
-use crate::lifecycle_cases::{MIB, NODE, create_attached, create_req, mount_cap, open_mappings};
-use crate::node_cases::{Split, spawn_kms, write_secrets};
+use crate::lifecycle_cases::{MIB, create_attached, create_req, mount_cap, open_mappings};
+use crate::node_cases::{Split, spawn_kms, unpublish_and_delete, write_secrets};
 use crate::{Case, CaseResult, Ctx, check, ensure};
 
 pub fn cases() -> Vec<Case> {
@@ -290,22 +290,5 @@ async fn forged_headers(_ctx: &mut Ctx) -> CaseResult {
         "control: the key was not asked for"
     );
     check!(node.node_unstage_volume(unstage_req).await);
-    check!(
-        controller
-            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-                volume_id: volume.volume_id.clone(),
-                node_id: NODE.into(),
-                ..Default::default()
-            })
-            .await
-    );
-    check!(
-        controller
-            .delete_volume(DeleteVolumeRequest {
-                volume_id: volume.volume_id,
-                ..Default::default()
-            })
-            .await
-    );
-    Ok(())
+    unpublish_and_delete(controller, volume.volume_id).await
 }

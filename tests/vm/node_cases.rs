@@ -1181,6 +1181,31 @@ impl Split {
     }
 }
 
+/// Unpublishes a volume from [`NODE`] and deletes it.
+pub async fn unpublish_and_delete(
+    controller: &mut ControllerClient<Channel>,
+    volume_id: String,
+) -> CaseResult {
+    check!(
+        controller
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: volume_id.clone(),
+                node_id: NODE.into(),
+                ..Default::default()
+            })
+            .await
+    );
+    check!(
+        controller
+            .delete_volume(DeleteVolumeRequest {
+                volume_id,
+                ..Default::default()
+            })
+            .await
+    );
+    Ok(())
+}
+
 /// Separate controller, node and KMS processes. With no KMS, and then with a KMS
 /// slower than the node's deadline, a stage of a blank volume fails UNAVAILABLE
 /// after its retries and the disk stays blank; with the KMS up, it completes.
@@ -1261,24 +1286,7 @@ async fn kms_down_and_slow(_ctx: &mut Ctx) -> CaseResult {
         })
         .await
     );
-    check!(
-        controller
-            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-                volume_id: volume.volume_id.clone(),
-                node_id: NODE.into(),
-                ..Default::default()
-            })
-            .await
-    );
-    check!(
-        controller
-            .delete_volume(DeleteVolumeRequest {
-                volume_id: volume.volume_id,
-                ..Default::default()
-            })
-            .await
-    );
-    Ok(())
+    unpublish_and_delete(controller, volume.volume_id).await
 }
 
 /// Every form a key could take in a log: raw bytes, hex (both cases), base64 and
