@@ -5,7 +5,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use libcryptsetup_rs::consts::flags::{CryptActivate, CryptDeactivate, CryptPbkdf, CryptVolumeKey};
-use libcryptsetup_rs::consts::vals::{CryptKdf, CryptStatusInfo, EncryptionFormat};
+use libcryptsetup_rs::consts::vals::{
+    CryptKdf, CryptStatusInfo, EncryptionFormat, KeyslotsSize, MetadataSize,
+};
 use libcryptsetup_rs::{
     CryptDevice, CryptInit, CryptParamsLuks2, CryptParamsLuks2Ref, CryptPbkdfType, Either,
     LibcryptErr, TokenInput,
@@ -13,8 +15,9 @@ use libcryptsetup_rs::{
 
 use super::{
     CIPHER, CIPHER_MODE, Closed, Error, FormatOptions, HeaderInfo, INTEGRITY_ALGORITHM,
-    INTEGRITY_KEY_BYTES, Integrity, KeyId, MapperName, MappingStatus, OpenOptions, Opened,
-    PBKDF_ITERATIONS, Result, SECTOR_SIZE, TOKEN_TYPE, Token, VOLUME_KEY_BYTES,
+    INTEGRITY_KEY_BYTES, Integrity, KeyId, LUKS2_HEADER_BYTES, LUKS2_KEYSLOTS_BYTES,
+    LUKS2_METADATA_BYTES, MapperName, MappingStatus, OpenOptions, Opened, PBKDF_ITERATIONS, Result,
+    SECTOR_SIZE, TOKEN_TYPE, Token, VOLUME_KEY_BYTES,
 };
 use crate::kms::DataKey;
 
@@ -98,6 +101,17 @@ pub fn format(device: &Path, key: &DataKey, opts: &FormatOptions) -> Result<()> 
     };
     let mut params_ref: CryptParamsLuks2Ref<'_> =
         (&params).try_into().map_err(lib("format", &target))?;
+    // A small keyslots area (random-filled by the format) inside the usual 16 MiB
+    // header area, so that the data offset stays where capacity planning and
+    // stock tools expect it.
+    cd.settings_handle()
+        .set_metadata_size(
+            MetadataSize::try_from(LUKS2_METADATA_BYTES).map_err(lib("format", &target))?,
+            KeyslotsSize::try_from(LUKS2_KEYSLOTS_BYTES).map_err(lib("format", &target))?,
+        )
+        .map_err(lib("set metadata size", &target))?;
+    cd.set_data_offset(LUKS2_HEADER_BYTES / 512)
+        .map_err(lib("set data offset", &target))?;
     // A random volume key from the kernel RNG: libcryptsetup generates it when
     // given only its length.
     cd.context_handle()

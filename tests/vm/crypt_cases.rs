@@ -316,6 +316,24 @@ async fn integrity_round_trip(ctx: &mut Ctx) -> CaseResult {
         !check!(device_contains(&disk, &data[..64])),
         "plaintext on the raw disk"
     );
+
+    // Rotation holds two keyslots at once, each the largest we write (a volume
+    // key with its integrity key): both fit in the keyslots area, twice over.
+    let keyslots_size = &json["config"]["keyslots_size"];
+    ensure!(
+        *keyslots_size == crypt::LUKS2_KEYSLOTS_BYTES.to_string(),
+        "keyslots_size {keyslots_size}"
+    );
+    let mut old = key;
+    for version in 2..=3u32 {
+        let new = check!(derive_data_key(&[version as u8; 32], &SALT, "rotation", 32));
+        check!(crypt::rotate(&disk, &old, &new, version).await);
+        old = new;
+    }
+    check!(crypt::open(&disk, &name, &old, &OpenOptions::default()).await);
+    let back = check!(read_block(&mapped, 0, data.len()));
+    check!(crypt::close(&name).await);
+    ensure!(back == data, "the marker did not survive two rotations");
     Ok(())
 }
 
