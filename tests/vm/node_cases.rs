@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 
 use crate::lifecycle_cases::{
     Driver, MIB, NODE, Staged, attach_req, block_cap, create_attached, create_req, delete,
-    fresh_dir, mount_cap, open_mappings, provision, publish, release,
+    fresh_dir, mount_cap, open_mappings, provision, publish, release, stage,
 };
 use crate::{Case, CaseResult, Ctx, check, ensure, expect_code};
 
@@ -77,6 +77,10 @@ pub fn cases() -> Vec<Case> {
         Case {
             name: "node_attach_limit_get_snapshot_and_layout_checks",
             run: |c| Box::pin(limits_and_snapshots(c)),
+        },
+        Case {
+            name: "node_restage_checks_the_ext4_it_finds_and_repairs_its_error_state",
+            run: |c| Box::pin(restage_checks(c)),
         },
     ]
 }
@@ -832,6 +836,56 @@ async fn volume_health(_ctx: &mut Ctx) -> CaseResult {
         "health without a volume id"
     );
     // The driver cleans up what is left.
+    release(&mut d, &s).await?;
+    delete(&mut d, &s.volume.volume_id).await
+}
+
+/// A stage that finds an ext4 filesystem already there (a restage, or one after a
+/// crash) runs `e2fsck -p` before mounting it, as kubelet's FormatAndMount does;
+/// the stage that has just made it skips the check. The kernel mounts a
+/// filesystem marked as having errors and keeps the mark, so the mark is gone
+/// only if the check ran.
+async fn restage_checks(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("node-fsck").await?;
+    let req = create_req(
+        "pvc-fsck",
+        32 * MIB,
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    );
+    let s = provision(&mut d, req).await?;
+    let mapped = crypt::MapperName::for_volume(&s.volume.volume_id).device_path();
+    check!(std::fs::write(
+        s.target.join("kept"),
+        b"kept across the check"
+    ));
+    check!(nix::mount::umount(&s.target));
+    check!(nix::mount::umount(&s.staging));
+    let tool = |cmd: &str, args: &[&str]| -> Result<String, String> {
+        let out = check!(std::process::Command::new(cmd).args(args).output());
+        ensure!(
+            out.status.success(),
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let state = |dump: &str| {
+        dump.lines()
+            .find(|l| l.starts_with("Filesystem state:"))
+            .map(|l| l.trim_start_matches("Filesystem state:").trim().to_string())
+            .unwrap_or_default()
+    };
+    let device = mapped.display().to_string();
+    // Marks the filesystem as having errors, as the kernel does when it finds one.
+    tool("tune2fs", &["-E", "force_fsck", &device])?;
+    let before = state(&tool("dumpe2fs", &["-h", &device])?);
+    ensure!(before == "clean with errors", "after tune2fs: {before:?}");
+
+    stage(&mut d, &s.volume, &s.publish_context, &s.staging, &s.cap).await?;
+    let after = state(&tool("dumpe2fs", &["-h", &device])?);
+    ensure!(after == "clean", "after the restage: {after:?}");
+    let kept = check!(std::fs::read(s.staging.join("kept")));
+    ensure!(kept == b"kept across the check", "the file changed");
     release(&mut d, &s).await?;
     delete(&mut d, &s.volume.volume_id).await
 }
