@@ -386,13 +386,10 @@ fn random_bytes(n: usize) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Item 1 through stock cryptsetup on the same device, for anyone to reproduce:
-/// our parameters, Constellation's and cryptsetup's defaults. Each side pays two
-/// tool starts, which the driver (in process) does not.
-fn format_open(args: &Args, key: &Path, report: &mut Report) -> Result<()> {
-    let dev = args.io_disk.to_str().ok_or("disk path")?;
-    let key = key.to_str().ok_or("key path")?;
-    let common = [
+/// `cryptsetup luksFormat` of `dev` with the cipher, key size and sector size
+/// every side shares, then `extra` (the PBKDF and layout options that differ).
+fn luks_format_args<'a>(dev: &'a str, key: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
         "luksFormat",
         "-q",
         "--type",
@@ -406,19 +403,29 @@ fn format_open(args: &Args, key: &Path, report: &mut Report) -> Result<()> {
         "--sector-size",
         "4096",
     ];
-    let ours: Vec<&str> = [
-        "--pbkdf",
-        "pbkdf2",
+    a.extend_from_slice(extra);
+    a.push(dev);
+    a
+}
+
+/// Our PBKDF on the command line (the driver's layout options aside).
+const OURS_PBKDF: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+
+/// Item 1 through stock cryptsetup on the same device, for anyone to reproduce:
+/// our parameters, Constellation's and cryptsetup's defaults. Each side pays two
+/// tool starts, which the driver (in process) does not.
+fn format_open(args: &Args, key: &Path, report: &mut Report) -> Result<()> {
+    let dev = args.io_disk.to_str().ok_or("disk path")?;
+    let key = key.to_str().ok_or("key path")?;
+    let mut ours = OURS_PBKDF.to_vec();
+    ours.extend([
         "--hash",
         "sha256",
-        "--pbkdf-force-iterations",
-        "1000",
         "--luks2-keyslots-size",
         "2M",
         "--offset",
         "32768",
-    ]
-    .to_vec();
+    ]);
     let constellation_forced: Vec<&str> = [
         "--pbkdf",
         "argon2id",
@@ -445,9 +452,7 @@ fn format_open(args: &Args, key: &Path, report: &mut Report) -> Result<()> {
     let measure = |extra: &[&str], reps: usize| -> Result<(f64, f64)> {
         let (mut f, mut o) = (Vec::new(), Vec::new());
         for _ in 0..reps {
-            let mut a: Vec<&str> = common.to_vec();
-            a.extend_from_slice(extra);
-            a.push(dev);
+            let a = luks_format_args(dev, key, extra);
             f.push(secs(timed_run("cryptsetup", &a)?));
             o.push(secs(timed_run(
                 "cryptsetup",
@@ -768,7 +773,16 @@ struct FioResult {
     mib_s: f64,
 }
 
-fn fio_job(device: &str, rw: &str, bs: &str, depth: u32, seconds: u32) -> Result<FioResult> {
+/// One fio job on `device`, from `offset` on (`16M` keeps a raw job off the LUKS2
+/// header that the encrypted sides open).
+fn fio_job(
+    device: &str,
+    offset: &str,
+    rw: &str,
+    bs: &str,
+    depth: u32,
+    seconds: u32,
+) -> Result<FioResult> {
     let out = run(
         "fio",
         &[
@@ -779,6 +793,7 @@ fn fio_job(device: &str, rw: &str, bs: &str, depth: u32, seconds: u32) -> Result
             &format!("--iodepth={depth}"),
             "--ioengine=libaio",
             "--direct=1",
+            &format!("--offset={offset}"),
             "--size=512M",
             "--time_based",
             &format!("--runtime={seconds}"),
@@ -805,28 +820,7 @@ fn fio_job(device: &str, rw: &str, bs: &str, depth: u32, seconds: u32) -> Result
 fn fio(args: &Args, key: &Path, report: &mut Report) -> Result<()> {
     let dev = args.io_disk.to_str().ok_or("disk path")?;
     let key = key.to_str().ok_or("key path")?;
-    run(
-        "cryptsetup",
-        &[
-            "luksFormat",
-            "-q",
-            "--type",
-            "luks2",
-            "--key-file",
-            key,
-            "--cipher",
-            "aes-xts-plain64",
-            "--key-size",
-            "512",
-            "--sector-size",
-            "4096",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-            dev,
-        ],
-    )?;
+    run("cryptsetup", &luks_format_args(dev, key, &OURS_PBKDF))?;
     let jobs = [
         ("4K random read", "randread", "4k", 16),
         ("4K random write", "randwrite", "4k", 16),
@@ -848,13 +842,13 @@ fn fio(args: &Args, key: &Path, report: &mut Report) -> Result<()> {
         // mapping first, runs, and the raw side runs last for each job, then the
         // header is written again.
         let bypass_dev = open(true)?;
-        let bypass = fio_job(&bypass_dev, rw, bs, depth, args.fio_seconds)?;
+        let bypass = fio_job(&bypass_dev, "0", rw, bs, depth, args.fio_seconds)?;
         run("cryptsetup", &["close", "bench-fio"])?;
         let default_dev = open(false)?;
-        let default = fio_job(&default_dev, rw, bs, depth, args.fio_seconds)?;
+        let default = fio_job(&default_dev, "0", rw, bs, depth, args.fio_seconds)?;
         run("cryptsetup", &["close", "bench-fio"])?;
         // The raw job starts past the header so that the LUKS2 header survives.
-        let raw = fio_raw(dev, rw, bs, depth, args.fio_seconds)?;
+        let raw = fio_job(dev, "16M", rw, bs, depth, args.fio_seconds)?;
         println!(
             "bench: fio {name}: raw {:.0} IOPS {:.1} MiB/s, bypass {:.0} IOPS {:.1} MiB/s, default {:.0} IOPS {:.1} MiB/s",
             raw.iops, raw.mib_s, bypass.iops, bypass.mib_s, default.iops, default.mib_s
@@ -884,41 +878,6 @@ fn fio(args: &Args, key: &Path, report: &mut Report) -> Result<()> {
             .done();
     }
     Ok(())
-}
-
-/// The raw side of a fio job: the same job on the disk, kept off the first 16 MiB
-/// so that the LUKS2 header the encrypted sides open stays intact.
-fn fio_raw(dev: &str, rw: &str, bs: &str, depth: u32, seconds: u32) -> Result<FioResult> {
-    let out = run(
-        "fio",
-        &[
-            "--name=bench",
-            &format!("--filename={dev}"),
-            &format!("--rw={rw}"),
-            &format!("--bs={bs}"),
-            &format!("--iodepth={depth}"),
-            "--ioengine=libaio",
-            "--direct=1",
-            "--offset=16M",
-            "--size=512M",
-            "--time_based",
-            &format!("--runtime={seconds}"),
-            "--ramp_time=1",
-            "--randrepeat=0",
-            "--output-format=json",
-        ],
-    )?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    let job = &v["jobs"][0];
-    let side = if rw.contains("read") {
-        &job["read"]
-    } else {
-        &job["write"]
-    };
-    Ok(FioResult {
-        iops: side["iops"].as_f64().unwrap_or(0.0),
-        mib_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-    })
 }
 
 /// Item 5 (our side): idle RSS, and CreateVolume + DeleteVolume pairs per second
@@ -979,31 +938,9 @@ fn integrity_wipe(args: &Args, key: &Path, report: &mut Report) -> Result<()> {
         ))
     };
     let (raw_bytes, raw_t) = fill(&args.wipe_disk)?;
-    run(
-        "cryptsetup",
-        &[
-            "luksFormat",
-            "-q",
-            "--type",
-            "luks2",
-            "--key-file",
-            key_s,
-            "--cipher",
-            "aes-xts-plain64",
-            "--key-size",
-            "512",
-            "--sector-size",
-            "4096",
-            "--integrity",
-            "hmac-sha256",
-            "--integrity-no-wipe",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-            dev,
-        ],
-    )?;
+    let mut integrity = vec!["--integrity", "hmac-sha256", "--integrity-no-wipe"];
+    integrity.extend(OURS_PBKDF);
+    run("cryptsetup", &luks_format_args(dev, key_s, &integrity))?;
     run(
         "cryptsetup",
         &["open", "--key-file", key_s, dev, "bench-wipe"],

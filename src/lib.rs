@@ -21,4 +21,6 @@ pub mod ops;
 pub mod privileges;
 pub mod proto;
 pub mod server;
+#[cfg(test)]
+pub(crate) mod test_http;
 pub mod volume;

@@ -245,16 +245,21 @@ fn the_node_plugin_refuses_to_start_without_its_capabilities() {
     let socket = dir.path().join("node.sock");
     // setpriv (util-linux) drops the capabilities from the bounding set, so
     // root's execve of the driver does not get them back.
-    let out = Command::new("setpriv")
-        .args(["--bounding-set=-sys_admin,-mknod", "--inh-caps=-all", "--"])
-        .arg(BIN)
-        .arg("node")
-        .arg(format!("--endpoint=unix://{}", socket.display()))
-        .arg(format!(
-            "--kms=unix://{}",
-            dir.path().join("kms.sock").display()
-        ))
-        .arg("--node-id=n1")
+    let node_without = |caps: &str| {
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--bounding-set={caps}"))
+            .args(["--inh-caps=-all", "--"])
+            .arg(BIN)
+            .arg("node")
+            .arg(format!("--endpoint=unix://{}", socket.display()))
+            .arg(format!(
+                "--kms=unix://{}",
+                dir.path().join("kms.sock").display()
+            ))
+            .arg("--node-id=n1");
+        cmd
+    };
+    let out = node_without("-sys_admin,-mknod")
         .output()
         .expect("run setpriv");
     assert!(!out.status.success());
@@ -266,16 +271,7 @@ fn the_node_plugin_refuses_to_start_without_its_capabilities() {
     assert!(!socket.exists(), "it served before checking");
 
     // Without CAP_IPC_LOCK alone it starts, with a warning.
-    let mut child = Command::new("setpriv")
-        .args(["--bounding-set=-ipc_lock", "--inh-caps=-all", "--"])
-        .arg(BIN)
-        .arg("node")
-        .arg(format!("--endpoint=unix://{}", socket.display()))
-        .arg(format!(
-            "--kms=unix://{}",
-            dir.path().join("kms.sock").display()
-        ))
-        .arg("--node-id=n1")
+    let mut child = node_without("-ipc_lock")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

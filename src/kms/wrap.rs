@@ -227,6 +227,24 @@ impl Default for Retry {
     }
 }
 
+impl Retry {
+    /// Exponential backoff after failed try `attempt` (1 for the first):
+    /// `base_delay` doubled for each try after the first, at most `max_delay`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        self.base_delay
+            .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+            .min(self.max_delay)
+    }
+
+    /// The wait after failed try `attempt`: the server's `Retry-After` when it
+    /// gave one, else the backoff; never more than `max_delay`.
+    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        retry_after
+            .unwrap_or_else(|| self.backoff(attempt))
+            .min(self.max_delay)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct WrapConfig {
     pub endpoints: Endpoints,
@@ -595,11 +613,7 @@ async fn send(
         if attempt >= max_attempts {
             return Err(err);
         }
-        let backoff = cfg
-            .retry
-            .base_delay
-            .saturating_mul(1 << (attempt - 1).min(16));
-        let delay = retry_after.unwrap_or(backoff).min(cfg.retry.max_delay);
+        let delay = cfg.retry.delay(attempt, retry_after);
         tracing::warn!(
             attempt,
             delay_ms = delay.as_millis() as u64,
@@ -692,13 +706,10 @@ pub(crate) fn clean(text: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use std::collections::HashMap;
-    use std::convert::Infallible;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-    use http_body_util::{BodyExt, Full};
-    use hyper::body::Bytes;
     use serde_json::{Value, json};
 
     /// Bytes that take `+`/`/` in base64, `-`/`_` in base64url, and padding.
@@ -708,23 +719,9 @@ mod tests {
         bytes.iter().rev().copied().collect()
     }
 
-    /// A request as a fake server saw it.
-    struct Seen {
-        method: String,
-        path: String,
-        query: HashMap<String, String>,
-        headers: http::HeaderMap,
-        body: Vec<u8>,
-    }
+    use crate::test_http::{Answer, Exchange as Seen, pairs, serve};
 
     impl Seen {
-        fn header(&self, name: &str) -> &str {
-            self.headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-        }
-
         fn json(&self) -> Value {
             serde_json::from_slice(&self.body).unwrap_or(Value::Null)
         }
@@ -748,55 +745,19 @@ mod tests {
         }
     }
 
-    fn pairs(encoded: &str) -> HashMap<String, String> {
-        reqwest::Url::parse(&format!("http://x/?{encoded}"))
-            .expect("a url")
-            .query_pairs()
-            .into_owned()
-            .collect()
-    }
-
     /// An HTTP/1 server on 127.0.0.1 answering with `handler`; returns its base URL.
     async fn fake(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let handler = Arc::new(handler);
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let handler = handler.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let handler = handler.clone();
-                            async move {
-                                let (parts, body) = req.into_parts();
-                                let body = body.collect().await.map(|b| b.to_bytes().to_vec());
-                                let seen = Seen {
-                                    method: parts.method.to_string(),
-                                    path: parts.uri.path().to_string(),
-                                    query: parts.uri.query().map(pairs).unwrap_or_default(),
-                                    headers: parts.headers,
-                                    body: body.unwrap_or_default(),
-                                };
-                                let r = handler(&seen);
-                                let mut resp = http::Response::builder().status(r.status);
-                                for (name, value) in r.headers {
-                                    resp = resp.header(name, value);
-                                }
-                                Ok::<_, Infallible>(
-                                    resp.body(Full::new(Bytes::from(r.body))).unwrap(),
-                                )
-                            }
-                        },
-                    );
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
-                });
+        serve(|_| {
+            move |seen: Seen| {
+                let r = handler(&seen);
+                Answer {
+                    status: r.status,
+                    headers: r.headers.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+                    body: r.body.into_bytes(),
+                }
             }
-        });
-        format!("http://{addr}")
+        })
+        .await
     }
 
     fn azure_error(status: u16, code: &str, message: &str) -> Reply {

@@ -279,11 +279,7 @@ impl ArmClient {
             if attempt >= max_attempts {
                 return Err(err);
             }
-            let backoff = self
-                .retry
-                .base_delay
-                .saturating_mul(1 << (attempt - 1).min(16));
-            let delay = wait.unwrap_or(backoff).min(self.retry.max_delay);
+            let delay = self.retry.delay(attempt, wait);
             tracing::warn!(
                 attempt,
                 delay_ms = delay.as_millis() as u64,

@@ -11,17 +11,15 @@
 //! recorded in `problems`, which the tests assert empty.
 
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use azure_core::http::{AsyncRawResponse, HttpClient, Request};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use serde_json::{Value, json};
 
 use super::auth::ReqwestTransport;
 use super::disks::{GIB, Sku, TAG_CREATED_BY, TAG_NAME};
 use super::imds::max_data_disks;
+use crate::test_http::{Answer, pairs, serve};
 
 /// The documented api-versions the fake serves, written out rather than taken
 /// from the client's constants so that a wrong constant fails the tests.
@@ -42,23 +40,7 @@ pub const FEDERATED_TOKEN: &str = "eyJ.federated.token";
 pub const FAKE_AUTHORITY: &str = "https://login.fake.test";
 
 /// A request as the fake saw it.
-#[derive(Clone, Debug)]
-pub struct Seen {
-    pub method: String,
-    pub path: String,
-    pub query: HashMap<String, String>,
-    pub headers: http::HeaderMap,
-    pub body: Vec<u8>,
-}
-
-impl Seen {
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    }
-}
+pub use crate::test_http::Exchange as Seen;
 
 pub struct Reply {
     status: u16,
@@ -143,58 +125,23 @@ impl FakeArm {
             page_size: 2,
             ..Default::default()
         }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (st, b) = (state.clone(), base.clone());
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (st, b) = (st.clone(), b.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let (st, b) = (st.clone(), b.clone());
-                            async move {
-                                let (parts, body) = req.into_parts();
-                                let body = body.collect().await.map(|b| b.to_bytes().to_vec());
-                                let seen = Seen {
-                                    method: parts.method.to_string(),
-                                    path: parts.uri.path().to_string(),
-                                    query: parts
-                                        .uri
-                                        .query()
-                                        .map(|q| {
-                                            reqwest::Url::parse(&format!("http://x/?{q}"))
-                                                .unwrap()
-                                                .query_pairs()
-                                                .into_owned()
-                                                .collect()
-                                        })
-                                        .unwrap_or_default(),
-                                    headers: parts.headers,
-                                    body: body.unwrap_or_default(),
-                                };
-                                let r = {
-                                    let mut s = st.lock().unwrap();
-                                    s.requests.push(seen.clone());
-                                    handle(&mut s, &b, &seen)
-                                };
-                                let mut resp = http::Response::builder().status(r.status);
-                                for (name, value) in r.headers {
-                                    resp = resp.header(name, value);
-                                }
-                                Ok::<_, Infallible>(
-                                    resp.body(Full::new(Bytes::from(r.body))).unwrap(),
-                                )
-                            }
-                        },
-                    );
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
-                });
+        let st = state.clone();
+        let base = serve(|base: &str| {
+            let base = base.to_string();
+            move |seen: Seen| {
+                let r = {
+                    let mut s = st.lock().unwrap();
+                    s.requests.push(seen.clone());
+                    handle(&mut s, &base, &seen)
+                };
+                Answer {
+                    status: r.status,
+                    headers: r.headers,
+                    body: r.body.into_bytes(),
+                }
             }
-        });
+        })
+        .await;
         FakeArm { base, state }
     }
 
@@ -396,12 +343,7 @@ fn handle(s: &mut State, base: &str, r: &Seen) -> Reply {
 
 fn token(s: &mut State, r: &Seen) -> Reply {
     s.token_requests += 1;
-    let form: HashMap<String, String> =
-        reqwest::Url::parse(&format!("http://x/?{}", String::from_utf8_lossy(&r.body)))
-            .unwrap()
-            .query_pairs()
-            .into_owned()
-            .collect();
+    let form = pairs(&String::from_utf8_lossy(&r.body));
     let get = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     // Workload identity sends the federated token as a client assertion.
     let federated = form.contains_key("client_assertion");

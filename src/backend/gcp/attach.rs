@@ -23,7 +23,7 @@ use google_cloud_compute_v1::model::{self, attached_disk};
 
 use super::super::{Error, Result};
 use super::GcpBackend;
-use super::compute::Kind;
+use super::compute::{Kind, gone_is_done};
 use super::disks::relative;
 use super::params;
 use crate::volume::VolumeId;
@@ -220,7 +220,7 @@ impl GcpBackend {
         let what = format!("detaching {id} from {node}");
         tracing::info!(volume = %id, %node, "detaching disk");
         let p = self.project();
-        match self
+        let done = self
             .compute
             .mutate(&what, |rid| {
                 self.compute
@@ -233,12 +233,8 @@ impl GcpBackend {
                     .set_request_id(rid)
                     .send()
             })
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind == Kind::NotFound => Ok(()),
-            Err(e) => Err(e.into_error(&what)),
-        }
+            .await;
+        gone_is_done(done, &what)
     }
 }
 

@@ -98,6 +98,28 @@ impl ApiError {
     }
 }
 
+/// The outcome of a removal (delete, detach) of `what`: a resource that is
+/// already gone counts as removed, so that retries converge.
+pub fn gone_is_done(result: Result<(), ApiError>, what: &str) -> Result<()> {
+    match result {
+        Err(e) if e.kind != Kind::NotFound => Err(e.into_error(what)),
+        _ => Ok(()),
+    }
+}
+
+/// "Equal jitter" on a backoff: half of it fixed, half random, so that throttled
+/// callers spread out.
+fn jittered(full: Duration) -> Duration {
+    let half = full / 2;
+    let jitter_ms = half.as_millis() as u64;
+    let random = if jitter_ms == 0 {
+        0
+    } else {
+        OsRng.next_u64() % (jitter_ms + 1)
+    };
+    half + Duration::from_millis(random)
+}
+
 fn contains_any(text: &str, needles: &[&str]) -> bool {
     let lower = text.to_ascii_lowercase();
     needles.iter().any(|n| lower.contains(n))
@@ -320,7 +342,7 @@ impl Compute {
             }
             let delay = err
                 .retry_after
-                .unwrap_or_else(|| self.backoff(attempt))
+                .unwrap_or_else(|| jittered(self.retry.backoff(attempt)))
                 .min(self.retry.max_delay);
             tracing::warn!(
                 attempt,
@@ -332,23 +354,6 @@ impl Compute {
             tokio::time::sleep(delay).await;
             attempt += 1;
         }
-    }
-
-    /// Exponential backoff with "equal jitter": half fixed, half random.
-    fn backoff(&self, attempt: u32) -> Duration {
-        let full = self
-            .retry
-            .base_delay
-            .saturating_mul(1 << (attempt - 1).min(16))
-            .min(self.retry.max_delay);
-        let half = full / 2;
-        let jitter_ms = half.as_millis() as u64;
-        let random = if jitter_ms == 0 {
-            0
-        } else {
-            OsRng.next_u64() % (jitter_ms + 1)
-        };
-        half + Duration::from_millis(random)
     }
 
     /// Runs a mutating call (retried with one request id) and waits for its

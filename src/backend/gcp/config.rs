@@ -20,26 +20,9 @@ use super::metadata::Metadata;
 pub const COMPUTE_ENDPOINT_ENV: &str = "CRYPTDISK_GCP_COMPUTE_ENDPOINT";
 
 /// Retries of throttled (429, 403 `rateLimitExceeded`/quota) and failed (5xx,
-/// connection) Compute calls.
-#[derive(Clone, Debug)]
-pub struct Retry {
-    /// Tries in all, the first included.
-    pub max_attempts: u32,
-    /// Wait before the second try; doubled for each further one, with jitter.
-    pub base_delay: Duration,
-    /// Longest wait, also for a `Retry-After`.
-    pub max_delay: Duration,
-}
-
-impl Default for Retry {
-    fn default() -> Self {
-        Retry {
-            max_attempts: 6,
-            base_delay: Duration::from_millis(500),
-            max_delay: Duration::from_secs(30),
-        }
-    }
-}
+/// connection) Compute calls; [`GcpConfig`]'s default is 6 tries, 0.5 s doubling
+/// to 30 s, with jitter.
+pub use crate::kms::wrap::Retry;
 
 #[derive(Clone, Debug)]
 pub struct GcpConfig {
@@ -71,7 +54,11 @@ impl GcpConfig {
             default_zone: default_zone.into(),
             endpoint: None,
             driver_name: "cryptdisk.csi.io".into(),
-            retry: Retry::default(),
+            retry: Retry {
+                max_attempts: 6,
+                base_delay: Duration::from_millis(500),
+                max_delay: Duration::from_secs(30),
+            },
             poll_interval: Duration::from_secs(1),
             operation_timeout: Duration::from_secs(300),
             attempt_timeout: Duration::from_secs(150),

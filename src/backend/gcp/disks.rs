@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::super::{Disk, DiskSource, DiskSpec, Error, Result, Snapshot, Topology};
 use super::attach::NodeName;
-use super::compute::Kind;
+use super::compute::{Kind, gone_is_done};
 use super::metadata::last_segment;
 use super::params::{self, DiskParams, MAX_DISK_GIB, TOPOLOGY_ZONE};
 use super::{GcpBackend, LABEL_DRIVER, LABEL_NAME, SNAPSHOT_LOCATION};
@@ -613,14 +613,9 @@ impl GcpBackend {
                     .await
             }
         };
-        match done {
-            Ok(()) => {
-                tracing::info!(volume = %id, "disk deleted");
-                Ok(())
-            }
-            Err(e) if e.kind == Kind::NotFound => Ok(()),
-            Err(e) => Err(e.into_error(&what)),
-        }
+        gone_is_done(done, &what)?;
+        tracing::info!(volume = %id, "disk deleted");
+        Ok(())
     }
 
     /// Every disk of ours in the project (zonal and regional), sorted by id.
@@ -882,7 +877,7 @@ impl GcpBackend {
         }
         let what = format!("deleting snapshot {id}");
         let p = self.project();
-        match self
+        let done = self
             .compute
             .mutate(&what, |rid| {
                 self.compute
@@ -893,12 +888,8 @@ impl GcpBackend {
                     .set_request_id(rid)
                     .send()
             })
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind == Kind::NotFound => Ok(()),
-            Err(e) => Err(e.into_error(&what)),
-        }
+            .await;
+        gone_is_done(done, &what)
     }
 
     async fn all_snapshots(&self) -> Result<Vec<Snapshot>> {

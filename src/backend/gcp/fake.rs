@@ -9,12 +9,11 @@
 //! operations.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use serde_json::{Value, json};
+
+use crate::test_http::{Answer, Exchange, serve};
 
 pub const PROJECT: &str = "test-project";
 const ROOT: &str = "https://www.googleapis.com/compute/v1/";
@@ -145,69 +144,34 @@ impl Fake {
             next_id: 1000,
             ..State::default()
         }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let shared = state.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let state = state.clone();
-                            async move {
-                                let (parts, body) = req.into_parts();
-                                let bytes = body.collect().await.map(|b| b.to_bytes().to_vec());
-                                let bytes = bytes.unwrap_or_default();
-                                let query = parts
-                                    .uri
-                                    .query()
-                                    .map(|q| {
-                                        reqwest::Url::parse(&format!("http://x/?{q}"))
-                                            .unwrap()
-                                            .query_pairs()
-                                            .into_owned()
-                                            .collect()
-                                    })
-                                    .unwrap_or_default();
-                                let body = if bytes.is_empty() {
-                                    Value::Null
-                                } else {
-                                    serde_json::from_slice(&bytes).unwrap_or(Value::String(
-                                        String::from_utf8_lossy(&bytes).into_owned(),
-                                    ))
-                                };
-                                let seen = Seen {
-                                    method: parts.method.to_string(),
-                                    path: parts.uri.path().to_string(),
-                                    query,
-                                    body,
-                                };
-                                let r = state.lock().unwrap().handle(seen);
-                                let mut resp = http::Response::builder()
-                                    .status(r.status)
-                                    .header("content-type", "application/json");
-                                for (k, v) in r.headers {
-                                    resp = resp.header(k, v);
-                                }
-                                Ok::<_, Infallible>(
-                                    resp.body(Full::new(Bytes::from(r.body.to_string())))
-                                        .unwrap(),
-                                )
-                            }
-                        },
-                    );
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
+        let url = serve(|_| {
+            move |seen: Exchange| {
+                let body = if seen.body.is_empty() {
+                    Value::Null
+                } else {
+                    serde_json::from_slice(&seen.body).unwrap_or(Value::String(
+                        String::from_utf8_lossy(&seen.body).into_owned(),
+                    ))
+                };
+                let r = shared.lock().unwrap().handle(Seen {
+                    method: seen.method,
+                    path: seen.path,
+                    query: seen.query,
+                    body,
                 });
+                let mut headers =
+                    vec![("content-type".to_string(), "application/json".to_string())];
+                headers.extend(r.headers.into_iter().map(|(k, v)| (k.to_string(), v)));
+                Answer {
+                    status: r.status,
+                    headers,
+                    body: r.body.to_string().into_bytes(),
+                }
             }
-        });
-        Fake {
-            state,
-            url: format!("http://{addr}"),
-        }
+        })
+        .await;
+        Fake { state, url }
     }
 
     pub fn inject(&self, method: &'static str, path_part: &str, times: usize, reply: Reply) {
@@ -533,24 +497,22 @@ impl State {
             }
             disk["zone"] = json!(link(&scope_path));
         }
-        if let Some(snap) = b["sourceSnapshot"].as_str() {
-            match self.resources.get(relative(snap)) {
-                None => {
-                    return error(
-                        404,
-                        "notFound",
-                        &format!("The resource '{snap}' was not found"),
-                    );
-                }
-                Some(s) if int(&s["diskSizeGb"]).unwrap_or(0) > size => {
-                    return Self::bad(
-                        "Requested disk size cannot be smaller than the snapshot size",
-                    );
-                }
-                Some(_) => disk["sourceSnapshot"] = json!(link(relative(snap))),
-            }
-        }
-        if let Some(src) = b["sourceDisk"].as_str() {
+        // A source (snapshot or disk) must exist and be no larger than the disk.
+        for (field, size_field, too_big) in [
+            (
+                "sourceSnapshot",
+                "diskSizeGb",
+                "Requested disk size cannot be smaller than the snapshot size",
+            ),
+            (
+                "sourceDisk",
+                "sizeGb",
+                "Requested disk size cannot be smaller than the source disk",
+            ),
+        ] {
+            let Some(src) = b[field].as_str() else {
+                continue;
+            };
             match self.resources.get(relative(src)) {
                 None => {
                     return error(
@@ -559,10 +521,8 @@ impl State {
                         &format!("The resource '{src}' was not found"),
                     );
                 }
-                Some(s) if int(&s["sizeGb"]).unwrap_or(0) > size => {
-                    return Self::bad("Requested disk size cannot be smaller than the source disk");
-                }
-                Some(_) => disk["sourceDisk"] = json!(link(relative(src))),
+                Some(s) if int(&s[size_field]).unwrap_or(0) > size => return Self::bad(too_big),
+                Some(_) => disk[field] = json!(link(relative(src))),
             }
         }
         self.next_id += 1;
