@@ -61,7 +61,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use super::{
-    Disk, DiskBackend, DiskSource, DiskSpec, Error, Result, Snapshot, Topology, TopologyRequirement,
+    Disk, DiskBackend, DiskSource, DiskSpec, Error, Result, Snapshot, Topology,
+    TopologyRequirement, check_token, paginate,
 };
 use crate::volume::id::{Excerpt, check_location};
 use crate::volume::{BackendKind, SnapshotId, VolumeId};
@@ -334,21 +335,6 @@ fn file_size(path: &Path) -> Result<Option<u64>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(format!("stat {}", path.display()), e)),
     }
-}
-
-/// One page of `items` (already in order, from the token on), and the next token.
-fn paginate<T>(
-    items: impl Iterator<Item = (String, T)>,
-    max_entries: u32,
-) -> (Vec<T>, Option<String>) {
-    let mut out = Vec::new();
-    for (key, item) in items {
-        if max_entries != 0 && out.len() == max_entries as usize {
-            return (out, Some(key));
-        }
-        out.push(item);
-    }
-    (out, None)
 }
 
 impl LocalBackend {
@@ -1177,18 +1163,6 @@ fn describe_source(source: Option<&DiskSource>) -> String {
     }
 }
 
-/// Checks a list token: the stem of the first entry of the next page.
-fn check_token(token: Option<&str>, prefix: &str) -> Result<Option<String>> {
-    match token {
-        None | Some("") => Ok(None),
-        Some(t) if is_stem(prefix, t) => Ok(Some(t.to_string())),
-        Some(t) => Err(Error::Aborted(format!(
-            "starting token {} was not handed out by this plugin",
-            Excerpt::of(t)
-        ))),
-    }
-}
-
 #[async_trait::async_trait]
 impl DiskBackend for LocalBackend {
     fn kind(&self) -> BackendKind {
@@ -1227,7 +1201,10 @@ impl DiskBackend for LocalBackend {
         max_entries: u32,
     ) -> Result<(Vec<Disk>, Option<String>)> {
         let inner = &self.inner;
-        let start = check_token(starting_token, DISK_PREFIX)?.unwrap_or_default();
+        // A token is the stem of the first entry of the next page.
+        let start = check_token(starting_token, |t| is_stem(DISK_PREFIX, t))?
+            .unwrap_or_default()
+            .to_string();
         let index = inner.index.lock().await;
         let mut live = Vec::new();
         for (stem, e) in index.disks.range(start..) {
@@ -1235,7 +1212,7 @@ impl DiskBackend for LocalBackend {
                 live.push((stem.clone(), d));
             }
         }
-        Ok(paginate(live.into_iter(), max_entries))
+        Ok(paginate(live, None, max_entries))
     }
 
     async fn attach(
@@ -1294,7 +1271,9 @@ impl DiskBackend for LocalBackend {
         max_entries: u32,
     ) -> Result<(Vec<Snapshot>, Option<String>)> {
         let inner = &self.inner;
-        let start = check_token(starting_token, SNAPSHOT_PREFIX)?.unwrap_or_default();
+        let start = check_token(starting_token, |t| is_stem(SNAPSHOT_PREFIX, t))?
+            .unwrap_or_default()
+            .to_string();
         // Filters naming another backend or location match nothing here.
         if source.is_some_and(|s| !inner.owns_volume(s))
             || snapshot_id.is_some_and(|s| !inner.owns_snapshot(s))
@@ -1313,7 +1292,7 @@ impl DiskBackend for LocalBackend {
                 live.push((stem.clone(), s));
             }
         }
-        Ok(paginate(live.into_iter(), max_entries))
+        Ok(paginate(live, None, max_entries))
     }
 
     async fn capacity(

@@ -285,8 +285,63 @@ pub trait DiskBackend: Send + Sync {
     fn max_volume_bytes(&self) -> Option<u64>;
 }
 
+/// One page of `items` (sorted by key) from the key `start` on, at most
+/// `max_entries` (0: all), and the key that starts the next page. A token is
+/// that key, so an entry deleted between pages makes the next one skip nothing.
+pub(crate) fn paginate<T>(
+    items: impl IntoIterator<Item = (String, T)>,
+    start: Option<&str>,
+    max_entries: u32,
+) -> (Vec<T>, Option<String>) {
+    let mut out = Vec::new();
+    for (key, item) in items {
+        if start.is_some_and(|s| key.as_str() < s) {
+            continue;
+        }
+        if max_entries != 0 && out.len() == max_entries as usize {
+            return (out, Some(key));
+        }
+        out.push(item);
+    }
+    (out, None)
+}
+
+/// A list's starting token: one `parse_ok` accepts (a key this plugin handed
+/// out), else ABORTED as CSI asks.
+pub(crate) fn check_token(
+    token: Option<&str>,
+    parse_ok: impl Fn(&str) -> bool,
+) -> Result<Option<&str>> {
+    match token {
+        None | Some("") => Ok(None),
+        Some(t) if parse_ok(t) => Ok(Some(t)),
+        Some(t) => Err(Error::Aborted(format!(
+            "starting token {} was not handed out by this plugin",
+            crate::volume::id::Excerpt::of(t)
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pages_by_key() {
+        let items = || ["a", "b", "c", "d", "e"].map(|k| (k.to_string(), k));
+        assert_eq!(
+            super::paginate(items(), None, 2),
+            (vec!["a", "b"], Some("c".into()))
+        );
+        assert_eq!(
+            super::paginate(items(), Some("c"), 2),
+            (vec!["c", "d"], Some("e".into()))
+        );
+        assert_eq!(super::paginate(items(), Some("e"), 2), (vec!["e"], None));
+        // An entry deleted between pages does not make the next page skip any.
+        let fewer = ["a", "b", "d", "e"].map(|k| (k.to_string(), k));
+        assert_eq!(super::paginate(fewer, Some("c"), 2).0, vec!["d", "e"]);
+        assert_eq!(super::paginate(items(), None, 0).0.len(), 5);
+    }
+
     use super::*;
 
     #[test]

@@ -58,7 +58,8 @@ use self::arm::ArmClient;
 use self::config::AzureConfig;
 use self::disks::*;
 use crate::backend::{
-    Disk, DiskBackend, DiskSource, DiskSpec, Error, Result, Snapshot, Topology, TopologyRequirement,
+    Disk, DiskBackend, DiskSource, DiskSpec, Error, Result, Snapshot, Topology,
+    TopologyRequirement, check_token, paginate,
 };
 use crate::volume::{BackendKind, SnapshotId, VolumeId};
 
@@ -265,38 +266,6 @@ impl IdParts for SnapshotId {
     }
     fn text(&self) -> String {
         format!("snapshot {self}")
-    }
-}
-
-/// One page of `items` (sorted by key) from the key `start` on, and the key of
-/// the next page.
-fn paginate<T>(
-    items: Vec<(String, T)>,
-    start: Option<&str>,
-    max_entries: u32,
-) -> (Vec<T>, Option<String>) {
-    let mut out = Vec::new();
-    for (key, item) in items {
-        if start.is_some_and(|s| key.as_str() < s) {
-            continue;
-        }
-        if max_entries != 0 && out.len() == max_entries as usize {
-            return (out, Some(key));
-        }
-        out.push(item);
-    }
-    (out, None)
-}
-
-/// A list token: one of our ids of the given kind, else ABORTED as CSI asks.
-fn check_token(token: Option<&str>, parse_ok: impl Fn(&str) -> bool) -> Result<Option<&str>> {
-    match token {
-        None | Some("") => Ok(None),
-        Some(t) if parse_ok(t) => Ok(Some(t)),
-        Some(t) => Err(Error::Aborted(format!(
-            "starting token {} was not handed out by this plugin",
-            crate::volume::id::Excerpt::of(t)
-        ))),
     }
 }
 

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 use google_cloud_compute_v1::model;
 use serde::{Deserialize, Serialize};
 
-use super::super::{Disk, DiskSource, DiskSpec, Error, Result, Snapshot, Topology};
+use super::super::{
+    Disk, DiskSource, DiskSpec, Error, Result, Snapshot, Topology, check_token, paginate,
+};
 use super::attach::NodeName;
 use super::compute::{Kind, gone_is_done};
 use super::metadata::last_segment;
@@ -186,30 +188,6 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
     let days = era * 146_097 + doe - 719_468;
     let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_secs;
     secs.checked_mul(1_000_000_000)?.checked_add(nanos)
-}
-
-/// One page of `items` (sorted by `key`) from `token` on, at most `max` (0: all).
-/// A token is the key of the first entry of its page.
-fn page<T>(
-    items: Vec<T>,
-    key: impl Fn(&T) -> String,
-    token: Option<&str>,
-    max: u32,
-) -> (Vec<T>, Option<String>) {
-    let start = match token {
-        None => 0,
-        Some(t) => items
-            .iter()
-            .position(|i| key(i).as_str() >= t)
-            .unwrap_or(items.len()),
-    };
-    let mut rest: Vec<T> = items.into_iter().skip(start).collect();
-    if max == 0 || rest.len() <= max as usize {
-        return (rest, None);
-    }
-    let next = key(&rest[max as usize]);
-    rest.truncate(max as usize);
-    (rest, Some(next))
 }
 
 impl GcpBackend {
@@ -669,15 +647,15 @@ impl GcpBackend {
         token: Option<&str>,
         max: u32,
     ) -> Result<(Vec<Disk>, Option<String>)> {
-        if let Some(t) = token
-            && t.parse::<VolumeId>().map(|id| id.backend()) != Ok(BackendKind::Gcp)
-        {
-            return Err(Error::Aborted(format!(
-                "starting_token {t:?} was not handed out by this plugin"
-            )));
-        }
+        let start = check_token(token, |t| {
+            t.parse::<VolumeId>().map(|id| id.backend()) == Ok(BackendKind::Gcp)
+        })?;
         let all = self.all_disks().await?;
-        Ok(page(all, |d| d.id.to_string(), token, max))
+        Ok(paginate(
+            all.into_iter().map(|d| (d.id.to_string(), d)),
+            start,
+            max,
+        ))
     }
 
     pub(super) async fn resize(&self, id: &VolumeId, bytes: u64) -> Result<u64> {
@@ -930,13 +908,9 @@ impl GcpBackend {
         token: Option<&str>,
         max: u32,
     ) -> Result<(Vec<Snapshot>, Option<String>)> {
-        if let Some(t) = token
-            && t.parse::<SnapshotId>().map(|id| id.backend()) != Ok(BackendKind::Gcp)
-        {
-            return Err(Error::Aborted(format!(
-                "starting_token {t:?} was not handed out by this plugin"
-            )));
-        }
+        let start = check_token(token, |t| {
+            t.parse::<SnapshotId>().map(|id| id.backend()) == Ok(BackendKind::Gcp)
+        })?;
         let matches_source = |s: &Snapshot| source.is_none_or(|v| &s.source == v);
         let all = match snapshot_id {
             Some(id) if id.backend() == BackendKind::Gcp && id.location() == SNAPSHOT_LOCATION => {
@@ -949,7 +923,11 @@ impl GcpBackend {
             None => self.all_snapshots().await?,
         };
         let all: Vec<Snapshot> = all.into_iter().filter(matches_source).collect();
-        Ok(page(all, |s| s.id.to_string(), token, max))
+        Ok(paginate(
+            all.into_iter().map(|s| (s.id.to_string(), s)),
+            start,
+            max,
+        ))
     }
 }
 
@@ -977,29 +955,6 @@ mod tests {
         );
         assert_eq!(parse_timestamp("yesterday"), None);
         assert_eq!(parse_timestamp("2024-13-01T00:00:00Z"), None);
-    }
-
-    #[test]
-    fn pages_by_key() {
-        let items: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
-        let key = |s: &String| s.clone();
-        let (p1, t1) = page(items.clone(), key, None, 2);
-        assert_eq!(
-            (p1, t1.as_deref()),
-            (vec!["a".into(), "b".into()], Some("c"))
-        );
-        let (p2, t2) = page(items.clone(), key, Some("c"), 2);
-        assert_eq!(
-            (p2, t2.as_deref()),
-            (vec!["c".into(), "d".into()], Some("e"))
-        );
-        let (p3, t3) = page(items.clone(), key, Some("e"), 2);
-        assert_eq!((p3, t3), (vec!["e".to_string()], None));
-        // An entry deleted between pages does not make the next page skip any.
-        let fewer: Vec<String> = ["a", "b", "d", "e"].map(String::from).to_vec();
-        let (p, _) = page(fewer, key, Some("c"), 2);
-        assert_eq!(p, vec!["d".to_string(), "e".to_string()]);
-        assert_eq!(page(items, key, None, 0).0.len(), 5);
     }
 
     #[test]
