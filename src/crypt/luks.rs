@@ -71,6 +71,107 @@ fn load_luks2(device: &Path) -> Result<CryptDevice> {
     Ok(cd)
 }
 
+/// A header area copied into an anonymous memory file, which libcryptsetup
+/// opens by its `/proc/self/fd` path as a detached header.
+struct DetachedHeader {
+    /// Held open for as long as libcryptsetup may read it by its path.
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl DetachedHeader {
+    fn new(bytes: &[u8]) -> std::io::Result<Self> {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let fd = nix::sys::memfd::memfd_create(
+            c"cryptdisk-header",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
+        let mut file = std::fs::File::from(fd);
+        file.write_all(bytes)?;
+        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        Ok(DetachedHeader { _file: file, path })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Lets libcryptsetup rewrite the older copy of a torn header: its load with
+/// write access does that, from the copy it takes, which must be the one we
+/// validated.
+pub fn repair(device: &Path, header: &super::header::Header) -> Result<()> {
+    let mut cd = load_luks2(device)?;
+    loaded_is_validated(&mut cd, device, header)
+}
+
+/// The metadata and UUID libcryptsetup loads from `device` (a file will do),
+/// read only: for holding our reader against libcryptsetup's in tests and the
+/// differential fuzz target.
+pub fn loaded_metadata(device: &Path) -> Result<(serde_json::Value, String)> {
+    let mut cd = load_luks2(device)?;
+    let json = cd
+        .status_handle()
+        .dump_json()
+        .map_err(lib("read the loaded LUKS2 metadata", device.display()))?;
+    let uuid = cd
+        .status_handle()
+        .get_uuid()
+        .map_err(lib("read UUID", device.display()))?;
+    Ok((json, uuid.hyphenated().to_string()))
+}
+
+/// The device's header, read and validated.
+fn validated(device: &Path) -> Result<super::header::Header> {
+    let header = super::header::read(device)?;
+    super::header::validate_header(&header).map_err(|reason| Error::BadHeader {
+        device: device.to_path_buf(),
+        reason,
+    })?;
+    Ok(header)
+}
+
+/// Checks that the metadata libcryptsetup loaded into `cd` is the metadata
+/// this driver validated (the same JSON, the same UUID), right before a key
+/// is used on that context: a header that changed between our read and
+/// libcryptsetup's, or that the two parsers read differently, is refused.
+fn loaded_is_validated(
+    cd: &mut CryptDevice,
+    device: &Path,
+    header: &super::header::Header,
+) -> Result<()> {
+    let bad = |reason: String| Error::BadHeader {
+        device: device.to_path_buf(),
+        reason,
+    };
+    let loaded = cd
+        .status_handle()
+        .dump_json()
+        .map_err(lib("read the loaded LUKS2 metadata", device.display()))?;
+    if loaded != header.json {
+        return Err(bad(
+            "libcryptsetup loaded other metadata than the header that was validated".to_string(),
+        ));
+    }
+    let uuid = cd
+        .status_handle()
+        .get_uuid()
+        .map_err(lib("read UUID", device.display()))?;
+    if !uuid
+        .hyphenated()
+        .to_string()
+        .eq_ignore_ascii_case(&header.uuid)
+    {
+        return Err(bad(format!(
+            "libcryptsetup loaded UUID {uuid}, the validated header has {}",
+            header.uuid
+        )));
+    }
+    Ok(())
+}
+
 pub fn format(device: &Path, key: &DataKey, opts: &FormatOptions) -> Result<()> {
     let target = device.display();
     if key.is_empty() {
@@ -239,8 +340,9 @@ pub fn verify_key(device: &Path, key: &DataKey) -> Result<()> {
 
 /// The keyslot `key` opens, checked without activating anything.
 pub fn key_slot(device: &Path, key: &DataKey) -> Result<u32> {
-    super::header::read_validated(device)?;
+    let header = validated(device)?;
     let mut cd = load_luks2(device)?;
+    loaded_is_validated(&mut cd, device, &header)?;
     cd.activate_handle()
         .activate_by_passphrase(None, None, key.expose(), CryptActivate::empty())
         .map_err(|err| wrong_key_or(device, "check key", err))
@@ -268,9 +370,23 @@ pub fn open(device: &Path, name: &MapperName, key: &DataKey, opts: &OpenOptions)
             })
         };
     }
-    // Nothing the header says is trusted before it passes our whitelist.
-    super::header::read_validated(device)?;
-    let mut cd = load_luks2(device)?;
+    // Nothing the header says is trusted before it passes our whitelist, and
+    // what is activated is the very bytes that passed: a copy of the header
+    // area in memory, used as a detached header, whatever the device holds by
+    // now. Activation never writes to the device's header either.
+    let snap = super::header::snapshot(device)?;
+    let copy = DetachedHeader::new(snap.image()).map_err(|source| Error::Io {
+        op: "copy the LUKS2 header into memory",
+        target: device.display().to_string(),
+        source,
+    })?;
+    let target = device.display();
+    let mut cd = CryptInit::init_with_data_device(Either::Right((copy.path(), device)))
+        .map_err(lib("open device", &target))?;
+    cd.context_handle()
+        .load::<CryptParamsLuks2Ref<'_>>(Some(EncryptionFormat::Luks2), None)
+        .map_err(lib("load LUKS2 header", &target))?;
+    loaded_is_validated(&mut cd, device, &snap.header)?;
     // Persistent flags from the header (workqueue bypass, no journal) are added
     // by libcryptsetup itself.
     let mut flags = CryptActivate::empty();
@@ -371,10 +487,11 @@ pub fn status(name: &MapperName) -> Result<Option<MappingStatus>> {
 /// keyring since the open. Returns the mapping's new size in bytes.
 pub fn resize(name: &MapperName, key: &DataKey) -> Result<u64> {
     let (mut cd, device) = by_name(name)?;
-    super::header::read_validated(&device)?;
+    let header = validated(&device)?;
     cd.context_handle()
         .load::<CryptParamsLuks2Ref<'_>>(Some(EncryptionFormat::Luks2), None)
         .map_err(lib("load LUKS2 header", device.display()))?;
+    loaded_is_validated(&mut cd, &device, &header)?;
     cd.activate_handle()
         .activate_by_passphrase(None, None, key.expose(), CryptActivate::KEYRING_KEY)
         .map_err(|err| wrong_key_or(&device, "unlock volume key", err))?;
@@ -399,7 +516,8 @@ pub fn rotate(device: &Path, old_key: &DataKey, new_key: &DataKey, to_version: u
         reason,
     };
     for _ in 0..8 {
-        let json = super::header::read_validated(device)?;
+        let header = validated(device)?;
+        let json = &header.json;
         let slots: std::collections::BTreeSet<u32> = json["keyslots"]
             .as_object()
             .map(|o| o.keys().filter_map(|k| k.parse().ok()).collect())
@@ -438,6 +556,7 @@ pub fn rotate(device: &Path, old_key: &DataKey, new_key: &DataKey, to_version: u
                     .parse()
                     .map_err(|_| bad(format!("rotation keyslot {keyslot:?}")))?;
                 let mut cd = load_luks2(device)?;
+                loaded_is_validated(&mut cd, device, &header)?;
                 let opens = |cd: &mut CryptDevice| {
                     cd.activate_handle()
                         .activate_by_passphrase(
@@ -491,6 +610,7 @@ pub fn rotate(device: &Path, old_key: &DataKey, new_key: &DataKey, to_version: u
             }
             Some(Rotation::Retiring { keyslots }) => {
                 let mut cd = load_luks2(device)?;
+                loaded_is_validated(&mut cd, device, &header)?;
                 for old in &keyslots {
                     if let Ok(n) = old.parse::<u32>()
                         && slots.contains(&n)

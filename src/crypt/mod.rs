@@ -179,6 +179,11 @@ pub enum Rotation {
     Retiring { keyslots: Vec<String> },
 }
 
+/// The token fields beside `type`, `keyslots`, `key_id`, `key_version` and
+/// `kms` that a header may hold (see [`Token`]); the header whitelist refuses any
+/// other.
+pub const TOKEN_OPTIONAL_FIELDS: &[&str] = &["content", "wipe_offset", "rotation"];
+
 /// Values [`Token::content`] may hold.
 pub const CONTENT_VALUES: [&str; 3] = ["block", "ext4", "xfs"];
 
@@ -357,9 +362,42 @@ pub async fn inspect(device: &Path) -> Result<DeviceState> {
             device: device.clone(),
             reason,
         })?;
-        luks::read_header(&device).map(DeviceState::Formatted)
+        if header.torn() {
+            // A crash between libcryptsetup's two copy writes: both copies passed
+            // every rule, and libcryptsetup rewrites the older one from the copy
+            // we validated when it loads the header with write access.
+            tracing::warn!(device = %device.display(), copies = ?header.copies,
+                seqid = header.seqid, "repairing a torn LUKS2 header from its newer valid copy");
+            luks::repair(&device, &header)?;
+            let again = header::read(&device)?;
+            if again.torn() || again.json != header.json {
+                return Err(Error::BadHeader {
+                    device: device.clone(),
+                    reason: format!("the torn header did not converge ({:?})", again.copies),
+                });
+            }
+        }
+        info(&device, &header).map(DeviceState::Formatted)
     })
     .await
+}
+
+/// What a validated header says: its key id (the UUID) and our token.
+fn info(device: &Path, header: &header::Header) -> Result<HeaderInfo> {
+    let key_id = KeyId::parse(&header.uuid)?;
+    let token = match header.json["tokens"]
+        .as_object()
+        .and_then(|t| t.values().next())
+    {
+        None => None,
+        Some(t) => Some(
+            serde_json::from_value(t.clone()).map_err(|e| Error::BadToken {
+                device: device.to_path_buf(),
+                reason: e.to_string(),
+            })?,
+        ),
+    };
+    Ok(HeaderInfo { key_id, token })
 }
 
 /// Records what the volume holds in its token (see [`Token::content`]).
@@ -420,6 +458,13 @@ pub async fn rotate(
 pub async fn set_wipe_offset(device: &Path, offset: Option<u64>) -> Result<()> {
     let device = device.to_path_buf();
     blocking(move || luks::set_wipe_offset(&device, offset)).await
+}
+
+/// What libcryptsetup itself loads from `device`: its metadata JSON and UUID.
+/// Blocking. For holding our header reader against libcryptsetup's (tests and
+/// the differential fuzz target); it may repair a torn header copy.
+pub fn loaded_metadata(device: &Path) -> Result<(serde_json::Value, String)> {
+    luks::loaded_metadata(device)
 }
 
 /// Reads the LUKS2 header of `device` without any key.
@@ -574,6 +619,116 @@ mod tests {
         verify_key(img.path(), &v2).await.unwrap();
         rotate(img.path(), &v2, &v3, 5).await.unwrap();
         verify_key(img.path(), &v3).await.unwrap();
+    }
+
+    /// Rewrites the JSON text of both 16 KiB copies of `path` with `edit` and
+    /// recomputes their checksums (a forger with disk access).
+    fn forge_text(path: &Path, edit: impl Fn(&str) -> String) {
+        use sha2::{Digest, Sha256};
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        for offset in [0u64, 16 << 10] {
+            let mut copy = vec![0u8; 16 << 10];
+            f.read_exact_at(&mut copy, offset).unwrap();
+            let area = &copy[4096..];
+            let end = area.iter().position(|&b| b == 0).unwrap();
+            let text = edit(std::str::from_utf8(&area[..end]).unwrap());
+            copy[4096..].fill(0);
+            copy[4096..4096 + text.len()].copy_from_slice(text.as_bytes());
+            copy[448..512].fill(0);
+            let sum = Sha256::digest(&copy);
+            copy[448..480].copy_from_slice(&sum);
+            f.write_all_at(&copy, offset).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn what_we_accept_is_what_libcryptsetup_loads_and_forgeries_it_reads_otherwise_are_refused()
+     {
+        let img = image(64 << 20);
+        let key_id = KeyId::new_random();
+        format(
+            probe_blank(img.path()).unwrap(),
+            &key(&key_id),
+            &options(&key_id, Integrity::None),
+        )
+        .await
+        .unwrap();
+        // Our format: both readers see the same metadata.
+        let ours = header::read(img.path()).unwrap();
+        header::validate_header(&ours).unwrap();
+        let (loaded, uuid) = loaded_metadata(img.path()).unwrap();
+        assert_eq!(loaded, ours.json);
+        assert_eq!(uuid, ours.uuid);
+        let pristine = std::fs::read(img.path()).unwrap();
+        // json-c cuts a key at its NUL and keeps the later of two equal keys:
+        // libcryptsetup reads a null cipher where a lax parser reads ours.
+        for entry in [
+            r#""encryption\u0000":"cipher_null-ecb""#,
+            r#""encryption":"cipher_null-ecb""#,
+        ] {
+            std::fs::write(img.path(), &pristine).unwrap();
+            forge_text(img.path(), |t| {
+                t.replacen(
+                    "\"sector_size\":4096",
+                    &format!("\"sector_size\":4096,{entry}"),
+                    1,
+                )
+            });
+            let err = header::read(img.path()).unwrap_err().to_string();
+            assert!(
+                err.contains("control character") || err.contains("duplicate key"),
+                "{err}"
+            );
+            let (loaded, _) = loaded_metadata(img.path()).unwrap();
+            assert_eq!(
+                loaded["segments"]["0"]["encryption"], "cipher_null-ecb",
+                "{entry}"
+            );
+            // The stage path refuses it before any libcryptsetup call.
+            let e = inspect(img.path()).await.unwrap_err();
+            assert!(matches!(e, Error::BadHeader { .. }), "{e:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_torn_header_converges_to_the_copy_libcryptsetup_loads() {
+        use std::os::unix::fs::FileExt;
+        let img = image(64 << 20);
+        let key_id = KeyId::new_random();
+        format(
+            probe_blank(img.path()).unwrap(),
+            &key(&key_id),
+            &options(&key_id, Integrity::None),
+        )
+        .await
+        .unwrap();
+        let before = std::fs::read(img.path()).unwrap();
+        // A token update whose secondary write a crash cut short: the new
+        // primary, the old secondary.
+        set_content(img.path(), "ext4").await.unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(img.path())
+            .unwrap();
+        f.write_all_at(&before[16 << 10..32 << 10], 16 << 10)
+            .unwrap();
+        let torn = header::read(img.path()).unwrap();
+        assert_eq!(torn.copies, header::Copies::PrimaryNewer);
+        match inspect(img.path()).await.unwrap() {
+            DeviceState::Formatted(info) => {
+                assert_eq!(info.token.unwrap().content.as_deref(), Some("ext4"))
+            }
+            DeviceState::Blank(_) => panic!("a formatted volume read as blank"),
+        }
+        let repaired = header::read(img.path()).unwrap();
+        assert_eq!(repaired.copies, header::Copies::Agree);
+        assert_eq!(repaired.json, torn.json);
+        verify_key(img.path(), &key(&key_id)).await.unwrap();
     }
 
     #[tokio::test]
