@@ -19,7 +19,7 @@ use super::params::VolumeOptions;
 use super::validate::{self, Access};
 use super::wipe::Wipes;
 use crate::crypt::{
-    self, DeviceState, FormatOptions, HeaderInfo, KeyId, MapperName, OpenOptions, Token,
+    self, DeviceState, FormatOptions, HeaderInfo, KeyId, MapperName, OpenOptions, Opened, Token,
 };
 use crate::failpoint;
 use crate::kms::{DEFAULT_KEY_LEN, DataKey, KeySource};
@@ -273,10 +273,56 @@ impl NodeService {
             .await
             .map_err(|_| Status::unavailable("shutting down"))?;
 
-        let device = self.block_device(&id, &req.publish_context).await?;
+        let name = MapperName::for_volume(&id.to_string());
+        let was_open = crypt::status(&name).await?.is_some();
+        let mut opened = false;
+        let result = self
+            .stage_volume(&id, &req, &staging, access, mode, &options, &mut opened)
+            .await;
+        if let Err(status) = &result {
+            tracing::warn!(volume_id = %id, code = ?status.code(), reason = status.message(),
+                "NodeStageVolume refused");
+            self.undo_stage(&id, &name, opened, was_open).await;
+        }
+        result
+    }
+
+    /// Closes what a refused stage opened, so that nothing half set up stays
+    /// behind: the mapping it opened and, when no mapping of the volume is left
+    /// open, the loop device of a local volume. A retry starts from the device.
+    async fn undo_stage(&self, id: &VolumeId, name: &MapperName, opened: bool, was_open: bool) {
+        if opened {
+            self.wipes.cancel(&id.to_string()).await;
+            if let Err(e) = crypt::close(name).await {
+                tracing::warn!(volume_id = %id, error = %e, "cannot close the mapping a refused stage opened");
+            }
+        }
+        if !was_open
+            && id.backend() == BackendKind::Local
+            && self.config.local_data_dir.is_some()
+            && matches!(crypt::status(name).await, Ok(None))
+            && let Ok(image) = self.local_image(id)
+            && let Err(e) = mount::loopdev::detach(&image).await
+        {
+            tracing::warn!(volume_id = %id, error = %e, "cannot detach the loop device of a refused stage");
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn stage_volume(
+        &self,
+        id: &VolumeId,
+        req: &NodeStageVolumeRequest,
+        staging: &Path,
+        access: Access,
+        mode: Mode,
+        options: &VolumeOptions,
+        opened: &mut bool,
+    ) -> Result<(), Status> {
+        let device = self.block_device(id, &req.publish_context).await?;
         failpoint::hit("stage:attached");
         // The header is checked on every stage, open mapping or not.
-        let (header, fresh_key) = self.prepare_device(&device, &options).await?;
+        let (header, fresh_key) = self.prepare_device(&device, options).await?;
         failpoint::hit("stage:formatted");
         let content = header.token.as_ref().and_then(|t| t.content.clone());
         let name = MapperName::for_volume(&id.to_string());
@@ -294,7 +340,9 @@ impl NodeService {
                 allow_discards: options.allow_discards,
                 read_only: validate::mode_read_only(mode),
             };
-            crypt::open(&device, &name, &key, &open).await?;
+            if crypt::open(&device, &name, &key, &open).await? == Opened::Activated {
+                *opened = true;
+            }
         }
         failpoint::hit("stage:opened");
         let mapped = name.device_path();
@@ -325,10 +373,10 @@ impl NodeService {
                 // A filesystem this stage just made needs no check (kubelet's
                 // FormatAndMount checks only one that was there already).
                 let check = !read_only && made == Made::Before;
-                self.mount_staging(&mapped, &staging, fs, &flags, read_only, check)
+                self.mount_staging(&mapped, staging, fs, &flags, read_only, check)
                     .await?;
                 if content.is_some() && !read_only {
-                    grow_if_behind(&mapped, &staging, fs).await?;
+                    grow_if_behind(&mapped, staging, fs).await?;
                 }
                 Ok(())
             }
