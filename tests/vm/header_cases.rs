@@ -21,10 +21,20 @@ use crate::node_cases::{Split, spawn_kms, unpublish_and_delete, write_secrets};
 use crate::{Case, CaseResult, Ctx, check, ensure};
 
 pub fn cases() -> Vec<Case> {
-    vec![Case {
-        name: "header_forged_luks2_headers_are_refused_before_any_key_is_asked",
-        run: |c| Box::pin(forged_headers(c)),
-    }]
+    vec![
+        Case {
+            name: "header_forged_luks2_headers_are_refused_before_any_key_is_asked",
+            run: |c| Box::pin(forged_headers(c)),
+        },
+        Case {
+            name: "header_json_c_readings_copy_choice_and_costs_are_refused_on_a_real_device",
+            run: |c| Box::pin(parser_differentials(c)),
+        },
+        Case {
+            name: "header_a_stage_refused_after_activation_closes_what_it_opened",
+            run: |c| Box::pin(refused_after_activation(c)),
+        },
+    ]
 }
 
 /// Offset of the checksum in a LUKS2 binary header, and its length for sha256.
@@ -112,7 +122,7 @@ fn forgeries() -> Vec<(&'static str, Forge, Forge, &'static str)> {
         (
             "a header size LUKS2 does not define (1 GiB JSON area)",
             |_, b| b[8..16].copy_from_slice(&(1u64 << 30).to_be_bytes()),
-            same,
+            |_, b| b[8..16].copy_from_slice(&(1u64 << 30).to_be_bytes()),
             "header size",
         ),
         (
@@ -134,13 +144,25 @@ fn forgeries() -> Vec<(&'static str, Forge, Forge, &'static str)> {
             "requirements",
         ),
         (
-            "a primary header that disagrees with the secondary",
+            "2^32 - 1 PBKDF iterations on the keyslot",
+            |j, _| j["keyslots"]["0"]["kdf"]["iterations"] = json!(4294967295u64),
+            |j, _| j["keyslots"]["0"]["kdf"]["iterations"] = json!(4294967295u64),
+            "kdf iterations",
+        ),
+        (
+            "four million anti-forensic stripes",
+            |j, _| j["keyslots"]["0"]["af"]["stripes"] = json!(4000000),
+            |j, _| j["keyslots"]["0"]["af"]["stripes"] = json!(4000000),
+            "af stripes",
+        ),
+        (
+            "a primary header that disagrees with the secondary at the same seqid",
             |j, _| j["segments"]["0"]["encryption"] = json!("cipher_null-ecb"),
             same,
             "disagree",
         ),
         (
-            "a secondary header that disagrees with the primary",
+            "a secondary header that disagrees with the primary at the same seqid",
             same,
             |j, _| j["keyslots"]["0"]["kdf"]["iterations"] = json!(1),
             "disagree",
@@ -288,6 +310,313 @@ async fn forged_headers(_ctx: &mut Ctx) -> CaseResult {
     ensure!(
         audit_lines(&audit)? == asked_before + 1,
         "control: the key was not asked for"
+    );
+    check!(node.node_unstage_volume(unstage_req).await);
+    unpublish_and_delete(controller, volume.volume_id).await
+}
+
+/// Rewrites the JSON text of both header copies with `edit` (on the text, so
+/// that it can hold what a JSON value cannot: duplicate keys, a NUL in a key)
+/// and recomputes both checksums.
+fn forge_text(image: &Path, edit: fn(&str) -> String) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let f = check!(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(image)
+    );
+    let hdr_size = 16 << 10;
+    for offset in [0u64, hdr_size as u64] {
+        let mut copy = vec![0u8; hdr_size];
+        check!(f.read_exact_at(&mut copy, offset));
+        let area = &copy[BINARY_HEADER..];
+        let end = area.iter().position(|&b| b == 0).unwrap_or(area.len());
+        let text = edit(check!(std::str::from_utf8(&area[..end])));
+        copy[BINARY_HEADER..].fill(0);
+        copy[BINARY_HEADER..BINARY_HEADER + text.len()].copy_from_slice(text.as_bytes());
+        resum(&mut copy);
+        check!(f.write_all_at(&copy, offset));
+    }
+    check!(f.sync_all());
+    Ok(())
+}
+
+fn resum(copy: &mut [u8]) {
+    use sha2::{Digest, Sha256};
+    copy[CSUM_OFFSET..CSUM_OFFSET + 64].fill(0);
+    let sum = Sha256::digest(&*copy);
+    copy[CSUM_OFFSET..CSUM_OFFSET + CSUM_LEN].copy_from_slice(&sum);
+}
+
+/// Adds `entry` to segment 0 right after its sector size.
+fn add_to_segment(text: &str, entry: &str) -> String {
+    text.replacen(
+        "\"sector_size\":4096",
+        &format!("\"sector_size\":4096,{entry}"),
+        1,
+    )
+}
+
+/// The copy-choice forgery: a primary whose checksum fails and that claims
+/// 32 KiB, a null-cipher copy at 16 KiB (where libcryptsetup's scan looks
+/// first) and a decoy copy of ours at 32 KiB (where a reader trusting the
+/// primary's size looks).
+fn forge_copy_choice(image: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let f = check!(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(image)
+    );
+    let mut primary = vec![0u8; 16 << 10];
+    check!(f.read_exact_at(&mut primary, 0));
+    let area = &primary[BINARY_HEADER..];
+    let end = area.iter().position(|&b| b == 0).unwrap_or(area.len());
+    let ours = check!(std::str::from_utf8(&area[..end])).to_string();
+    let evil = ours.replace(
+        "\"encryption\":\"aes-xts-plain64\",\"sector_size\"",
+        "\"encryption\":\"cipher_null-ecb\",\"sector_size\"",
+    );
+    ensure!(
+        evil != ours,
+        "the forgery found no segment cipher to replace"
+    );
+    let copy = |magic: &[u8; 6], offset: u64, size: usize, text: &str| {
+        let mut c = vec![0u8; size];
+        c[..BINARY_HEADER].copy_from_slice(&primary[..BINARY_HEADER]);
+        c[0..6].copy_from_slice(magic);
+        c[8..16].copy_from_slice(&(size as u64).to_be_bytes());
+        c[256..264].copy_from_slice(&offset.to_be_bytes());
+        c[BINARY_HEADER..BINARY_HEADER + text.len()].copy_from_slice(text.as_bytes());
+        resum(&mut c);
+        c
+    };
+    let mut first = copy(b"LUKS\xba\xbe", 0, 32 << 10, &ours);
+    first[CSUM_OFFSET] ^= 0xff; // its checksum no longer holds
+    let hidden = copy(b"SKUL\xba\xbe", 16 << 10, 16 << 10, &evil);
+    first[16 << 10..].copy_from_slice(&hidden);
+    let decoy = copy(b"SKUL\xba\xbe", 32 << 10, 32 << 10, &ours);
+    check!(f.write_all_at(&first, 0));
+    check!(f.write_all_at(&decoy, 32 << 10));
+    check!(f.sync_all());
+    Ok(())
+}
+
+/// What stock `cryptsetup luksDump` says segment 0's cipher is (on a copy).
+fn cryptsetup_cipher(image: &Path) -> Result<String, String> {
+    let copy = image.with_extension("probe");
+    check!(std::fs::copy(image, &copy));
+    let out = check!(
+        std::process::Command::new("cryptsetup")
+            .args(["luksDump", "--dump-json-metadata"])
+            .arg(&copy)
+            .output()
+    );
+    check!(std::fs::remove_file(&copy));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    Ok(json["segments"]["0"]["encryption"]
+        .as_str()
+        .unwrap_or("(not loaded)")
+        .to_string())
+}
+
+/// Forgeries that only a parser differing from libcryptsetup's would pass: a
+/// NUL in a key and a duplicate key (json-c keeps the later value), the copy
+/// choice (libcryptsetup scans for a secondary when the primary's checksum
+/// fails), each with valid checksums where libcryptsetup checks them. Each is
+/// refused before a key is asked for, with the device byte for byte unchanged
+/// (libcryptsetup's repair of a bad copy never runs) and no mapping.
+async fn parser_differentials(_ctx: &mut Ctx) -> CaseResult {
+    let dir = crate::lifecycle_cases::fresh_dir("header-differential")?;
+    let mut split = Split::start(&dir).await?;
+    let (secret, salt) = write_secrets(&dir, 6)?;
+    let _kms = spawn_kms(&dir, &split.kms_sock, &secret, &salt).await?;
+    let (controller, node) = (&mut split.controller, &mut split.node);
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let (volume, publish_context) = create_attached(
+        controller,
+        create_req("pvc-differential", 32 * MIB, cap.clone()),
+    )
+    .await?;
+    let image = dir.join("data/disks").join(format!(
+        "{}.img",
+        volume.volume_id.rsplit(':').next().unwrap_or_default()
+    ));
+    let staging = dir.join("staging");
+    let stage_req = NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        publish_context,
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap),
+        volume_context: volume.volume_context.clone(),
+        ..Default::default()
+    };
+    let unstage_req = NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+    };
+    let audit = dir.join("kms.log");
+    check!(node.node_stage_volume(stage_req.clone()).await);
+    check!(node.node_unstage_volume(unstage_req.clone()).await);
+    let original = check!(std::fs::read(&image));
+    let mapping = cryptdisk_csi::crypt::MapperName::for_volume(&volume.volume_id);
+
+    type Apply = fn(&Path) -> Result<(), String>;
+    let cases: [(&str, Apply, &str); 4] = [
+        (
+            "a NUL-keyed null cipher in segment 0",
+            |i| {
+                forge_text(i, |t| {
+                    add_to_segment(t, "\"encryption\\u0000\":\"cipher_null-ecb\"")
+                })
+            },
+            "control character",
+        ),
+        (
+            "a duplicate encryption key in segment 0",
+            |i| {
+                forge_text(i, |t| {
+                    add_to_segment(t, "\"encryption\":\"cipher_null-ecb\"")
+                })
+            },
+            "duplicate key",
+        ),
+        (
+            "a duplicate requirements entry in config",
+            |i| {
+                forge_text(i, |t| {
+                    t.replacen(
+                        "\"config\":{",
+                        "\"config\":{\"requirements\":{\"mandatory\":[\"online-reencrypt-v2\"]},\"requirements\\u0000\":{},",
+                        1,
+                    )
+                })
+            },
+            "control character",
+        ),
+        (
+            "a primary with a failing checksum, a null-cipher copy at 16 KiB and a decoy at 32 KiB",
+            forge_copy_choice,
+            "secondary header magic",
+        ),
+    ];
+    let mut report = Vec::new();
+    for (name, apply, word) in cases {
+        check!(std::fs::write(&image, &original));
+        apply(&image)?;
+        let libcryptsetup_sees = cryptsetup_cipher(&image)?;
+        let before = sha256(&image)?;
+        let asked_before = audit_lines(&audit)?;
+        let status = node
+            .node_stage_volume(stage_req.clone())
+            .await
+            .err()
+            .ok_or(format!("{name}: the forged header was staged"))?;
+        ensure!(
+            status.code() == Code::FailedPrecondition && status.message().contains(word),
+            "{name}: {:?} {:?} (expected FAILED_PRECONDITION naming {word:?})",
+            status.code(),
+            status.message()
+        );
+        ensure!(
+            audit_lines(&audit)? == asked_before,
+            "{name}: the KMS was asked for a key"
+        );
+        ensure!(sha256(&image)? == before, "{name}: the device changed");
+        ensure!(
+            !open_mappings().contains(&mapping.as_str().to_string()),
+            "{name}: a mapping was opened"
+        );
+        check!(node.node_unstage_volume(unstage_req.clone()).await);
+        report.push(format!(
+            "{name}: refused, libcryptsetup would activate {libcryptsetup_sees}"
+        ));
+    }
+    for line in &report {
+        println!("  forged header: {line}");
+    }
+    // The NUL-key and copy-choice forgeries are real: libcryptsetup itself
+    // reads a null cipher from them.
+    ensure!(
+        report
+            .iter()
+            .filter(|l| l.ends_with("cipher_null-ecb"))
+            .count()
+            >= 2,
+        "the forgeries do not make libcryptsetup read a null cipher: {report:?}"
+    );
+
+    // Control: the original header stages again.
+    check!(std::fs::write(&image, &original));
+    check!(node.node_stage_volume(stage_req).await);
+    check!(node.node_unstage_volume(unstage_req).await);
+    unpublish_and_delete(controller, volume.volume_id).await
+}
+
+/// A stage refused after it opened the mapping (a volume holding ext4 staged
+/// as a block volume) closes the mapping and detaches the loop device before
+/// it answers, and says why at warn level with the volume id.
+async fn refused_after_activation(_ctx: &mut Ctx) -> CaseResult {
+    let dir = crate::lifecycle_cases::fresh_dir("header-refused-open")?;
+    let mut split = Split::start(&dir).await?;
+    let (secret, salt) = write_secrets(&dir, 7)?;
+    let _kms = spawn_kms(&dir, &split.kms_sock, &secret, &salt).await?;
+    let (controller, node) = (&mut split.controller, &mut split.node);
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let (volume, publish_context) = create_attached(
+        controller,
+        create_req("pvc-refused-open", 32 * MIB, cap.clone()),
+    )
+    .await?;
+    let image = dir.join("data/disks").join(format!(
+        "{}.img",
+        volume.volume_id.rsplit(':').next().unwrap_or_default()
+    ));
+    let staging = dir.join("staging");
+    let mut stage_req = NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        publish_context,
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap),
+        volume_context: volume.volume_context.clone(),
+        ..Default::default()
+    };
+    let unstage_req = NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+    };
+    check!(node.node_stage_volume(stage_req.clone()).await);
+    check!(node.node_unstage_volume(unstage_req.clone()).await);
+
+    stage_req.volume_capability = Some(crate::lifecycle_cases::block_cap());
+    let status = node
+        .node_stage_volume(stage_req.clone())
+        .await
+        .err()
+        .ok_or("a volume holding ext4 was staged as a block volume")?;
+    ensure!(
+        status.code() == Code::FailedPrecondition && status.message().contains("ext4"),
+        "{:?} {:?}",
+        status.code(),
+        status.message()
+    );
+    let mapping = cryptdisk_csi::crypt::MapperName::for_volume(&volume.volume_id);
+    ensure!(
+        !open_mappings().contains(&mapping.as_str().to_string()),
+        "the refused stage left its mapping open"
+    );
+    ensure!(
+        check!(cryptdisk_csi::mount::loopdev::find_by_backing_file(&image)).is_none(),
+        "the refused stage left its loop device attached"
+    );
+    let log = check!(std::fs::read_to_string(dir.join("node.log")));
+    ensure!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("NodeStageVolume refused")
+            && l.contains(&volume.volume_id)),
+        "no warn line with the volume id for the refusal in the node's log"
     );
     check!(node.node_unstage_volume(unstage_req).await);
     unpublish_and_delete(controller, volume.volume_id).await
