@@ -158,14 +158,24 @@ async fn inspect_judges_valid_foreign_forged_and_absent_headers() {
     assert_eq!(json["valid"], false);
     assert!(json["refused"].as_str().unwrap().contains("cipher_null"));
 
-    // Copies that disagree, and a JSON that is not ours, are refused too.
+    // Copies that disagree at one sequence id are refused too.
     let torn = v.path("torn.img");
     std::fs::copy(&v.image, &torn).unwrap();
+    let before = std::fs::read(&torn).unwrap();
+    forge(&torn, |j| j["tokens"]["0"]["kms"] = "elsewhere".into());
     let mut bytes = std::fs::read(&torn).unwrap();
-    bytes[4096] = b'[';
+    bytes[16 << 10..32 << 10].copy_from_slice(&before[16 << 10..32 << 10]);
     std::fs::write(&torn, &bytes).unwrap();
     let out = run(&["inspect", torn.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(4), "{:?}", text(&out));
+    assert!(text(&out).0.contains("disagree"), "{:?}", text(&out));
+    // A primary whose checksum no longer holds is passed over for the
+    // secondary, as libcryptsetup does.
+    let mut bytes = before.clone();
+    bytes[4096] = b'[';
+    std::fs::write(&torn, &bytes).unwrap();
+    let out = run(&["inspect", torn.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
 
     // Foreign: a stock cryptsetup header (another tool's volume).
     let foreign = v.path("foreign.img");
