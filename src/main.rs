@@ -545,6 +545,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             ..
         }) => node_status(args),
         Command::Node(NodeCommand { serve: args, .. }) => {
+            cryptdisk_csi::privileges::not_dumpable()?;
             cryptdisk_csi::privileges::check_node()?;
             let kms = args.kms.as_ref().ok_or("--kms is required to serve")?;
             let keys = Arc::new(args.kms_client.key_source(kms)?);
@@ -553,6 +554,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             serve_csi(args.csi, None, Some(node)).await
         }
         Command::Dev(args) => {
+            cryptdisk_csi::privileges::not_dumpable()?;
             cryptdisk_csi::privileges::check_node()?;
             let node_id = resolve_node_id(args.node.node_id.clone())?;
             let master = match (&args.master_secret_file, &args.salt_file) {
@@ -574,7 +576,10 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             )?;
             serve_csi(args.csi, Some(controller), Some(node)).await
         }
-        Command::Kms(args) => serve_kms(args).await,
+        Command::Kms(args) => {
+            cryptdisk_csi::privileges::not_dumpable()?;
+            serve_kms(args).await
+        }
         Command::AddKeyVersion(args) => {
             let (version, path) = MasterSecret::add_version_file(&args.master_secret_file)?;
             println!("added master-secret version {version}: {}", path.display());

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `CAP_SYS_ADMIN` | mount and unmount, loop device ioctls, device-mapper ioctls (dm-crypt, dm-integrity), `BLKGETSIZE64` on any device |
 //! | `CAP_MKNOD` | libdevmapper creates `/dev/mapper/<name>` itself where no udev does (containers) |
-//! | `CAP_IPC_LOCK` | libcryptsetup locks its memory so key material is not swapped out; without it, it warns and goes on |
+//! | `CAP_IPC_LOCK` | key material stays out of swap: libcryptsetup `mlock`s the buffers that hold a volume key (its `crypt_memory_lock` is a no-op since 2.x, so nothing calls it), and the driver `mlock`s its own key buffers (`kms::locked`); without it both go on unlocked, with a warning |
 //!
 //! The node also needs the host's `/dev` (device nodes of new disks and
 //! mappings), `/sys` (SCSI and loop rescans), the kubelet directory with
@@ -40,6 +40,18 @@ pub const CAP_MKNOD: Capability = Capability {
 pub const NODE_REQUIRED: [Capability; 2] = [CAP_SYS_ADMIN, CAP_MKNOD];
 /// What it works without, less safely.
 pub const NODE_WANTED: [Capability; 1] = [CAP_IPC_LOCK];
+
+/// Makes this process not dumpable: no core file, and only root may ptrace it
+/// or read its memory and environment through `/proc/<pid>`. For the processes
+/// that hold keys (the node plugin, the KMS, `dev`).
+pub fn not_dumpable() -> std::io::Result<()> {
+    // SAFETY: PR_SET_DUMPABLE takes one integer argument.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
 
 /// The effective capability set from the text of `/proc/self/status`.
 pub fn effective_from_status(status: &str) -> Option<u64> {

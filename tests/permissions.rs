@@ -285,3 +285,52 @@ fn the_node_plugin_refuses_to_start_without_its_capabilities() {
         "{stderr}"
     );
 }
+
+/// The processes that hold keys are not dumpable: run as `nobody`, the KMS's
+/// `/proc/<pid>` files belong to root (the kernel's sign of a non-dumpable
+/// process), so neither `nobody` nor a core dump can read its memory.
+#[test]
+fn the_kms_holding_keys_is_not_dumpable() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (secret, salt, socket) = (
+        dir.path().join("master.key"),
+        dir.path().join("salt"),
+        dir.path().join("kms.sock"),
+    );
+    for (path, byte) in [(&secret, 1u8), (&salt, 2u8)] {
+        std::fs::write(path, [byte; 32]).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(BIN)
+        .arg("kms")
+        .arg(format!("--listen=unix://{}", socket.display()))
+        .arg("--insecure")
+        .arg(format!("--master-secret-file={}", secret.display()))
+        .arg(format!("--salt-file={}", salt.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run setpriv");
+    let pid = child.id();
+    let _kms = Process(child);
+    wait_for_socket(&socket);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains("65534")),
+        "{status}"
+    );
+    let owner = std::fs::metadata(format!("/proc/{pid}/environ"))
+        .unwrap()
+        .uid();
+    assert_eq!(
+        owner, 0,
+        "the KMS is dumpable: /proc/{pid} belongs to its user"
+    );
+}

@@ -495,14 +495,35 @@ pub fn resize(name: &MapperName, key: &DataKey) -> Result<u64> {
     cd.activate_handle()
         .activate_by_passphrase(None, None, key.expose(), CryptActivate::KEYRING_KEY)
         .map_err(|err| wrong_key_or(&device, "unlock volume key", err))?;
-    cd.context_handle()
+    let resized = cd
+        .context_handle()
         .resize(name.as_str(), 0)
-        .map_err(lib("resize mapping", name))?;
+        .map_err(lib("resize mapping", name));
+    // The unlock put the volume key into this worker thread's keyring for the
+    // table reload; the mapping holds it now, so drop it from the keyring.
+    drop_thread_keyring();
+    resized?;
     let active = cd
         .runtime_handle(name.as_str())
         .get_active_device()
         .map_err(lib("read mapping", name))?;
     Ok(active.size * 512)
+}
+
+/// Empties the calling thread's keyring, where libcryptsetup loads a volume
+/// key for a table reload (`KEYCTL_CLEAR` on `KEY_SPEC_THREAD_KEYRING`). A
+/// thread without a keyring has nothing to drop.
+pub(super) fn drop_thread_keyring() {
+    const KEYCTL_CLEAR: libc::c_long = 7;
+    const KEY_SPEC_THREAD_KEYRING: libc::c_long = -1;
+    // SAFETY: keyctl(KEYCTL_CLEAR, keyring) takes two integers.
+    let r = unsafe { libc::syscall(libc::SYS_keyctl, KEYCTL_CLEAR, KEY_SPEC_THREAD_KEYRING) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOKEY) {
+            tracing::debug!(error = %e, "clearing the thread keyring");
+        }
+    }
 }
 
 /// See [`super::rotate`]. Each pass of the loop reads the header afresh and

@@ -5,6 +5,7 @@
 //! `"key-" + data_key_id`, so the KMS keeps no per-volume state.
 
 pub mod client;
+pub mod locked;
 pub mod server;
 pub mod tls;
 pub mod wrap;
@@ -20,14 +21,16 @@ pub const KEY_LEN_RANGE: std::ops::RangeInclusive<usize> = 16..=64;
 /// A master secret shorter than this is refused.
 pub const MIN_MASTER_SECRET_LEN: usize = 32;
 
-/// Key bytes, wiped from memory when dropped. Deliberately without `Debug` or
-/// `Display`, so a key cannot reach a log by accident.
+/// Key bytes, on locked memory and wiped when dropped (see [`locked`]).
+/// Deliberately without `Debug` or `Display`, so a key cannot reach a log by
+/// accident.
 #[derive(Clone)]
-pub struct DataKey(Zeroizing<Vec<u8>>);
+pub struct DataKey(locked::LockedBytes);
 
 impl DataKey {
+    /// Moves `bytes` onto locked memory; the buffer they came in is wiped.
     pub fn from_bytes(bytes: Zeroizing<Vec<u8>>) -> Self {
-        DataKey(bytes)
+        DataKey(locked::LockedBytes::copy_of(&bytes))
     }
 
     pub fn expose(&self) -> &[u8] {
@@ -90,8 +93,8 @@ pub fn derive_data_key(
     let mut info = Vec::with_capacity(4 + data_key_id.len());
     info.extend_from_slice(b"key-");
     info.extend_from_slice(data_key_id.as_bytes());
-    let mut out = Zeroizing::new(vec![0u8; len]);
-    hkdf.expand(&info, &mut out)
+    let mut out = locked::LockedBytes::zeroed(len);
+    hkdf.expand(&info, out.as_mut_slice())
         .expect("HKDF-SHA256 can produce 64 bytes, the largest length allowed");
     Ok(DataKey(out))
 }

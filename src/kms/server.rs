@@ -5,6 +5,8 @@ use std::path::Path;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
+use super::locked::LockedBytes;
+
 use super::{KEY_LEN_RANGE, MIN_MASTER_SECRET_LEN, derive_data_key};
 use crate::proto::kms::api_server::Api;
 use crate::proto::kms::{
@@ -19,8 +21,8 @@ pub const MAX_KEY_ID_LEN: usize = 256;
 /// file beside it named `<that name>-v<N>`. The highest version is the current
 /// one: new volumes use it, and staging rotates older volumes to it. No `Debug`.
 pub struct MasterSecret {
-    versions: std::collections::BTreeMap<u32, Zeroizing<Vec<u8>>>,
-    salt: Zeroizing<Vec<u8>>,
+    versions: std::collections::BTreeMap<u32, LockedBytes>,
+    salt: LockedBytes,
 }
 
 /// A key asked for from a version this KMS does not hold.
@@ -54,10 +56,11 @@ pub enum SecretError {
 }
 
 impl MasterSecret {
+    /// The secret and salt, moved onto locked memory (their buffers are wiped).
     pub fn new(secret: Zeroizing<Vec<u8>>, salt: Zeroizing<Vec<u8>>) -> Self {
         MasterSecret {
-            versions: [(1, secret)].into(),
-            salt,
+            versions: [(1, LockedBytes::copy_of(&secret))].into(),
+            salt: LockedBytes::copy_of(&salt),
         }
     }
 
@@ -69,9 +72,10 @@ impl MasterSecret {
             read_secret_file(salt, "salt")?,
         );
         for (version, path) in later_versions(secret)? {
-            master
-                .versions
-                .insert(version, read_secret_file(&path, "master secret")?);
+            master.versions.insert(
+                version,
+                LockedBytes::copy_of(&read_secret_file(&path, "master secret")?),
+            );
         }
         Ok(master)
     }
@@ -105,9 +109,12 @@ impl MasterSecret {
                     plain.len()
                 ));
             }
-            versions.insert(version, plain);
+            versions.insert(version, LockedBytes::copy_of(&plain));
         }
-        Ok(MasterSecret { versions, salt })
+        Ok(MasterSecret {
+            versions,
+            salt: LockedBytes::copy_of(&salt),
+        })
     }
 
     /// Adds the version after the current one to the files (as
@@ -214,10 +221,12 @@ fn later_versions(secret: &Path) -> Result<Vec<(u32, std::path::PathBuf)>, Secre
     Ok(found)
 }
 
-/// Writes a secret file atomically with mode 0600: temporary file, fsync, rename.
+/// Writes a secret file atomically with mode 0600: a new temporary file (never
+/// one that exists, never through a symlink), its mode set on the descriptor,
+/// fsync, rename, fsync of the directory.
 fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), SecretError> {
     use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let err = |source| SecretError::Read {
         path: path.display().to_string(),
         source,
@@ -228,12 +237,19 @@ fn write_private(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), SecretErro
         .create(dir)
         .map_err(err)?;
     let tmp = path.with_extension("tmp");
+    // A temporary file left by a crash is ours to replace; anything else there
+    // (a symlink planted by someone else) is refused by create_new below.
+    if std::fs::symlink_metadata(&tmp).is_ok_and(|m| m.file_type().is_file()) {
+        std::fs::remove_file(&tmp).map_err(err)?;
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
+        .map_err(err)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
         .map_err(err)?;
     f.write_all(bytes)
         .and_then(|()| f.sync_all())

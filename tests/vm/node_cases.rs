@@ -522,6 +522,14 @@ async fn grow(d: &mut Driver, s: &Staged, bytes: i64) -> Result<i64, String> {
         .capacity_bytes;
         ensure!(size >= bytes, "node gave {size}, asked {bytes}");
     }
+    // The volume key the resize unlocked is not left in any keyring.
+    let keys = check!(std::fs::read_to_string("/proc/keys"));
+    ensure!(
+        !keys
+            .lines()
+            .any(|l| l.contains("logon") && l.contains("cryptsetup:")),
+        "a volume key stays in a keyring after the expansion:\n{keys}"
+    );
     Ok(size)
 }
 
