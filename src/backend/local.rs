@@ -39,6 +39,13 @@
 //! (SEEK_DATA/SEEK_HOLE) and also skips all-zero blocks, so holes stay holes. A
 //! copy of an attached disk is crash-consistent at best: the node may be writing.
 //!
+//! Fresh-disk record ([`crate::volume::fresh`]): a disk created without a source
+//! gets a random [`FreshRecord`] in its index entry, written in the same index
+//! write that records the disk, so no disk exists in the index without its
+//! record and none made by a copy has one. Detaching it clears the record in the
+//! same index write. The node plugin, which shares the machine, reads the
+//! record from `index.json` itself ([`LocalBackend::fresh_record`]).
+//!
 //! Attachments follow "many readers or one writer": a writable attach to a second
 //! node, or any attach next to another node's writable one, is
 //! `FailedPrecondition`. A LUKS2 volume with an ordinary filesystem on it cannot
@@ -65,7 +72,7 @@ use super::{
     TopologyRequirement, check_token, paginate,
 };
 use crate::volume::id::{Excerpt, check_location};
-use crate::volume::{BackendKind, SnapshotId, VolumeId};
+use crate::volume::{BackendKind, FreshRecord, SnapshotId, VolumeId};
 
 /// The topology key of a local disk: the location (node) whose data directory
 /// holds it.
@@ -107,6 +114,19 @@ struct DiskEntry {
     attachments: BTreeMap<String, Attachment>,
     #[serde(default)]
     options: BTreeMap<String, String>,
+    /// The fresh-disk record: set at creation of an empty disk, cleared when its
+    /// first attachment ends. Absent in indexes written before the record
+    /// existed, so those disks are never formatted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fresh: Option<FreshRecord>,
+}
+
+impl DiskEntry {
+    /// The record, believed only of a disk made from nothing: one set by hand
+    /// on a copy is ignored, as the cloud backends ignore theirs.
+    fn live_fresh(&self) -> Option<FreshRecord> {
+        self.fresh.clone().filter(|_| self.source.is_none())
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -481,6 +501,24 @@ impl LocalBackend {
         data_dir.join(DISKS_DIR).join(format!("{disk}{IMAGE_EXT}"))
     }
 
+    /// The fresh-disk record of the disk named `disk` as `index.json` under
+    /// `data_dir` holds it now: how the node plugin, on the same machine as the
+    /// controller, confirms the record without trusting a request. The index is
+    /// replaced by atomic renames, so a read sees one whole version. `None` when
+    /// the disk has no record or no entry.
+    pub fn fresh_record(data_dir: &Path, disk: &str) -> Result<Option<FreshRecord>> {
+        let path = data_dir.join(INDEX_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        let index: Index = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::FailedPrecondition(format!("index {} is unreadable: {e}", path.display()))
+        })?;
+        Ok(index.disks.get(disk).and_then(DiskEntry::live_fresh))
+    }
+
     /// The data directory (absolute).
     pub fn data_dir(&self) -> &Path {
         &self.inner.data_dir
@@ -713,6 +751,7 @@ impl Inner {
             topology: vec![self.topology.clone()],
             attached_to: e.attachments.keys().cloned().collect(),
             options: e.options.clone(),
+            fresh: e.live_fresh(),
         }))
     }
 
@@ -885,6 +924,8 @@ impl Inner {
                 parameters: spec.parameters.clone(),
                 attachments: BTreeMap::new(),
                 options: spec.options.clone(),
+                // Only a disk built from nothing is known to be empty.
+                fresh: spec.source.is_none().then(FreshRecord::new_random),
             },
         );
         if let Err(e) = self.commit(&mut index, new).await {
@@ -995,23 +1036,30 @@ impl Inner {
         Ok(context)
     }
 
-    async fn detach(&self, id: &VolumeId, node_id: &str) -> Result<()> {
+    /// Detaches `id` from `node_id`; with `end_fresh`, also clears the disk's
+    /// fresh-disk record (attached there or not), in the same index write.
+    async fn detach(&self, id: &VolumeId, node_id: &str, end_fresh: bool) -> Result<()> {
         self.check_volume(id)?;
         let mut index = self.index.lock().await;
-        let attached = index
-            .disks
-            .get(id.disk())
-            .is_some_and(|e| e.attachments.contains_key(node_id));
-        if !attached {
+        let Some(entry) = index.disks.get(id.disk()) else {
+            return Ok(());
+        };
+        let attached = entry.attachments.contains_key(node_id);
+        let clear = end_fresh && entry.fresh.is_some();
+        if !attached && !clear {
             return Ok(());
         }
         let mut new = index.clone();
-        new.disks
-            .get_mut(id.disk())
-            .expect("checked above")
-            .attachments
-            .remove(node_id);
-        self.commit(&mut index, new).await
+        let entry = new.disks.get_mut(id.disk()).expect("checked above");
+        entry.attachments.remove(node_id);
+        if clear {
+            entry.fresh = None;
+        }
+        self.commit(&mut index, new).await?;
+        if clear {
+            tracing::info!(volume = %id, "first attachment ended: fresh-disk record cleared");
+        }
+        Ok(())
     }
 
     async fn expand(&self, id: &VolumeId, new_capacity_bytes: u64) -> Result<u64> {
@@ -1230,7 +1278,14 @@ impl DiskBackend for LocalBackend {
     async fn detach(&self, id: &VolumeId, node_id: &str) -> Result<()> {
         let id = id.clone();
         let node_id = node_id.to_string();
-        self.run(|inner| async move { inner.detach(&id, &node_id).await })
+        self.run(|inner| async move { inner.detach(&id, &node_id, false).await })
+            .await
+    }
+
+    async fn detach_ending_fresh(&self, id: &VolumeId, node_id: &str) -> Result<()> {
+        let id = id.clone();
+        let node_id = node_id.to_string();
+        self.run(|inner| async move { inner.detach(&id, &node_id, true).await })
             .await
     }
 
@@ -1796,6 +1851,72 @@ mod tests {
         b.detach(&missing, "node-1").await.unwrap();
         let e = b.attach(&d.id, "", false).await.unwrap_err();
         assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn the_fresh_record_is_set_at_create_absent_on_copies_and_cleared_by_unpublish() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        let d = b.create_disk(&spec("pvc-f", 8 * MIB)).await.unwrap();
+        let record = d.fresh.clone().expect("an empty disk has a record");
+        // In the same index write that recorded the disk, and readable by the node.
+        assert_eq!(
+            on_disk_index(dir.path()).disks[d.id.disk()].fresh,
+            Some(record.clone())
+        );
+        assert_eq!(
+            LocalBackend::fresh_record(dir.path(), d.id.disk()).unwrap(),
+            Some(record.clone())
+        );
+        // A retried create returns the same record.
+        let again = b.create_disk(&spec("pvc-f", 8 * MIB)).await.unwrap();
+        assert_eq!(again.fresh, Some(record.clone()));
+        // Copies have none; one put there by hand is not believed.
+        let clone = b
+            .create_disk(&from("pvc-c", 8 * MIB, DiskSource::Disk(d.id.clone())))
+            .await
+            .unwrap();
+        let snap = b.create_snapshot(&d.id, "snap-f").await.unwrap();
+        let restore = b
+            .create_disk(&from("pvc-r", 8 * MIB, DiskSource::Snapshot(snap.id)))
+            .await
+            .unwrap();
+        for copy in [&clone, &restore] {
+            assert_eq!(copy.fresh, None);
+            assert_eq!(
+                LocalBackend::fresh_record(dir.path(), copy.id.disk()).unwrap(),
+                None
+            );
+        }
+        {
+            let mut index = b.inner.index.lock().await;
+            index.disks.get_mut(clone.id.disk()).unwrap().fresh = Some(record.clone());
+        }
+        assert_eq!(b.get_disk(&clone.id).await.unwrap().unwrap().fresh, None);
+        // A plain detach keeps it; ending the attachment clears it with the detach.
+        b.attach(&d.id, NODE, false).await.unwrap();
+        b.detach(&d.id, NODE).await.unwrap();
+        assert_eq!(
+            b.get_disk(&d.id).await.unwrap().unwrap().fresh,
+            Some(record)
+        );
+        b.attach(&d.id, NODE, false).await.unwrap();
+        b.detach_ending_fresh(&d.id, NODE).await.unwrap();
+        let now = b.get_disk(&d.id).await.unwrap().unwrap();
+        assert_eq!((now.fresh, now.attached_to.len()), (None, 0));
+        assert_eq!(on_disk_index(dir.path()).disks[d.id.disk()].fresh, None);
+        assert_eq!(
+            LocalBackend::fresh_record(dir.path(), d.id.disk()).unwrap(),
+            None
+        );
+        // Idempotent, and for a disk that is gone.
+        b.detach_ending_fresh(&d.id, NODE).await.unwrap();
+        b.delete_disk(&d.id).await.unwrap();
+        b.detach_ending_fresh(&d.id, NODE).await.unwrap();
+        assert_eq!(
+            LocalBackend::fresh_record(dir.path(), d.id.disk()).unwrap(),
+            None
+        );
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::volume::{BackendKind, IdError, SnapshotId, VolumeId};
+use crate::volume::{BackendKind, FreshRecord, IdError, SnapshotId, VolumeId};
 
 pub use local::LocalBackend;
 
@@ -95,6 +95,10 @@ pub struct Disk {
     pub attached_to: Vec<String>,
     /// The options it was created with ([`DiskSpec::options`]).
     pub options: BTreeMap<String, String>,
+    /// The controller's record that it created this disk empty and that it has
+    /// not been through an attachment since ([`crate::volume::fresh`]); `None`
+    /// for a copy, an import, or once the first attachment has ended.
+    pub fresh: Option<FreshRecord>,
 }
 
 /// A snapshot as the backend reports it.
@@ -245,6 +249,15 @@ pub trait DiskBackend: Send + Sync {
     /// Undoes [`attach`](Self::attach). Idempotent: a disk that does not exist or
     /// is not attached to the node is `Ok`.
     async fn detach(&self, id: &VolumeId, node_id: &str) -> Result<()>;
+
+    /// ControllerUnpublishVolume: clears the disk's fresh-disk record (see
+    /// [`crate::volume::fresh`]) if it has one, whether or not the disk is
+    /// attached to `node_id`, then detaches it from `node_id` as
+    /// [`detach`](Self::detach) does. The record is cleared first (for the
+    /// local backend in the same index write), so a crash between the two leaves
+    /// a disk without the record, never a detached disk that still has it.
+    /// Idempotent; a missing disk is `Ok`.
+    async fn detach_ending_fresh(&self, id: &VolumeId, node_id: &str) -> Result<()>;
 
     /// Grows a disk to at least `new_capacity_bytes` and returns its actual size;
     /// a size at or below the current one returns the current size when equal

@@ -172,8 +172,11 @@ fn loaded_is_validated(
     Ok(())
 }
 
-pub fn format(device: &Path, key: &DataKey, opts: &FormatOptions) -> Result<()> {
-    let target = device.display();
+/// Formats `device` (a `/proc/self/fd` path of the probed device, see
+/// [`super::BlankDevice::reopen_for_format`]); errors name `shown`, the device's
+/// own path.
+pub fn format(device: &Path, shown: &Path, key: &DataKey, opts: &FormatOptions) -> Result<()> {
+    let target = shown.display();
     if key.is_empty() {
         return Err(Error::KeyLength {
             expected: crate::kms::DEFAULT_KEY_LEN,

@@ -325,11 +325,18 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 /// Formats a blank device as LUKS2 with our parameters, a keyslot for `key`, our
 /// persistent activation flags and, last, the `cryptdisk` token, so that a header
-/// without the token marks a format that did not finish.
+/// without the token marks a format that did not finish. The format writes the
+/// device the probe read (through its descriptor, after checking that the path
+/// still names it), not whatever the path names by then.
 pub async fn format(device: BlankDevice, key: &DataKey, opts: &FormatOptions) -> Result<()> {
     let key = key.clone();
     let opts = opts.clone();
-    timed("format", move || luks::format(device.path(), &key, &opts)).await
+    timed("format", move || {
+        let shown = device.path().to_path_buf();
+        let file = device.reopen_for_format()?;
+        luks::format(&blank::fd_path(&file), &shown, &key, &opts)
+    })
+    .await
 }
 
 /// What a device holds, as far as the node is concerned.

@@ -20,7 +20,7 @@ use crate::proto::csi::controller_server::Controller;
 use crate::proto::csi::controller_service_capability::{self, rpc::Type as Rpc};
 use crate::proto::csi::volume_content_source::{self, SnapshotSource, VolumeSource};
 use crate::proto::csi::*;
-use crate::volume::{SnapshotId, VolumeId};
+use crate::volume::{SnapshotId, VolumeId, fresh};
 
 const MIB: u64 = 1 << 20;
 /// Size of a volume whose request names no capacity.
@@ -377,10 +377,15 @@ impl Controller for ControllerService {
         } else {
             None
         };
-        let context = self
+        let mut context = self
             .backend
             .attach(&disk.id, &req.node_id, req.readonly)
             .await?;
+        // The fresh-disk record, read from the disk itself (tag, label or index
+        // entry), goes only to a writer: a read-only publication never formats.
+        if let Some(record) = disk.fresh.as_ref().filter(|_| !req.readonly) {
+            context.insert(fresh::PUBLISH_KEY.to_string(), record.to_string());
+        }
         Ok(Response::new(ControllerPublishVolumeResponse {
             publish_context: context.into_iter().collect(),
         }))
@@ -401,14 +406,17 @@ impl Controller for ControllerService {
             return Ok(Response::new(ControllerUnpublishVolumeResponse {}));
         };
         let _held = self.guards.take(&id.to_string())?;
+        // Ending an attachment ends the disk's fresh-disk record, cleared before
+        // the detach: after its first attachment a disk that reads blank may be
+        // one whose header was lost, and is never formatted again.
         if req.node_id.is_empty() {
             if let Some(disk) = self.backend.get_disk(&id).await? {
                 for node in &disk.attached_to {
-                    self.backend.detach(&id, node).await?;
+                    self.backend.detach_ending_fresh(&id, node).await?;
                 }
             }
         } else {
-            self.backend.detach(&id, &req.node_id).await?;
+            self.backend.detach_ending_fresh(&id, &req.node_id).await?;
         }
         Ok(Response::new(ControllerUnpublishVolumeResponse {}))
     }

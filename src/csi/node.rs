@@ -5,10 +5,14 @@
 //! UUID, and mounts the filesystem (block volumes stop at the open mapping).
 //! Every step looks at what is already true (is it open? mounted where?) so a
 //! retry after a crash at any point finishes the work.
+//!
+//! A device is formatted only when two witnesses agree it holds nothing: the
+//! probe ([`crypt::inspect`]) and the controller's fresh-disk record
+//! ([`DiskOrigin`], see [`crate::volume::fresh`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -28,7 +32,7 @@ use crate::proto::csi::node_server::Node;
 use crate::proto::csi::node_service_capability::{self, rpc::Type as Rpc};
 use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::csi::*;
-use crate::volume::{BackendKind, VolumeId};
+use crate::volume::{BackendKind, FreshRecord, VolumeId, fresh};
 
 /// Publish-context key of the local backend: the image file to attach.
 pub const LOCAL_IMAGE_PATH: &str = "localImagePath";
@@ -59,12 +63,33 @@ enum Made {
     Before,
 }
 
+/// What the node knows of a disk's origin when it decides whether it may
+/// format it: the controller's fresh-disk record ([`crate::volume::fresh`]),
+/// confirmed by the backend. For the local backend it is read from the
+/// backend's index on this machine; for Azure and GCP it comes in the publish
+/// context under [`fresh::PUBLISH_KEY`], put there by ControllerPublishVolume
+/// from the disk's tag or label.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskOrigin {
+    /// Created empty by the controller and still in its first attachment: a
+    /// device that also probes blank may be formatted.
+    Fresh(FreshRecord),
+    /// No record: a restored snapshot, a clone, an imported disk, or a disk
+    /// whose first attachment has ended. Never formatted, whatever it reads.
+    NoRecord,
+}
+
 pub struct NodeService {
     config: NodeConfig,
     keys: Arc<dyn KeySource>,
     guards: Guards,
     work: Arc<Semaphore>,
     wipes: Wipes,
+    /// Records this process has completed a format under. A device that reads
+    /// blank under one of them lost the header we wrote (the record still
+    /// stands until the first attachment ends), so it is refused, not
+    /// formatted over.
+    formatted_under: Mutex<HashSet<FreshRecord>>,
 }
 
 /// A path from a request: required, absolute, without `..` or NUL.
@@ -115,7 +140,40 @@ impl NodeService {
             guards: Guards::default(),
             work,
             wipes,
+            formatted_under: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The fresh-disk record of a volume, as the backend confirms it.
+    fn disk_origin(
+        &self,
+        id: &VolumeId,
+        publish_context: &HashMap<String, String>,
+    ) -> Result<DiskOrigin, Status> {
+        let record = match id.backend() {
+            // The controller's index is on this machine: read it, so that no
+            // request field can make the node format.
+            BackendKind::Local => {
+                let dir = self.config.local_data_dir.as_ref().ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "volume {id} is on the local backend, which this node does not serve"
+                    ))
+                })?;
+                crate::backend::LocalBackend::fresh_record(dir, id.disk())?
+            }
+            BackendKind::Azure | BackendKind::Gcp => publish_context
+                .get(fresh::PUBLISH_KEY)
+                .map(|v| {
+                    v.parse::<FreshRecord>().map_err(|e| {
+                        Status::invalid_argument(format!(
+                            "publish_context {}: {e}",
+                            fresh::PUBLISH_KEY
+                        ))
+                    })
+                })
+                .transpose()?,
+        };
+        Ok(record.map_or(DiskOrigin::NoRecord, DiskOrigin::Fresh))
     }
 
     /// The image file of a local-backend volume: computed from the volume id, so
@@ -181,14 +239,30 @@ impl NodeService {
 
     /// Formats a blank device or accepts one of ours; returns its header and,
     /// after a format, the key it was made with (saving a second KMS call).
+    /// A blank device is formatted only under a fresh-disk record ([`DiskOrigin`]);
+    /// without one it is refused and left as it is.
     async fn prepare_device(
         &self,
         device: &Path,
         options: &VolumeOptions,
+        origin: &DiskOrigin,
     ) -> Result<(HeaderInfo, Option<DataKey>), Status> {
         match crypt::inspect(device).await? {
             DeviceState::Formatted(header) => Ok((header, None)),
             DeviceState::Blank(blank) => {
+                let record = match origin {
+                    DiskOrigin::Fresh(r) => r.clone(),
+                    DiskOrigin::NoRecord => return Err(no_record(device)),
+                };
+                if self.formatted_under().contains(&record) {
+                    return Err(Status::failed_precondition(format!(
+                        "{} reads as blank, but this node already formatted it under fresh-disk \
+                         record {record}: its header has been lost or overwritten since. It is not \
+                         formatted again; {}",
+                        device.display(),
+                        OPERATOR_STEPS
+                    )));
+                }
                 let key_id = KeyId::new_random();
                 // A key that cannot be had means nothing is written.
                 let (key, key_version) = self
@@ -208,8 +282,14 @@ impl NodeService {
                     integrity: options.integrity,
                     bypass_workqueues: options.bypass_workqueues,
                 };
-                tracing::info!(device = %device.display(), %key_id, "formatting blank device");
+                tracing::info!(
+                    device = %device.display(),
+                    %key_id,
+                    fresh_record = %record,
+                    "formatting a blank device the controller created empty"
+                );
                 crypt::format(blank, &key, &format).await?;
+                self.formatted_under().insert(record);
                 let header = crypt::read_header(device).await?;
                 Ok((header, Some(key)))
             }
@@ -319,10 +399,11 @@ impl NodeService {
         options: &VolumeOptions,
         opened: &mut bool,
     ) -> Result<(), Status> {
+        let origin = self.disk_origin(id, &req.publish_context)?;
         let device = self.block_device(id, &req.publish_context).await?;
         failpoint::hit("stage:attached");
         // The header is checked on every stage, open mapping or not.
-        let (header, fresh_key) = self.prepare_device(&device, options).await?;
+        let (header, fresh_key) = self.prepare_device(&device, options, &origin).await?;
         failpoint::hit("stage:formatted");
         let content = header.token.as_ref().and_then(|t| t.content.clone());
         let name = MapperName::for_volume(&id.to_string());
@@ -788,6 +869,32 @@ impl NodeService {
             volume_id: id.to_string(),
             health_statuses: issues,
         })
+    }
+}
+
+/// What an operator does with a disk the node refuses to format.
+const OPERATOR_STEPS: &str = "run `cryptdisk-csi inspect <device>` on the node to see what it \
+     holds; to use it as a new empty volume, wipe it deliberately (`blkdiscard` or \
+     `wipefs --all`) and mark it fresh again as README's \"When a stage refuses a disk\" \
+     describes";
+
+/// The refusal of a blank-looking device without a fresh-disk record.
+fn no_record(device: &Path) -> Status {
+    Status::failed_precondition(format!(
+        "{} reads as blank where probed, but the controller has no record that it created \
+         this disk empty and that no format has completed on it (it is a restored snapshot, \
+         a clone, an imported disk, or a disk whose first attachment has ended); data between \
+         the probed places would be destroyed, so it is not formatted and is left untouched. \
+         To proceed: {OPERATOR_STEPS}",
+        device.display()
+    ))
+}
+
+impl NodeService {
+    fn formatted_under(&self) -> std::sync::MutexGuard<'_, HashSet<FreshRecord>> {
+        self.formatted_under
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -5,6 +5,8 @@
 //! holds a [`VolumeId`] or [`SnapshotId`] and may use its parts as file or
 //! resource names without checking them again.
 
+pub mod fresh;
 pub mod id;
 
+pub use fresh::FreshRecord;
 pub use id::{BackendKind, IdError, IdKind, SnapshotId, VolumeId};

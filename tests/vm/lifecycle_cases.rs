@@ -954,14 +954,14 @@ async fn error_codes(_ctx: &mut Ctx) -> CaseResult {
     Ok(())
 }
 
-fn sha256(path: &Path) -> Result<String, String> {
+pub fn sha256(path: &Path) -> Result<String, String> {
     use sha2::{Digest, Sha256};
     Ok(hex::encode(Sha256::digest(check!(std::fs::read(path)))))
 }
 
 /// Makes a volume, fills its image with `prepare`, and checks that staging is
 /// refused with FAILED_PRECONDITION and leaves the image byte for byte as it was.
-async fn refused_untouched(
+pub async fn refused_untouched(
     d: &mut Driver,
     name: &str,
     prepare: &dyn Fn(&Path) -> Result<(), String>,
@@ -1036,7 +1036,7 @@ fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-fn write_at(path: &Path, offset: u64, data: &[u8]) -> Result<(), String> {
+pub fn write_at(path: &Path, offset: u64, data: &[u8]) -> Result<(), String> {
     use std::os::unix::fs::FileExt;
     let f = check!(std::fs::OpenOptions::new().write(true).open(path));
     check!(f.write_all_at(data, offset));
@@ -1084,7 +1084,7 @@ async fn non_blank(_ctx: &mut Ctx) -> CaseResult {
     Ok(())
 }
 
-fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
+pub fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }

@@ -7,6 +7,7 @@
 //! cases by substring, as cargo's own harness does.
 
 mod crypt_cases;
+mod fresh_cases;
 mod header_cases;
 mod lifecycle_cases;
 mod mount_cases;
@@ -72,6 +73,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(node_cases::cases());
     v.extend(header_cases::cases());
     v.extend(ops_cases::cases());
+    v.extend(fresh_cases::cases());
     v
 }
 

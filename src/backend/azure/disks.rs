@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::backend::{Disk, DiskSource, Error, Snapshot, Topology};
-use crate::volume::{BackendKind, SnapshotId, VolumeId};
+use crate::volume::{BackendKind, SnapshotId, VolumeId, fresh};
 
 pub const GIB: u64 = 1 << 30;
 /// Topology key of a disk's and a node's zone (`<location>-<zone>`, as Azure's
@@ -379,8 +379,17 @@ pub fn to_disk(disk: &Value, driver: &str, location: &str) -> Option<Disk> {
         Some(z) => vec![zone_topology(location, z)],
         None => Vec::new(),
     };
+    // Only a disk created empty can carry the record: a copy's tag (copied by
+    // hand, or set by anything else) is ignored.
+    let created_empty = source_of(disk).is_none()
+        && str_at(disk, "/properties/creationData/createOption")
+            .is_none_or(|o| o.eq_ignore_ascii_case("Empty"));
+    let fresh = tag(disk, fresh::DISK_KEY)
+        .filter(|_| created_empty)
+        .and_then(|v| v.parse().ok());
     Some(Disk {
         id,
+        fresh,
         name: tag(disk, TAG_NAME).unwrap_or(name).to_string(),
         capacity_bytes: size_gib_of(disk) * GIB,
         source: source_of(disk),

@@ -61,7 +61,7 @@ use crate::backend::{
     Disk, DiskBackend, DiskSource, DiskSpec, Error, Result, Snapshot, Topology,
     TopologyRequirement, check_token, paginate,
 };
-use crate::volume::{BackendKind, SnapshotId, VolumeId};
+use crate::volume::{BackendKind, FreshRecord, SnapshotId, VolumeId, fresh};
 
 /// api-version of Microsoft.Compute disks and snapshots (the DiskRP).
 pub const DISKS_API_VERSION: &str = "2024-03-02";
@@ -232,6 +232,35 @@ impl AzureBackend {
         }
     }
 
+    /// A new disk's tags: [`Self::tags`], and for an empty disk the fresh-disk
+    /// record, set in the same PUT that creates it.
+    fn disk_tags(&self, spec: &DiskSpec) -> Result<BTreeMap<&'static str, String>> {
+        let mut tags = self.tags(&spec.name, &spec.options)?;
+        if spec.source.is_none() {
+            tags.insert(fresh::DISK_KEY, FreshRecord::new_random().to_string());
+        }
+        Ok(tags)
+    }
+
+    /// Removes the fresh-disk record tag. ARM's PATCH replaces the whole tag
+    /// map, so the others are written back as read.
+    async fn clear_fresh_tag(&self, id: &VolumeId, disk: &serde_json::Value) -> Result<()> {
+        let Some(tags) = disk.get("tags").and_then(|t| t.as_object()) else {
+            return Ok(());
+        };
+        let kept: serde_json::Map<String, serde_json::Value> = tags
+            .iter()
+            .filter(|(k, _)| !k.eq_ignore_ascii_case(fresh::DISK_KEY))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let body = json!({ "tags": kept });
+        self.arm
+            .write(Method::PATCH, &self.disk_path(id), DISKS_API_VERSION, &body)
+            .await?;
+        tracing::info!(volume = %id, "fresh-disk record cleared");
+        Ok(())
+    }
+
     fn tags(
         &self,
         name: &str,
@@ -365,7 +394,7 @@ impl DiskBackend for AzureBackend {
             &params,
             gib,
             source.as_ref().map(|(arm_id, _)| arm_id.as_str()),
-            &self.tags(&spec.name, &spec.options)?,
+            &self.disk_tags(spec)?,
         );
         let created = self
             .arm
@@ -450,6 +479,17 @@ impl DiskBackend for AzureBackend {
 
     async fn detach(&self, id: &VolumeId, node_id: &str) -> Result<()> {
         self.ours(id)?;
+        self.detach_disk(id, node_id).await
+    }
+
+    async fn detach_ending_fresh(&self, id: &VolumeId, node_id: &str) -> Result<()> {
+        self.ours(id)?;
+        if let Some(disk) = self.get_disk_json(id).await?
+            && tag(&disk, fresh::DISK_KEY).is_some()
+        {
+            self.clear_fresh_tag(id, &disk).await?;
+        }
+        crate::failpoint::hit("unpublish:fresh-cleared");
         self.detach_disk(id, node_id).await
     }
 

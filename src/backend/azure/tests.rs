@@ -890,3 +890,93 @@ async fn workload_identity_exchanges_the_federated_token() {
     assert_eq!(fake.with(|s| s.token_requests), 1);
     assert!(fake.problems().is_empty(), "{:?}", fake.problems());
 }
+
+/// The fresh-disk record (see `crate::volume::fresh`): a tag set in the PUT that
+/// creates an empty disk, absent on restores and clones (and ignored there if
+/// set by hand), handed to a read-write publication only, and cleared by the
+/// first ControllerUnpublish before the detach, with the other tags kept.
+#[tokio::test]
+async fn the_fresh_record_is_a_tag_of_empty_disks_until_the_first_unpublish() {
+    use crate::volume::{FreshRecord, fresh};
+    let env = setup().await;
+    let params = [("skuName", "Premium_LRS")];
+    let v = env
+        .create(create_req("pvc-f", 10 * GIB, &params))
+        .await
+        .unwrap();
+    let id = v.volume_id.clone();
+    let tag = env.disk("pvc-f")["tags"][fresh::DISK_KEY]
+        .as_str()
+        .expect("the record is a tag of the new disk")
+        .to_string();
+    tag.parse::<FreshRecord>().unwrap();
+    let puts = env
+        .fake
+        .calls_since(0)
+        .into_iter()
+        .filter(|c| c.starts_with("PUT") && c.contains("/disks/pvc-f"))
+        .count();
+    assert_eq!(puts, 1, "the tag is set in the creating PUT, not after");
+
+    // Copies carry no record.
+    let snap = env.snapshot(&id, "snap-f").await.unwrap();
+    let mut restore = create_req("pvc-f-restore", 10 * GIB, &params);
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    });
+    let restored = env.create(restore).await.unwrap();
+    let mut clone = create_req("pvc-f-clone", 10 * GIB, &params);
+    clone.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Volume(VolumeSource {
+            volume_id: id.clone(),
+        })),
+    });
+    let cloned = env.create(clone).await.unwrap();
+    for name in ["pvc-f-restore", "pvc-f-clone"] {
+        assert!(
+            env.disk(name)["tags"].get(fresh::DISK_KEY).is_none(),
+            "{name}"
+        );
+    }
+    // A record tag put on a copy by hand is not believed.
+    let key = format!(
+        "/subscriptions/{SUB}/resourcegroups/{RG}/providers/microsoft.compute/disks/pvc-f-clone"
+    )
+    .to_ascii_lowercase();
+    env.fake
+        .with(|s| s.disks.get_mut(&key).unwrap()["tags"][fresh::DISK_KEY] = json!(tag.clone()));
+    for copy in [&restored.volume_id, &cloned.volume_id] {
+        let ctx = env.publish(copy, "node-b").await.unwrap();
+        assert!(!ctx.contains_key(fresh::PUBLISH_KEY), "{copy}: {ctx:?}");
+        env.unpublish(copy, "node-b").await.unwrap();
+    }
+
+    // A read-write publication carries the record, retries too.
+    for _ in 0..2 {
+        let ctx = env.publish(&id, "node-a").await.unwrap();
+        assert_eq!(ctx.get(fresh::PUBLISH_KEY), Some(&tag));
+    }
+    // ControllerUnpublish clears it (the driver's other tags stay), then detaches.
+    let before = env.fake.request_count();
+    env.unpublish(&id, "node-a").await.unwrap();
+    let calls = env.fake.calls_since(before);
+    let patch_disk = calls
+        .iter()
+        .position(|c| c.starts_with("PATCH") && c.contains("/disks/pvc-f"));
+    let patch_vm = calls
+        .iter()
+        .position(|c| c.starts_with("PATCH") && c.contains("/virtualmachines/"));
+    assert!(patch_disk.unwrap() < patch_vm.unwrap(), "{calls:?}");
+    let disk = env.disk("pvc-f");
+    assert!(disk["tags"].get(fresh::DISK_KEY).is_none(), "{disk}");
+    assert_eq!(disk["tags"]["k8s-azure-created-by"], DRIVER);
+    assert_eq!(disk["tags"]["kubernetes.io-created-for-pv-name"], "pvc-f");
+    // Every later publication goes without it; unpublishing again is a no-op.
+    let ctx = env.publish(&id, "node-a").await.unwrap();
+    assert!(!ctx.contains_key(fresh::PUBLISH_KEY), "{ctx:?}");
+    env.unpublish(&id, "node-a").await.unwrap();
+    env.unpublish(&id, "node-a").await.unwrap();
+    env.assert_clean();
+}

@@ -16,7 +16,7 @@ use super::compute::{Kind, gone_is_done};
 use super::metadata::last_segment;
 use super::params::{self, DiskParams, MAX_DISK_GIB, TOPOLOGY_ZONE};
 use super::{GcpBackend, LABEL_DRIVER, LABEL_NAME, SNAPSHOT_LOCATION};
-use crate::volume::{BackendKind, SnapshotId, VolumeId};
+use crate::volume::{BackendKind, FreshRecord, SnapshotId, VolumeId, fresh};
 
 const GIB: u64 = 1 << 30;
 
@@ -198,6 +198,79 @@ impl GcpBackend {
         ])
     }
 
+    /// A new disk's labels: [`Self::labels`], and for an empty disk the
+    /// fresh-disk record, set in the insert that creates it.
+    fn disk_labels(&self, spec: &DiskSpec) -> HashMap<String, String> {
+        let mut labels = self.labels(&spec.name);
+        if spec.source.is_none() {
+            labels.insert(
+                fresh::DISK_KEY.to_string(),
+                FreshRecord::new_random().to_string(),
+            );
+        }
+        labels
+    }
+
+    /// Removes the fresh-disk record label: `setLabels` with the other labels as
+    /// read and the fingerprint they were read with, so a concurrent change of
+    /// the labels fails the call (and the CO's retry reads them again) rather
+    /// than being overwritten.
+    pub(super) async fn clear_fresh_label(&self, id: &VolumeId) -> Result<()> {
+        let Some(found) = self.find_disk(id).await? else {
+            return Ok(());
+        };
+        if !found.raw.labels.contains_key(fresh::DISK_KEY) {
+            return Ok(());
+        }
+        let mut labels = found.raw.labels.clone();
+        labels.remove(fresh::DISK_KEY);
+        let fingerprint = found.raw.label_fingerprint.clone();
+        let p = self.project();
+        let name = id.disk();
+        let what = format!("clearing the fresh-disk label of {name}");
+        let done = match &found.location {
+            Location::Zone(z) => {
+                let body = model::ZoneSetLabelsRequest::new()
+                    .set_labels(labels)
+                    .set_or_clear_label_fingerprint(fingerprint);
+                self.compute
+                    .mutate(&what, |rid| {
+                        self.compute
+                            .disks
+                            .set_labels()
+                            .set_project(p)
+                            .set_zone(z)
+                            .set_resource(name)
+                            .set_request_id(rid)
+                            .set_body(body.clone())
+                            .send()
+                    })
+                    .await
+            }
+            Location::Region(r) => {
+                let body = model::RegionSetLabelsRequest::new()
+                    .set_labels(labels)
+                    .set_or_clear_label_fingerprint(fingerprint);
+                self.compute
+                    .mutate(&what, |rid| {
+                        self.compute
+                            .region_disks
+                            .set_labels()
+                            .set_project(p)
+                            .set_region(r)
+                            .set_resource(name)
+                            .set_request_id(rid)
+                            .set_body(body.clone())
+                            .send()
+                    })
+                    .await
+            }
+        };
+        super::compute::gone_is_done(done, &what)?;
+        tracing::info!(volume = %id, "fresh-disk record cleared");
+        Ok(())
+    }
+
     fn ours(&self, labels: &HashMap<String, String>) -> bool {
         labels.get(LABEL_DRIVER) == Some(&self.driver_label)
     }
@@ -239,8 +312,19 @@ impl GcpBackend {
             .collect();
         attached_to.sort();
         attached_to.dedup();
+        // Only a disk inserted without a source can carry the record.
+        let created_empty = raw.source_snapshot.as_deref().unwrap_or("").is_empty()
+            && raw.source_disk.as_deref().unwrap_or("").is_empty()
+            && raw.source_image.as_deref().unwrap_or("").is_empty()
+            && note.source.is_none();
+        let fresh = raw
+            .labels
+            .get(fresh::DISK_KEY)
+            .filter(|_| created_empty)
+            .and_then(|v| v.parse().ok());
         let disk = Disk {
             id,
+            fresh,
             name: note.name.clone(),
             capacity_bytes: raw.size_gb.unwrap_or(0).max(0) as u64 * GIB,
             source: note.source.clone(),
@@ -425,7 +509,7 @@ impl GcpBackend {
             .set_name(name.clone())
             .set_size_gb(gib as i64)
             .set_type(location.disk_type_path(&p, params.disk_type.as_str()))
-            .set_labels(self.labels(&spec.name))
+            .set_labels(self.disk_labels(spec))
             .set_description(note.to_description());
         if params.regional {
             body = body.set_replica_zones(zones.iter().map(|z| format!("projects/{p}/zones/{z}")));

@@ -281,6 +281,16 @@ impl State {
             ("POST", [scope @ ("zones" | "regions"), loc, "disks", disk, "resize"]) => {
                 self.resize(&seen, &format!("projects/{PROJECT}/{scope}/{loc}"), disk)
             }
+            (
+                "POST",
+                [
+                    scope @ ("zones" | "regions"),
+                    loc,
+                    "disks",
+                    disk,
+                    "setLabels",
+                ],
+            ) => self.set_labels(&seen, &format!("projects/{PROJECT}/{scope}/{loc}"), disk),
             ("POST", ["zones", zone, "instances", inst, "attachDisk"]) => {
                 self.attach(&seen, zone, inst)
             }
@@ -534,12 +544,56 @@ impl State {
         disk["selfLink"] = json!(link(&path));
         disk["users"] = json!([]);
         disk["creationTimestamp"] = json!("2026-11-29T12:00:00.000-08:00");
+        disk["labelFingerprint"] = json!(Self::fingerprint(self.next_id));
         self.operation(
             seen,
             &scope_path,
             "insert",
             &path,
             Effect::Put(path.clone(), disk),
+        )
+    }
+
+    /// A label fingerprint (base64, as Compute sends it) that changes with `n`.
+    fn fingerprint(n: u64) -> String {
+        format!("fp{n:06}")
+    }
+
+    /// `disks.setLabels`: replaces the labels when the request carries the
+    /// current fingerprint, as Compute does (412 otherwise).
+    fn set_labels(&mut self, seen: &Seen, scope_path: &str, disk: &str) -> Reply {
+        let path = format!("{scope_path}/disks/{disk}");
+        let Some(current) = self.resources.get(&path) else {
+            return error(
+                404,
+                "notFound",
+                &format!("The resource '{path}' was not found"),
+            );
+        };
+        if seen.body["labelFingerprint"] != current["labelFingerprint"] {
+            return error(
+                412,
+                "conditionNotMet",
+                "Labels fingerprint either invalid or resource labels have changed",
+            );
+        }
+        let Some(labels) = seen.body["labels"].as_object().cloned() else {
+            return Self::bad("Invalid value for field 'labels'");
+        };
+        self.next_id += 1;
+        let fingerprint = Self::fingerprint(self.next_id);
+        self.operation(
+            seen,
+            scope_path,
+            "setLabels",
+            &path,
+            Effect::Patch(
+                path.clone(),
+                Box::new(move |d| {
+                    d["labels"] = Value::Object(labels);
+                    d["labelFingerprint"] = json!(fingerprint);
+                }),
+            ),
         )
     }
 

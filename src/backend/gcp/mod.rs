@@ -150,6 +150,13 @@ impl DiskBackend for GcpBackend {
         self.detach_disk(id, node_id).await
     }
 
+    async fn detach_ending_fresh(&self, id: &VolumeId, node_id: &str) -> Result<()> {
+        self.own_volume(id)?;
+        self.clear_fresh_label(id).await?;
+        crate::failpoint::hit("unpublish:fresh-cleared");
+        self.detach_disk(id, node_id).await
+    }
+
     async fn expand(&self, id: &VolumeId, new_capacity_bytes: u64) -> Result<u64> {
         self.own_volume(id)?;
         self.resize(id, new_capacity_bytes).await

@@ -1091,3 +1091,140 @@ async fn a_silent_endpoint_times_out_as_unavailable() {
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// The fresh-disk record (see `crate::volume::fresh`): a label set in the
+/// insert of an empty disk, absent on restores and clones, handed to read-write
+/// publications only, and removed by the first ControllerUnpublish (setLabels
+/// with the read fingerprint) before the detach.
+#[tokio::test]
+async fn the_fresh_record_is_a_label_of_empty_disks_until_the_first_unpublish() {
+    use crate::volume::{FreshRecord, fresh};
+    let (fake, ctl) = setup().await;
+    fake.add_instance("us-central1-a", "vm-a");
+    let new_volume = |req: CreateVolumeRequest| {
+        let ctl = &ctl;
+        async move {
+            ctl.create_volume(Request::new(req))
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap()
+        }
+    };
+    let vol = new_volume(create("pvc-f", 10, &[("type", "pd-ssd")])).await;
+    assert_eq!(vol.volume_id, "gcp:us-central1-a:pvc-f");
+    let seen = fake.seen();
+    let inserts = calls(&seen, "POST", &api("zones/us-central1-a/disks"));
+    let label = inserts[0].body["labels"][fresh::DISK_KEY]
+        .as_str()
+        .expect("the record is a label of the insert")
+        .to_string();
+    label.parse::<FreshRecord>().unwrap();
+    let disk_path = format!("projects/{PROJECT}/zones/us-central1-a/disks");
+
+    // Copies carry no record.
+    let snap = ctl
+        .create_snapshot(Request::new(CreateSnapshotRequest {
+            source_volume_id: vol.volume_id.clone(),
+            name: "snap-f".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let mut restore = create("pvc-f-restore", 10, &[("type", "pd-ssd")]);
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    });
+    let mut clone = create("pvc-f-clone", 10, &[("type", "pd-ssd")]);
+    clone.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Volume(VolumeSource {
+            volume_id: vol.volume_id.clone(),
+        })),
+    });
+    for (req, name) in [(restore, "pvc-f-restore"), (clone, "pvc-f-clone")] {
+        let copy = new_volume(req).await;
+        let disk = fake.resource(&format!("{disk_path}/{name}")).unwrap();
+        assert!(
+            disk["labels"].get(fresh::DISK_KEY).is_none(),
+            "{name}: {disk}"
+        );
+        let ctx = ctl
+            .controller_publish_volume(Request::new(publish(
+                &copy.volume_id,
+                "us-central1-a.vm-a",
+                false,
+            )))
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context;
+        assert!(!ctx.contains_key(fresh::PUBLISH_KEY), "{name}: {ctx:?}");
+        ctl.controller_unpublish_volume(Request::new(unpublish(
+            &copy.volume_id,
+            "us-central1-a.vm-a",
+        )))
+        .await
+        .unwrap();
+    }
+
+    // A read-write publication carries the record, retries too.
+    for _ in 0..2 {
+        let ctx = ctl
+            .controller_publish_volume(Request::new(publish(
+                &vol.volume_id,
+                "us-central1-a.vm-a",
+                false,
+            )))
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context;
+        assert_eq!(ctx.get(fresh::PUBLISH_KEY), Some(&label), "{ctx:?}");
+    }
+    // ControllerUnpublish removes it (other labels stay), before the detach.
+    fake.clear_seen();
+    ctl.controller_unpublish_volume(Request::new(unpublish(
+        &vol.volume_id,
+        "us-central1-a.vm-a",
+    )))
+    .await
+    .unwrap();
+    let seen = fake.seen();
+    let order: Vec<&str> = seen
+        .iter()
+        .filter(|s| s.method == "POST")
+        .map(|s| s.path.rsplit('/').next().unwrap())
+        .filter(|p| *p == "setLabels" || *p == "detachDisk")
+        .collect();
+    assert_eq!(order, ["setLabels", "detachDisk"]);
+    let disk = fake.resource(&format!("{disk_path}/pvc-f")).unwrap();
+    assert!(disk["labels"].get(fresh::DISK_KEY).is_none(), "{disk}");
+    assert_eq!(disk["labels"]["cryptdisk-csi-name"], "pvc-f");
+    assert_eq!(disk["labels"]["cryptdisk-csi-driver"], "cryptdisk_csi_io");
+    // Later publications go without it; another unpublish sets no labels.
+    let ctx = ctl
+        .controller_publish_volume(Request::new(publish(
+            &vol.volume_id,
+            "us-central1-a.vm-a",
+            false,
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert!(!ctx.contains_key(fresh::PUBLISH_KEY), "{ctx:?}");
+    fake.clear_seen();
+    ctl.controller_unpublish_volume(Request::new(unpublish(
+        &vol.volume_id,
+        "us-central1-a.vm-a",
+    )))
+    .await
+    .unwrap();
+    assert!(calls(&fake.seen(), "POST", "/setLabels").is_empty());
+}
