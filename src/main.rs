@@ -486,8 +486,9 @@ struct KmsArgs {
     #[arg(long, env = "CRYPTDISK_MASTER_SECRET_WRAPPED_BY")]
     master_secret_wrapped_by: Option<cryptdisk_csi::kms::wrap::WrapKey>,
 
-    /// Serve without TLS. Anyone who reaches the port can then ask for keys: only for
-    /// tests and for a KMS on a unix socket.
+    /// Serve without TLS. Anyone who reaches the port can then ask for keys, so it
+    /// is refused unless --listen is a unix socket or a loopback address
+    /// (127.0.0.0/8, [::1]): for tests and for a KMS on a unix socket.
     #[arg(long, env = "CRYPTDISK_KMS_INSECURE", conflicts_with = "tls_cert_file")]
     insecure: bool,
 
@@ -852,6 +853,16 @@ async fn serve_csi(
 async fn serve_kms(args: KmsArgs) -> Result<(), Box<dyn std::error::Error>> {
     let tls = match (args.tls_cert_file, args.tls_key_file, args.client_ca_file) {
         (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
+        // Plaintext hands a key to whoever reaches the port: only this machine may.
+        _ if args.insecure && !args.listen.is_local() => {
+            return Err(format!(
+                "--insecure serves keys without TLS to anyone who reaches {}; it is allowed only \
+                 on a unix socket (unix:///path) or a loopback address (127.0.0.0/8, [::1]); \
+                 serve on another address with --tls-cert-file, --tls-key-file and --client-ca-file",
+                args.listen
+            )
+            .into());
+        }
         _ if args.insecure => None,
         _ => {
             return Err(

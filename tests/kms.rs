@@ -476,3 +476,74 @@ async fn a_master_secret_wrapped_by_gcp_kms_is_unwrapped_at_start() {
     let log = std::fs::read_to_string(dir.path().join("denied")).unwrap();
     assert!(log.contains("PERMISSION_DENIED"), "{log}");
 }
+
+/// `--insecure` hands keys to whoever reaches the port: the KMS refuses to start
+/// with it on any address but a unix socket or loopback, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_is_refused_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = secret_file(dir.path(), "master.key", &[1; 32]);
+    let salt = secret_file(dir.path(), "salt", &[2; 32]);
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    for listen in [
+        format!("tcp://0.0.0.0:{}", port()),
+        format!("tcp://[::]:{}", port()),
+    ] {
+        let mut child = Command::new(BIN)
+            .args(["kms", "--insecure"])
+            .arg(format!("--listen={listen}"))
+            .arg(format!("--master-secret-file={}", master.display()))
+            .arg(format!("--salt-file={}", salt.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the KMS started on {listen} with --insecure");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "{listen}");
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(err.contains("--insecure"), "{listen}: {err}");
+        assert!(err.contains("loopback"), "{listen}: {err}");
+    }
+
+    // On loopback it starts and serves.
+    let kms = Kms::start(
+        &[
+            "--insecure".into(),
+            format!("--master-secret-file={}", master.display()),
+            format!("--salt-file={}", salt.display()),
+        ],
+        dir.path().join("kms.log"),
+    );
+    let address: KmsAddress = format!("tcp://127.0.0.1:{}", kms.port).parse().unwrap();
+    let (key, _) = GrpcKeySource::new(&address, None, true)
+        .unwrap()
+        .versioned_key(KEY_ID, 32, None)
+        .await
+        .unwrap();
+    let want = derive_data_key(&[1; 32], &[2; 32], KEY_ID, 32).unwrap();
+    assert_eq!(key.expose(), want.expose());
+}
