@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::server::Router as TonicRouter;
 
@@ -25,6 +26,8 @@ pub fn builder() -> tonic::transport::server::Server<
 }
 
 use crate::config::Endpoint;
+
+mod authority;
 
 /// Why a server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -153,8 +156,10 @@ async fn serve_until(
         Endpoint::Unix(path) => {
             let listener = bind_unix(path)?;
             tracing::info!(%endpoint, "serving");
+            // Every connection through the relay that lets non-Go gRPC clients in.
+            let incoming = UnixListenerStream::new(listener).map(|r| r.map(authority::relay));
             let result = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await;
             // Best effort: a later start removes a leftover stale socket anyway.
             let _ = std::fs::remove_file(path);
