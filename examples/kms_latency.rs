@@ -63,7 +63,11 @@ async fn main() {
     let port = listener.local_addr().unwrap().port();
     let master = MasterSecret::new(Zeroizing::new(vec![7; 32]), Zeroizing::new(vec![9; 32]));
     let router = cryptdisk_csi::server::builder()
-        .tls_config(server.server_config().unwrap())
+        .tls_config(
+            server
+                .server_config(std::time::Duration::from_secs(10))
+                .unwrap(),
+        )
         .unwrap()
         .add_service(ApiServer::new(KmsService::new(master)));
     tokio::spawn(

@@ -43,6 +43,23 @@ impl FromStr for Endpoint {
     }
 }
 
+impl Endpoint {
+    /// Whether only this machine can reach the endpoint: a unix socket, or a
+    /// loopback address (127.0.0.0/8, ::1, and 127.0.0.0/8 written as an
+    /// IPv4-mapped IPv6 address). What a plaintext KMS may listen on.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Endpoint::Unix(_) => true,
+            Endpoint::Tcp(addr) => match addr.ip() {
+                std::net::IpAddr::V4(ip) => ip.is_loopback(),
+                std::net::IpAddr::V6(ip) => {
+                    ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+                }
+            },
+        }
+    }
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -116,6 +133,29 @@ mod tests {
         }
         let e: Endpoint = "unix:///a/b".parse().unwrap();
         assert_eq!(e.to_string(), "unix:///a/b");
+    }
+
+    #[test]
+    fn only_unix_sockets_and_loopback_are_local() {
+        for local in [
+            "unix:///run/kms.sock",
+            "tcp://127.0.0.1:9000",
+            "tcp://127.3.4.5:9000",
+            "tcp://[::1]:9000",
+            "tcp://[::ffff:127.0.0.1]:9000",
+        ] {
+            assert!(local.parse::<Endpoint>().unwrap().is_local(), "{local}");
+        }
+        for remote in [
+            "tcp://0.0.0.0:9000",
+            "tcp://[::]:9000",
+            "tcp://10.0.0.1:9000",
+            "tcp://128.0.0.1:9000",
+            "tcp://[::ffff:10.0.0.1]:9000",
+            "tcp://[::2]:9000",
+        ] {
+            assert!(!remote.parse::<Endpoint>().unwrap().is_local(), "{remote}");
+        }
     }
 
     #[test]

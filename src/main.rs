@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use cryptdisk_csi::backend::LocalBackend;
@@ -486,8 +487,9 @@ struct KmsArgs {
     #[arg(long, env = "CRYPTDISK_MASTER_SECRET_WRAPPED_BY")]
     master_secret_wrapped_by: Option<cryptdisk_csi::kms::wrap::WrapKey>,
 
-    /// Serve without TLS. Anyone who reaches the port can then ask for keys: only for
-    /// tests and for a KMS on a unix socket.
+    /// Serve without TLS. Anyone who reaches the port can then ask for keys, so it
+    /// is refused unless --listen is a unix socket or a loopback address
+    /// (127.0.0.0/8, [::1]): for tests and for a KMS on a unix socket.
     #[arg(long, env = "CRYPTDISK_KMS_INSECURE", conflicts_with = "tls_cert_file")]
     insecure: bool,
 
@@ -495,6 +497,20 @@ struct KmsArgs {
     /// (IP:PORT); off when not given.
     #[arg(long, env = "CRYPTDISK_METRICS_ADDRESS")]
     metrics_address: Option<std::net::SocketAddr>,
+
+    /// Seconds a client has to complete the TLS handshake before it is
+    /// disconnected (an idle connection otherwise holds a slot for ever).
+    #[arg(
+        long,
+        default_value_t = 10,
+        env = "CRYPTDISK_KMS_TLS_HANDSHAKE_TIMEOUT_SECONDS"
+    )]
+    tls_handshake_timeout_seconds: u64,
+
+    /// Connections open at once; more wait until one closes. Lowered to what the
+    /// process's file descriptor limit allows.
+    #[arg(long, default_value_t = server::accept::DEFAULT_MAX_CONNECTIONS, env = "CRYPTDISK_KMS_MAX_CONNECTIONS")]
+    max_connections: usize,
 }
 
 fn main() -> ExitCode {
@@ -850,13 +866,34 @@ async fn serve_csi(
         .add_service(IdentityServer::new(identity))
         .add_optional_service(controller.map(ControllerServer::new))
         .add_optional_service(node.map(NodeServer::new));
-    server::serve(router, &args.endpoint, server::shutdown_signal()).await?;
+    server::serve(
+        router,
+        &args.endpoint,
+        server::Limits::default(),
+        server::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
+
+/// How long one KMS request may take, queueing included.
+const KMS_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests in flight on one KMS connection; HTTP/2 streams beyond it are refused.
+const KMS_STREAMS_PER_CONNECTION: usize = 64;
 
 async fn serve_kms(args: KmsArgs) -> Result<(), Box<dyn std::error::Error>> {
     let tls = match (args.tls_cert_file, args.tls_key_file, args.client_ca_file) {
         (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
+        // Plaintext hands a key to whoever reaches the port: only this machine may.
+        _ if args.insecure && !args.listen.is_local() => {
+            return Err(format!(
+                "--insecure serves keys without TLS to anyone who reaches {}; it is allowed only \
+                 on a unix socket (unix:///path) or a loopback address (127.0.0.0/8, [::1]); \
+                 serve on another address with --tls-cert-file, --tls-key-file and --client-ca-file",
+                args.listen
+            )
+            .into());
+        }
         _ if args.insecure => None,
         _ => {
             return Err(
@@ -875,12 +912,23 @@ async fn serve_kms(args: KmsArgs) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(addr) = args.metrics_address {
         cryptdisk_csi::metrics::serve(addr).await?;
     }
-    let mut builder = server::builder();
+    // Bounds on what one client, or many, can make the KMS hold: see README's
+    // security section.
+    let mut builder = server::builder()
+        .timeout(KMS_REQUEST_TIMEOUT)
+        .concurrency_limit_per_connection(KMS_STREAMS_PER_CONNECTION)
+        .max_concurrent_streams(KMS_STREAMS_PER_CONNECTION as u32);
+    let handshake = Duration::from_secs(args.tls_handshake_timeout_seconds.max(1));
     match &tls {
-        Some(files) => builder = builder.tls_config(files.server_config()?)?,
+        Some(files) => builder = builder.tls_config(files.server_config(handshake)?)?,
         None => tracing::warn!("serving the KMS without TLS (--insecure)"),
     }
-    let router = builder.add_service(ApiServer::new(KmsService::new(master)));
-    server::serve(router, &args.listen, server::shutdown_signal()).await?;
+    let service = ApiServer::new(KmsService::new(master))
+        .max_decoding_message_size(cryptdisk_csi::kms::server::MAX_REQUEST_SIZE);
+    let router = builder.add_service(service);
+    let limits = server::Limits {
+        max_connections: args.max_connections,
+    };
+    server::serve(router, &args.listen, limits, server::shutdown_signal()).await?;
     Ok(())
 }

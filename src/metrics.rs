@@ -272,21 +272,32 @@ fn status_name(headers: &http::HeaderMap) -> String {
     format!("{:?}", tonic::Code::from_i32(code))
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` until the process ends.
+/// Connections the metrics server keeps open at once: a scraper or two and
+/// kubelet's probes.
+const METRICS_MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send its request's headers.
+const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Time one connection may stay open, keep-alive included.
+const METRICS_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Serves `/metrics` and `/healthz` on `addr` until the process ends, with the
+/// accept loop's connection cap and backoff, and deadlines on slow clients.
 pub async fn serve(addr: SocketAddr) -> std::io::Result<()> {
+    use tokio_stream::StreamExt;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics and /healthz");
+    let max = crate::server::accept::connection_cap(METRICS_MAX_CONNECTIONS);
+    let mut incoming = crate::server::accept::incoming(listener, max, "metrics");
     tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
+        while let Some(Ok(conn)) = incoming.next().await {
             tokio::spawn(async move {
-                let io = hyper_util::rt::TokioIo::new(stream);
+                let io = hyper_util::rt::TokioIo::new(conn);
                 let service = hyper::service::service_fn(handle);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
+                let serving = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                    .serve_connection(io, service);
+                let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, serving).await;
             });
         }
     });

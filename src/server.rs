@@ -1,6 +1,8 @@
 //! Serving gRPC on an endpoint: the unix socket's life (stale file removed, a
-//! live one refused, mode 0660, removed again at exit) and graceful shutdown on
-//! SIGTERM or SIGINT, with in-flight RPCs allowed to finish.
+//! live one refused, mode 0660, removed again at exit), graceful shutdown on
+//! SIGTERM or SIGINT with in-flight RPCs allowed to finish, a cap on open
+//! connections, HTTP/2 keepalives, and (on unix sockets) the relay that lets
+//! every official gRPC client in.
 
 use std::future::Future;
 use std::io;
@@ -9,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
+
 use tonic::transport::server::Router as TonicRouter;
 
 /// A tonic router with the layers every server of ours carries: RPC metrics.
@@ -17,14 +20,42 @@ pub type Router = TonicRouter<
     tower::layer::util::Stack<crate::metrics::RpcMetricsLayer, tower::layer::util::Identity>,
 >;
 
-/// A server builder with those layers, to add services to.
+/// How often an idle HTTP/2 connection is pinged, and how long the answer may
+/// take before the connection is closed: a peer that vanished (a node that died,
+/// a cut network) stops holding a connection slot.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A server builder with those layers and the keepalives, to add services to.
 pub fn builder() -> tonic::transport::server::Server<
     tower::layer::util::Stack<crate::metrics::RpcMetricsLayer, tower::layer::util::Identity>,
 > {
-    tonic::transport::Server::builder().layer(crate::metrics::RpcMetricsLayer)
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(crate::metrics::RpcMetricsLayer)
 }
 
 use crate::config::Endpoint;
+
+pub mod accept;
+mod authority;
+
+/// What bounds one server's connections.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections open at once; more wait in the kernel's backlog. Lowered to
+    /// what the file descriptor limit allows.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: accept::DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
 
 /// Why a server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +148,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub async fn serve(
     router: Router,
     endpoint: &Endpoint,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
@@ -133,7 +165,7 @@ pub async fn serve(
         }
     };
     tokio::select! {
-        result = serve_until(router, endpoint, shutdown) => result?,
+        result = serve_until(router, endpoint, limits, shutdown) => result?,
         () = grace_expired => {
             if let Endpoint::Unix(path) = endpoint {
                 let _ = std::fs::remove_file(path);
@@ -147,14 +179,19 @@ pub async fn serve(
 async fn serve_until(
     router: Router,
     endpoint: &Endpoint,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let max_connections = accept::connection_cap(limits.max_connections);
     match endpoint {
         Endpoint::Unix(path) => {
             let listener = bind_unix(path)?;
             tracing::info!(%endpoint, "serving");
+            // Every connection through the relay that lets non-Go gRPC clients in.
+            let incoming = accept::incoming(listener, max_connections, "grpc")
+                .map(|r| r.map(|conn| conn.map(authority::relay)));
             let result = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await;
             // Best effort: a later start removes a leftover stale socket anyway.
             let _ = std::fs::remove_file(path);
@@ -170,7 +207,10 @@ async fn serve_until(
                 })?;
             tracing::info!(endpoint = %format!("tcp://{}", listener.local_addr().map_err(|source| ServeError::Io { what: "read address of", target: addr.to_string(), source })?), "serving");
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .serve_with_incoming_shutdown(
+                    accept::incoming(listener, max_connections, "grpc"),
+                    shutdown,
+                )
                 .await?;
         }
     }

@@ -83,6 +83,12 @@ struct Kms {
 
 impl Kms {
     fn start(args: &[String], log: PathBuf) -> Kms {
+        Kms::start_with_fd_limit(args, log, None)
+    }
+
+    /// As [`Kms::start`], with the process's soft limit on open files set to
+    /// `fds` (as many container runtimes start it at 1024).
+    fn start_with_fd_limit(args: &[String], log: PathBuf, fds: Option<u64>) -> Kms {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -97,6 +103,26 @@ impl Kms {
         cmd.args(["--log-level", "info"]).arg("kms");
         if unix.is_none() {
             cmd.arg(format!("--listen=tcp://127.0.0.1:{port}"));
+        }
+        if let Some(fds) = fds {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut limit = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    limit.rlim_cur = fds.min(limit.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd
             .args(args)
@@ -475,4 +501,237 @@ async fn a_master_secret_wrapped_by_gcp_kms_is_unwrapped_at_start() {
     assert!(!out.status.success());
     let log = std::fs::read_to_string(dir.path().join("denied")).unwrap();
     assert!(log.contains("PERMISSION_DENIED"), "{log}");
+}
+
+/// `--insecure` hands keys to whoever reaches the port: the KMS refuses to start
+/// with it on any address but a unix socket or loopback, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_is_refused_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = secret_file(dir.path(), "master.key", &[1; 32]);
+    let salt = secret_file(dir.path(), "salt", &[2; 32]);
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    for listen in [
+        format!("tcp://0.0.0.0:{}", port()),
+        format!("tcp://[::]:{}", port()),
+    ] {
+        let mut child = Command::new(BIN)
+            .args(["kms", "--insecure"])
+            .arg(format!("--listen={listen}"))
+            .arg(format!("--master-secret-file={}", master.display()))
+            .arg(format!("--salt-file={}", salt.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the KMS started on {listen} with --insecure");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "{listen}");
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(err.contains("--insecure"), "{listen}: {err}");
+        assert!(err.contains("loopback"), "{listen}: {err}");
+    }
+
+    // On loopback it starts and serves.
+    let kms = Kms::start(
+        &[
+            "--insecure".into(),
+            format!("--master-secret-file={}", master.display()),
+            format!("--salt-file={}", salt.display()),
+        ],
+        dir.path().join("kms.log"),
+    );
+    let address: KmsAddress = format!("tcp://127.0.0.1:{}", kms.port).parse().unwrap();
+    let (key, _) = GrpcKeySource::new(&address, None, true)
+        .unwrap()
+        .versioned_key(KEY_ID, 32, None)
+        .await
+        .unwrap();
+    let want = derive_data_key(&[1; 32], &[2; 32], KEY_ID, 32).unwrap();
+    assert_eq!(key.expose(), want.expose());
+}
+
+/// The KMS's TLS files for a test: (KMS arguments, the cluster CA, its file).
+fn tls_kms_args(pki: &Pki, master: &[u8], salt: &[u8]) -> (Vec<String>, Ca, PathBuf) {
+    let cluster = ca("cryptdisk cluster CA");
+    let ca_file = pki.write("ca.crt", &cluster.pem);
+    let (server_cert, server_key) = leaf(&cluster, "localhost", false, false);
+    let args = vec![
+        format!(
+            "--tls-cert-file={}",
+            pki.write("kms.crt", &server_cert).display()
+        ),
+        format!(
+            "--tls-key-file={}",
+            pki.write("kms.key", &server_key).display()
+        ),
+        format!("--client-ca-file={}", ca_file.display()),
+        format!(
+            "--master-secret-file={}",
+            secret_file(pki.dir.path(), "master", master).display()
+        ),
+        format!(
+            "--salt-file={}",
+            secret_file(pki.dir.path(), "salt", salt).display()
+        ),
+    ];
+    (args, cluster, ca_file)
+}
+
+/// Raises this test process's soft limit on open files to its hard limit and
+/// returns it.
+fn raise_own_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    limit.rlim_cur
+}
+
+/// A thousand idle connections that never start TLS, and a request of 1 MiB,
+/// while a node asks for its key: the node gets it in time; the oversized
+/// request is refused before it is read; the idle connections are dropped when
+/// their handshake time runs out. The KMS starts with a soft limit of 256 open
+/// files (as containers often do) and must raise it rather than fail to accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_and_oversized_requests_do_not_starve_a_node() {
+    const IDLE: usize = 1000;
+    let own = raise_own_fd_limit();
+    assert!(
+        own > IDLE as u64 + 200,
+        "this test needs {} open files; the hard limit is {own}",
+        IDLE + 200
+    );
+    let pki = Pki {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let (master, salt) = ([5u8; 32], [6u8; 32]);
+    let (mut args, cluster, ca_file) = tls_kms_args(&pki, &master, &salt);
+    args.push("--tls-handshake-timeout-seconds=2".into());
+    let kms = Kms::start_with_fd_limit(&args, pki.dir.path().join("kms.log"), Some(256));
+
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        match std::net::TcpStream::connect_timeout(
+            &([127, 0, 0, 1], kms.port).into(),
+            Duration::from_secs(2),
+        ) {
+            Ok(stream) => idle.push(stream),
+            Err(e) => panic!("connection {} refused: {e}", idle.len()),
+        }
+    }
+
+    let node = pki.client(
+        &ca_file,
+        "node",
+        leaf(&cluster, "node-1.cluster", true, false),
+    );
+    let address: KmsAddress = format!("https://localhost:{}", kms.port).parse().unwrap();
+    let source = GrpcKeySource::new(&address, Some(&node), false).unwrap();
+    let started = Instant::now();
+    let (key, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        source.versioned_key(KEY_ID, 32, None),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no key within 5 s beside {IDLE} idle connections:\n{}",
+            kms.log()
+        )
+    })
+    .unwrap();
+    assert_eq!(
+        key.expose(),
+        derive_data_key(&master, &salt, KEY_ID, 32)
+            .unwrap()
+            .expose()
+    );
+    eprintln!(
+        "key served in {:?} beside {IDLE} idle connections",
+        started.elapsed()
+    );
+
+    // A megabyte of key id (under gRPC's default 4 MiB limit): refused from the
+    // message's length prefix, with a code that says so, not decoded and then
+    // found too long.
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("https://localhost:{}", kms.port))
+            .unwrap()
+            .tls_config(node.client_config("localhost").unwrap())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut client = cryptdisk_csi::proto::kms::api_client::ApiClient::new(channel);
+    let status = client
+        .get_data_key(cryptdisk_csi::proto::kms::GetDataKeyRequest {
+            data_key_id: "x".repeat(1 << 20),
+            length: 32,
+        })
+        .await
+        .err()
+        .expect("a 1 MiB request was served");
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{status:?}"
+    );
+    assert!(status.message().contains("too large"), "{status:?}");
+    // The same connection still serves a proper request.
+    let ok = client
+        .get_data_key(cryptdisk_csi::proto::kms::GetDataKeyRequest {
+            data_key_id: KEY_ID.into(),
+            length: 32,
+        })
+        .await
+        .unwrap();
+    assert_eq!(ok.into_inner().data_key.len(), 32);
+
+    // The idle connections never sent a ClientHello: closed once their two
+    // seconds are up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for stream in idle.iter_mut().step_by(50) {
+        use std::io::Read;
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(10));
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut [0u8; 64]) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("an idle connection is still open: {other:?}"),
+        }
+    }
 }

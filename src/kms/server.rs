@@ -16,6 +16,16 @@ use crate::proto::kms::{
 /// Longest data key id accepted; ours are 36-character UUIDs.
 pub const MAX_KEY_ID_LEN: usize = 256;
 
+/// Largest request message the KMS decodes. Today's requests are under 300
+/// bytes; this leaves room for a node's bound service-account token (about a
+/// kilobyte) and refuses the 4 MiB that gRPC would otherwise read and decode
+/// before [`MAX_KEY_ID_LEN`] is even checked.
+pub const MAX_REQUEST_SIZE: usize = 8 * 1024;
+
+/// Requests served at once across all connections; the others wait, within the
+/// server's request timeout.
+pub const MAX_IN_FLIGHT: usize = 256;
+
 /// The master secret's versions and the salt every key is derived from. Version 1
 /// is the file named on the command line (`master.key`); version N > 1 is the
 /// file beside it named `<that name>-v<N>`. The highest version is the current
@@ -286,11 +296,22 @@ fn read_secret_file(path: &Path, what: &'static str) -> Result<Zeroizing<Vec<u8>
 
 pub struct KmsService {
     master: MasterSecret,
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl KmsService {
     pub fn new(master: MasterSecret) -> Self {
-        KmsService { master }
+        KmsService {
+            master,
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+        }
+    }
+
+    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
+        self.in_flight
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the KMS is shutting down"))
     }
 }
 
@@ -300,6 +321,7 @@ impl Api for KmsService {
         &self,
         request: Request<GetDataKeyRequest>,
     ) -> Result<Response<GetDataKeyResponse>, Status> {
+        let _slot = self.slot().await?;
         let client = client_of(&request);
         let req = request.into_inner();
         let result = Self::check(&req.data_key_id, req.length).and_then(|len| {
@@ -319,6 +341,7 @@ impl Api for KmsService {
         &self,
         request: Request<GetVersionedDataKeyRequest>,
     ) -> Result<Response<GetVersionedDataKeyResponse>, Status> {
+        let _slot = self.slot().await?;
         let client = client_of(&request);
         let req = request.into_inner();
         let wanted = (req.key_version != 0).then_some(req.key_version);

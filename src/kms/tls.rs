@@ -48,8 +48,12 @@ pub struct TlsFiles {
 
 impl TlsFiles {
     /// The KMS side: its certificate, and client certificates required and
-    /// checked against `ca`.
-    pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
+    /// checked against `ca`; a client that has not completed the handshake
+    /// within `handshake_timeout` is disconnected.
+    pub fn server_config(
+        &self,
+        handshake_timeout: std::time::Duration,
+    ) -> Result<ServerTlsConfig, TlsError> {
         let identity = Identity::from_pem(
             read_cert("certificate", &self.cert)?,
             read("private key", &self.key)?,
@@ -57,7 +61,8 @@ impl TlsFiles {
         Ok(ServerTlsConfig::new()
             .identity(identity)
             .client_ca_root(Certificate::from_pem(read_cert("client CA", &self.ca)?))
-            .client_auth_optional(false))
+            .client_auth_optional(false)
+            .timeout(handshake_timeout))
     }
 
     /// The node side: its client certificate, and the KMS's certificate checked

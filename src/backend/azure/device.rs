@@ -5,6 +5,16 @@
 //! "Virtual Disk" at LUN N that is not the OS or resource disk. Several
 //! candidates are an error, never a guess. The roots are injectable so that
 //! tests run against a fake tree.
+//!
+//! The SCSI device itself does not say which managed disk it is: a data disk
+//! reports vendor `Msft`, model `Virtual Disk`, and VPD pages whose serial and
+//! designators are Hyper-V's per-attachment values, not the disk's name or
+//! resource id. So, unlike GCP's device name, the disk behind a LUN cannot be
+//! confirmed from sysfs; what binds the LUN to the volume is the controller,
+//! which reads it from the VM's own attachment of that disk, and the exact LUN
+//! match here (`lun1` is never `lun10`). The one place the guest can see the
+//! mapping is the Instance Metadata Service (`storageProfile.dataDisks`: LUN,
+//! name, managed disk id); checking the LUN against it is not done yet.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;

@@ -14,7 +14,9 @@
 //! The device name given to `attachDisk` is the disk's name, so the guest's
 //! udev makes `/dev/disk/by-id/google-<disk>`; the device name actually in use
 //! (which differs only for a disk someone attached by hand) is what the publish
-//! context carries, under [`PUBLISH_DEVICE_NAME`].
+//! context carries, under [`PUBLISH_DEVICE_NAME`]; the node uses a device only
+//! when that name is the volume id's disk, so a disk attached by hand under
+//! another name is refused there (FAILED_PRECONDITION) rather than trusted.
 
 use std::collections::BTreeMap;
 use std::fmt;

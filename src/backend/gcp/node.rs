@@ -8,7 +8,15 @@
 //!
 //! - SCSI (`/sys/block/sd*`): the unit serial number, VPD page 0x80, which GCE
 //!   sets to the device name; else an ASCII designator of the device
-//!   identification page 0x83 that ends in the device name.
+//!   identification page 0x83 that is the device name, or whose last word
+//!   (after a space or `_`, as in `Google  PersistentDisk NAME` or
+//!   `0Google_PersistentDisk_NAME`) is. A device name cannot contain either,
+//!   so that word is the whole name: `disk-0` never matches the boot disk's
+//!   `persistent-disk-0`, nor `google-disk-0`.
+//!
+//! Every match is exact, and only on the name this driver's controller gives
+//! the attachment: the volume id's disk name ([`block_device`] refuses a publish
+//! context that names another).
 //! - NVMe (`/sys/block/nvme*n*`): the Identify Namespace data, whose
 //!   vendor-specific area (from byte 384) holds GCE's JSON with `device_name`.
 //!   It is read with the NVMe admin passthrough ioctl; tests inject it.
@@ -144,6 +152,17 @@ pub async fn block_device(
             device.chars().take(64).collect::<String>()
         )));
     }
+    // The controller attaches a volume's disk under the disk's own name. Any
+    // other name is another disk's device (or this one attached by hand), and
+    // formatting or opening it would act on a disk that is not the volume.
+    if device != id.disk() {
+        return Err(tonic::Status::failed_precondition(format!(
+            "volume {id}: publish_context {PUBLISH_DEVICE_NAME} is {device:?}, but the volume's \
+             disk is {:?}, the only device name this driver attaches it under; refusing to use \
+             another device (detach a disk attached by hand and let the driver attach it)",
+            id.disk()
+        )));
+    }
     match wait_for_device(roots, device, timeout).await {
         Ok(Some(path)) => Ok(path),
         Ok(None) => Err(tonic::Status::unavailable(format!(
@@ -166,13 +185,24 @@ fn scsi_device_name_matches(dir: &Path, device_name: &str) -> bool {
         return true;
     }
     if let Some(pg83) = vpd("vpd_pg83") {
-        return vpd_designators(&pg83).iter().any(|d| {
-            d == device_name
-                || d.strip_suffix(device_name)
-                    .is_some_and(|head| head.ends_with([' ', '_', '-']) && !head.trim().is_empty())
-        });
+        return vpd_designators(&pg83)
+            .iter()
+            .any(|d| designator_names(d, device_name));
     }
     false
+}
+
+/// Whether a page 0x83 designator names exactly `device_name`: it is the name,
+/// or its last word after a space or `_` is (GCP names contain neither, so
+/// the word is never a part of a longer name).
+fn designator_names(designator: &str, device_name: &str) -> bool {
+    if designator == device_name {
+        return true;
+    }
+    match designator.rsplit_once([' ', '_']) {
+        Some((head, last)) => last == device_name && !head.trim_matches([' ', '_']).is_empty(),
+        None => false,
+    }
 }
 
 /// The unit serial number of a VPD page 0x80 (4-byte header, then the
@@ -408,6 +438,98 @@ mod tests {
         assert_eq!(find_device(&r, "vc-7").unwrap(), None);
     }
 
+    /// Names that end like the wanted one, differ by a prefix, or are its
+    /// prefix: none may stand for it, whichever identifier carries them.
+    #[test]
+    fn near_miss_names_never_match() {
+        let t = tempfile::tempdir().unwrap();
+        let r = roots(t.path(), no_nvme);
+        // The boot disk, as GCE reports it in page 0x83 only.
+        scsi(
+            t.path(),
+            "sda",
+            None,
+            Some(pg83(&[(2, "Google  PersistentDisk persistent-disk-0")])),
+        );
+        scsi(
+            t.path(),
+            "sdb",
+            None,
+            Some(pg83(&[(2, "Google  PersistentDisk google-disk-0")])),
+        );
+        scsi(
+            t.path(),
+            "sdc",
+            None,
+            Some(pg83(&[(2, "0Google_PersistentDisk_my-disk-0")])),
+        );
+        scsi(t.path(), "sdd", Some(pg80("persistent-disk-1")), None);
+        scsi(t.path(), "sde", Some(pg80("disk-2-old")), None);
+        scsi(t.path(), "sdf", None, Some(pg83(&[(2, "-disk-3")])));
+        for wanted in ["disk-0", "disk-1", "disk-2", "disk-3"] {
+            assert_eq!(find_device(&r, wanted).unwrap(), None, "{wanted}");
+        }
+        // The whole names still match, in each of GCE's forms.
+        assert_eq!(
+            find_device(&r, "persistent-disk-0").unwrap(),
+            Some(r.dev.join("sda"))
+        );
+        assert_eq!(
+            find_device(&r, "google-disk-0").unwrap(),
+            Some(r.dev.join("sdb"))
+        );
+        assert_eq!(
+            find_device(&r, "my-disk-0").unwrap(),
+            Some(r.dev.join("sdc"))
+        );
+        assert!(designator_names("disk-0", "disk-0"));
+        assert!(!designator_names(" disk-0", "disk-0"));
+        assert!(!designator_names("Google disk-0x", "disk-0"));
+    }
+
+    #[tokio::test]
+    async fn only_the_volumes_own_disk_is_used() {
+        let t = tempfile::tempdir().unwrap();
+        let r = roots(t.path(), no_nvme);
+        // The boot disk reports persistent-disk-0; another volume's disk is
+        // attached and visible as pvc-2.
+        scsi(
+            t.path(),
+            "sda",
+            None,
+            Some(pg83(&[(2, "Google  PersistentDisk persistent-disk-0")])),
+        );
+        scsi(t.path(), "sdb", Some(pg80("pvc-2")), None);
+        let ctx = |v: &str| {
+            std::collections::HashMap::from([(PUBLISH_DEVICE_NAME.to_string(), v.to_string())])
+        };
+        let short = Duration::from_millis(50);
+        // A publish context naming another disk than the volume id's.
+        let id: VolumeId = "gcp:us-central1-a:pvc-1".parse().unwrap();
+        let err = block_device(&r, &id, &ctx("pvc-2"), short)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+        assert!(err.message().contains("pvc-2"), "{err}");
+        // The volume disk-0, not attached: never the boot disk.
+        let id: VolumeId = "gcp:us-central1-a:disk-0".parse().unwrap();
+        let err = block_device(&r, &id, &ctx("disk-0"), short)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+        // A link by id for a longer name is not the volume's either.
+        std::fs::write(t.path().join("dev/sdg"), b"").unwrap();
+        symlink(
+            "../../sdg",
+            t.path().join("dev/disk/by-id/google-google-disk-0"),
+        )
+        .unwrap();
+        let err = block_device(&r, &id, &ctx("disk-0"), short)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    }
+
     #[test]
     fn nvme_fallback() {
         let t = tempfile::tempdir().unwrap();
@@ -492,7 +614,17 @@ mod tests {
             tonic::Code::InvalidArgument
         );
         assert_eq!(code(&ctx("../../sda")).await, tonic::Code::InvalidArgument);
-        assert_eq!(code(&ctx("pvc-2")).await, tonic::Code::Unavailable);
+        // Another disk's device name: refused before any device is looked for.
+        assert_eq!(code(&ctx("pvc-2")).await, tonic::Code::FailedPrecondition);
+        // The volume's own name, with no such device attached.
+        let absent: VolumeId = "gcp:us-central1-a:pvc-3".parse().unwrap();
+        assert_eq!(
+            block_device(&r, &absent, &ctx("pvc-3"), short)
+                .await
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unavailable
+        );
     }
 
     #[test]
