@@ -82,6 +82,32 @@ impl BlankDevice {
         &self.path
     }
 
+    /// Zeroes exactly the LUKS2 header area (the first 16 MiB, both copies and
+    /// the keyslots area) of the held device and flushes it: what is left of a
+    /// first format that a crash interrupted, before it is redone.
+    pub fn wipe_header_area(&self) -> Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        let io = |op: &'static str| {
+            let target = self.path.display().to_string();
+            move |source| Error::Io { op, target, source }
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(fd_path(&self.file))
+            .map_err(io("open to wipe the header area"))?;
+        let size = f.seek(SeekFrom::End(0)).map_err(io("size"))?;
+        f.seek(SeekFrom::Start(0)).map_err(io("seek"))?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = super::LUKS2_HEADER_BYTES.min(size);
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            f.write_all(&zeros[..n])
+                .map_err(io("wipe the header area"))?;
+            left -= n as u64;
+        }
+        f.sync_all().map_err(io("flush the wiped header area"))
+    }
+
     /// Gives up the exclusive descriptor and returns a plain one on the same
     /// device, after checking that the path still names the device that was
     /// probed (a device node or link swapped meanwhile is refused). The format

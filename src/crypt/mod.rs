@@ -352,9 +352,35 @@ pub enum DeviceState {
 /// with other data or signatures, a header outside our whitelist. A header we
 /// began to write but did not finish (our label, no token yet, and a data area
 /// that is still zeros) counts as blank, so a retried stage formats it again.
-pub async fn inspect(device: &Path) -> Result<DeviceState> {
+///
+/// `fresh`: the controller recorded that it created this disk empty and this
+/// is its first attachment (see `volume::fresh`). Then whatever a crash left of
+/// an interrupted first format, however torn (two copies that disagree, one
+/// missing, both unreadable, a partial write anywhere in the header area), is
+/// redone when the data area still reads as zeros (edges and samples): the
+/// header area is wiped and the device counts as blank. Without the record
+/// such a device is refused.
+pub async fn inspect(device: &Path, fresh: bool) -> Result<DeviceState> {
     let device = device.to_path_buf();
-    blocking(move || {
+    blocking(move || match inspect_device(&device) {
+        Err(refused @ (Error::BadHeader { .. } | Error::NotBlank { .. })) if fresh => {
+            let Ok(blank) = blank::probe_unfinished(&device) else {
+                return Err(refused);
+            };
+            tracing::warn!(device = %device.display(), reason = %refused,
+                "an interrupted first format on a disk the controller created empty: \
+                 wiping its header area and formatting it again");
+            blank.wipe_header_area()?;
+            Ok(DeviceState::Blank(blank))
+        }
+        other => other,
+    })
+    .await
+}
+
+fn inspect_device(device: &Path) -> Result<DeviceState> {
+    let device = device.to_path_buf();
+    {
         let header = match header::read(&device) {
             Err(Error::NotLuks2 { .. }) => return probe_blank(&device).map(DeviceState::Blank),
             other => other?,
@@ -385,8 +411,7 @@ pub async fn inspect(device: &Path) -> Result<DeviceState> {
             }
         }
         info(&device, &header).map(DeviceState::Formatted)
-    })
-    .await
+    }
 }
 
 /// What a validated header says: its key id (the UUID) and our token.
@@ -697,9 +722,88 @@ mod tests {
                 "{entry}"
             );
             // The stage path refuses it before any libcryptsetup call.
-            let e = inspect(img.path()).await.unwrap_err();
+            let e = inspect(img.path(), false).await.unwrap_err();
             assert!(matches!(e, Error::BadHeader { .. }), "{e:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_first_format_is_redone_only_on_a_fresh_disk() {
+        use std::os::unix::fs::FileExt;
+        let img = image(64 << 20);
+        let key_id = KeyId::new_random();
+        let mut opts = options(&key_id, Integrity::None);
+        opts.token.key_version = 1;
+        format(probe_blank(img.path()).unwrap(), &key(&key_id), &opts)
+            .await
+            .unwrap();
+        let formatted = std::fs::read(img.path()).unwrap();
+        // What a power loss can leave of a first format: sectors of either copy
+        // lost, so that the copies disagree, one is torn, or both are.
+        let damages: [(&str, &[(u64, u64)]); 3] = [
+            ("the secondary torn", &[(16 << 10, 5000)]),
+            ("both copies torn", &[(5000, 1), (20 << 10, 1)]),
+            (
+                "the primary lost, the secondary torn",
+                &[(0, 4096), (20 << 10, 1)],
+            ),
+        ];
+        for (what, lost) in damages {
+            std::fs::write(img.path(), &formatted).unwrap();
+            // The token never made it: drop both copies' tokens by tearing the
+            // copies (the data area was never written).
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(img.path())
+                .unwrap();
+            for &(at, len) in lost {
+                f.write_all_at(&vec![0xa5; len as usize], at).unwrap();
+            }
+            drop(f);
+            let before = std::fs::read(img.path()).unwrap();
+            // Without the record: refused, the device untouched.
+            let refused = inspect(img.path(), false).await;
+            if !matches!(refused, Ok(DeviceState::Formatted(_))) {
+                assert!(refused.is_err(), "{what}: read as blank without the record");
+                assert_eq!(std::fs::read(img.path()).unwrap(), before, "{what}");
+            }
+            // With it: a torn state that still holds a valid copy with our
+            // token is a format that completed and is opened as such; anything
+            // else is wiped and formatted again.
+            match inspect(img.path(), true).await.unwrap() {
+                DeviceState::Formatted(info) => {
+                    assert_eq!(info.key_id, key_id, "{what}");
+                    assert_eq!(what, "the secondary torn");
+                }
+                DeviceState::Blank(blank) => {
+                    assert_ne!(what, "the secondary torn");
+                    let head = std::fs::read(img.path()).unwrap();
+                    assert!(
+                        head[..16 << 20].iter().all(|&b| b == 0),
+                        "{what}: header area not wiped"
+                    );
+                    let fresh = KeyId::new_random();
+                    format(blank, &key(&fresh), &options(&fresh, Integrity::None))
+                        .await
+                        .unwrap();
+                    verify_key(img.path(), &key(&fresh)).await.unwrap();
+                }
+            }
+        }
+        // A disk whose data area was written (mkfs writes its superblock at the
+        // start of the mapped device) is never redone, record or not.
+        std::fs::write(img.path(), &formatted).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(img.path())
+            .unwrap();
+        f.write_all_at(&[0xa5; 4096], 5000).unwrap();
+        f.write_all_at(&[0xa5; 4096], 20 << 10).unwrap();
+        f.write_all_at(&[0x5a; 4096], (16 << 20) + 1024).unwrap();
+        drop(f);
+        let before = std::fs::read(img.path()).unwrap();
+        assert!(inspect(img.path(), true).await.is_err());
+        assert_eq!(std::fs::read(img.path()).unwrap(), before);
     }
 
     #[tokio::test]
@@ -726,7 +830,7 @@ mod tests {
             .unwrap();
         let torn = header::read(img.path()).unwrap();
         assert_eq!(torn.copies, header::Copies::PrimaryNewer);
-        match inspect(img.path()).await.unwrap() {
+        match inspect(img.path(), false).await.unwrap() {
             DeviceState::Formatted(info) => {
                 assert_eq!(info.token.unwrap().content.as_deref(), Some("ext4"))
             }

@@ -247,7 +247,7 @@ impl NodeService {
         options: &VolumeOptions,
         origin: &DiskOrigin,
     ) -> Result<(HeaderInfo, Option<DataKey>), Status> {
-        match crypt::inspect(device).await? {
+        match crypt::inspect(device, matches!(origin, DiskOrigin::Fresh(_))).await? {
             DeviceState::Formatted(header) => Ok((header, None)),
             DeviceState::Blank(blank) => {
                 let record = match origin {
