@@ -657,6 +657,32 @@ fn patch_disk(s: &mut State, base: &str, path: &str, r: &Seen) -> Reply {
     let Some(disk) = s.disks.get(path).cloned() else {
         return get(&s.disks, path, "disk");
     };
+    // DiskUpdate: either the size or the tags (which replace the whole set).
+    if let Some(tags) = body.get("tags") {
+        let strings = tags
+            .as_object()
+            .is_some_and(|t| t.values().all(Value::is_string));
+        if !strings || body.as_object().is_some_and(|o| o.len() != 1) {
+            s.problems
+                .push(format!("PATCH disk: unexpected fields {body}"));
+            return arm_error(400, "InvalidParameter", "tags must map names to strings");
+        }
+        let d = s.disks.get_mut(path).unwrap();
+        d["tags"] = tags.clone();
+        d["properties"]["provisioningState"] = json!("Updating");
+        let out = d.clone();
+        return start_op(
+            s,
+            base,
+            202,
+            Finish::Provisioned {
+                snapshot: false,
+                key: path.to_string(),
+            },
+            out,
+            false,
+        );
+    }
     let props = body["properties"].as_object().cloned().unwrap_or_default();
     if props.keys().any(|k| k != "diskSizeGB") || body.as_object().is_some_and(|o| o.len() != 1) {
         s.problems
