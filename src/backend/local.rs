@@ -119,6 +119,10 @@ struct DiskEntry {
     /// existed, so those disks are never formatted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     fresh: Option<FreshRecord>,
+    /// The usable size the CO holds it as ([`Disk::usable_bytes`]); absent in
+    /// indexes written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    usable_bytes: Option<u64>,
 }
 
 impl DiskEntry {
@@ -142,6 +146,9 @@ struct SnapshotEntry {
     created_unix_nanos: i64,
     #[serde(default)]
     options: BTreeMap<String, String>,
+    /// The source's usable size when it was taken ([`Snapshot::usable_bytes`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    usable_bytes: Option<u64>,
 }
 
 /// `index.json`: keyed by file stem, so iteration order is the stable list order.
@@ -752,6 +759,7 @@ impl Inner {
             attached_to: e.attachments.keys().cloned().collect(),
             options: e.options.clone(),
             fresh: e.live_fresh(),
+            usable_bytes: e.usable_bytes,
         }))
     }
 
@@ -767,6 +775,7 @@ impl Inner {
             created_unix_nanos: e.created_unix_nanos,
             ready: true,
             options: e.options.clone(),
+            usable_bytes: e.usable_bytes,
         }))
     }
 
@@ -926,6 +935,7 @@ impl Inner {
                 options: spec.options.clone(),
                 // Only a disk built from nothing is known to be empty.
                 fresh: spec.source.is_none().then(FreshRecord::new_random),
+                usable_bytes: Some(spec.usable_bytes),
             },
         );
         if let Err(e) = self.commit(&mut index, new).await {
@@ -1113,6 +1123,23 @@ impl Inner {
         Ok(target)
     }
 
+    async fn record_usable(&self, id: &VolumeId, usable_bytes: u64) -> Result<()> {
+        self.check_volume(id)?;
+        let mut index = self.index.lock().await;
+        let Some(entry) = index.disks.get(id.disk()) else {
+            return Err(Error::NotFound(format!("volume {id} does not exist")));
+        };
+        if entry.usable_bytes == Some(usable_bytes) {
+            return Ok(());
+        }
+        let mut new = index.clone();
+        new.disks
+            .get_mut(id.disk())
+            .expect("checked above")
+            .usable_bytes = Some(usable_bytes);
+        self.commit(&mut index, new).await
+    }
+
     async fn create_snapshot(&self, source: &VolumeId, name: &str) -> Result<Snapshot> {
         self.check_volume(source)?;
         if name.is_empty() {
@@ -1137,6 +1164,14 @@ impl Inner {
             )));
         }
         let (file, len) = self.open_source(&index, &DiskSource::Disk(source.clone()))?;
+        // Taken with the image's length, under the same lock: the usable size
+        // that goes with the bytes copied (an expansion during the copy records
+        // a larger one for the disk, not for this snapshot).
+        let (options, usable_bytes) = index
+            .disks
+            .get(source.disk())
+            .map(|d| (d.options.clone(), d.usable_bytes))
+            .unwrap_or_default();
         let available = self.available(&index)?;
         if len > available {
             return Err(Error::ResourceExhausted(format!(
@@ -1155,11 +1190,6 @@ impl Inner {
 
         let mut index = self.index.lock().await;
         let mut new = index.clone();
-        let options = index
-            .disks
-            .get(source.disk())
-            .map(|d| d.options.clone())
-            .unwrap_or_default();
         new.snapshots.insert(
             stem.clone(),
             SnapshotEntry {
@@ -1168,6 +1198,7 @@ impl Inner {
                 size_bytes: len,
                 created_unix_nanos: now_unix_nanos(),
                 options,
+                usable_bytes,
             },
         );
         if let Err(e) = self.commit(&mut index, new).await {
@@ -1295,6 +1326,12 @@ impl DiskBackend for LocalBackend {
             .await
     }
 
+    async fn record_usable(&self, id: &VolumeId, usable_bytes: u64) -> Result<()> {
+        let id = id.clone();
+        self.run(|inner| async move { inner.record_usable(&id, usable_bytes).await })
+            .await
+    }
+
     async fn create_snapshot(&self, source: &VolumeId, name: &str) -> Result<Snapshot> {
         let source = source.clone();
         let name = name.to_string();
@@ -1396,6 +1433,7 @@ mod tests {
             parameters: BTreeMap::new(),
             accessibility: None,
             options: BTreeMap::new(),
+            usable_bytes: capacity_bytes.saturating_sub(16 * MIB),
         }
     }
 

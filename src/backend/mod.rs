@@ -78,6 +78,9 @@ pub struct DiskSpec {
     /// activation flags), kept with the disk so that later calls (expansion,
     /// ControllerGetVolume, snapshots) know them. Opaque to the backend.
     pub options: BTreeMap<String, String>,
+    /// The usable size the CO is given for this volume (its `capacity_bytes`),
+    /// which the backend records with the disk ([`Disk::usable_bytes`]).
+    pub usable_bytes: u64,
 }
 
 /// A disk as the backend reports it.
@@ -99,6 +102,10 @@ pub struct Disk {
     /// not been through an attachment since ([`crate::volume::fresh`]); `None`
     /// for a copy, an import, or once the first attachment has ended.
     pub fresh: Option<FreshRecord>,
+    /// The usable size the CO was last given for it: [`DiskSpec::usable_bytes`],
+    /// then what [`DiskBackend::record_usable`] recorded after an expansion.
+    /// `None` for a disk from before the driver kept it.
+    pub usable_bytes: Option<u64>,
 }
 
 /// A snapshot as the backend reports it.
@@ -115,6 +122,10 @@ pub struct Snapshot {
     /// The source disk's options when the snapshot was taken: a restore holds the
     /// same LUKS2 header, hence the same layout.
     pub options: BTreeMap<String, String>,
+    /// The source disk's [`Disk::usable_bytes`] when the snapshot was taken:
+    /// what the CO may restore it into. `None` for a snapshot from before the
+    /// driver kept it.
+    pub usable_bytes: Option<u64>,
 }
 
 /// Why a backend operation failed. Each variant is the gRPC code of the same
@@ -264,7 +275,13 @@ pub trait DiskBackend: Send + Sync {
     /// after rounding, and is `InvalidArgument` when smaller (no shrinking).
     async fn expand(&self, id: &VolumeId, new_capacity_bytes: u64) -> Result<u64>;
 
-    /// Snapshots a disk under `name`: idempotent by name; the same name for
+    /// Records `usable_bytes` as the disk's [`Disk::usable_bytes`] (the
+    /// controller calls it after an expansion, with the size it reports to the
+    /// CO). Idempotent; an unknown disk is `NotFound`.
+    async fn record_usable(&self, id: &VolumeId, usable_bytes: u64) -> Result<()>;
+
+    /// Snapshots a disk under `name`, recording the disk's usable size with it
+    /// ([`Snapshot::usable_bytes`]): idempotent by name; the same name for
     /// another source is `AlreadyExists`; a missing source is `NotFound`.
     async fn create_snapshot(&self, source: &VolumeId, name: &str) -> Result<Snapshot>;
 

@@ -148,7 +148,8 @@ impl ControllerService {
             }),
         });
         Volume {
-            capacity_bytes: disk.capacity_bytes as i64,
+            capacity_bytes: known_usable(disk.usable_bytes, disk.capacity_bytes, &disk.options)
+                as i64,
             volume_id: disk.id.to_string(),
             volume_context: match options {
                 Some(o) => o.to_volume_context(),
@@ -253,9 +254,39 @@ fn topology_requirement(req: Option<&TopologyRequirementProto>) -> Option<Topolo
 
 type TopologyRequirementProto = crate::proto::csi::TopologyRequirement;
 
+/// The usable size of a volume or snapshot as the CO knows it.
+///
+/// Why it is recorded rather than computed from the disk: the CO holds a volume
+/// as the size CreateVolume or ControllerExpandVolume reported, and a
+/// snapshot's `size_bytes` becomes its `restoreSize`, the least a restored claim
+/// may ask for (external-provisioner refuses anything smaller). The raw disk
+/// cannot give that size back: it holds the LUKS2 header and, with integrity,
+/// dm-integrity's metadata (estimated, not exact), and a cloud rounds it up to
+/// whole GiB, so a 1 GiB claim sits on a 2 GiB disk whose usable remainder,
+/// about 2 GiB, would make every restore into a 1 GiB claim fail. Nor can the
+/// disk's size tell whether an expansion happened: ControllerExpandVolume may
+/// report a larger size on an unchanged disk when the rounding left room. So
+/// the controller records the size it reports, at creation and after every
+/// expansion, with the disk (local index, Azure tag, GCP label), and a snapshot
+/// copies it. Restoring into that size then asks for `disk_bytes_for(usable)`,
+/// which is the source disk's size again before the backend's rounding (the
+/// disk was made from it, or the size was computed from the disk), so the
+/// restore fits and leaves at least that much usable.
+///
+/// A disk or snapshot from before the size was recorded falls back to what its
+/// raw size leaves usable.
+fn known_usable(recorded: Option<u64>, raw_bytes: u64, options: &BTreeMap<String, String>) -> u64 {
+    recorded.unwrap_or_else(|| {
+        let integrity = disk_options(options)
+            .map(|o| o.integrity)
+            .unwrap_or(Integrity::None);
+        usable_of_disk(raw_bytes, integrity)
+    })
+}
+
 fn snapshot(s: &BackendSnapshot) -> crate::proto::csi::Snapshot {
     crate::proto::csi::Snapshot {
-        size_bytes: s.size_bytes as i64,
+        size_bytes: known_usable(s.usable_bytes, s.size_bytes, &s.options) as i64,
         snapshot_id: s.id.to_string(),
         source_volume_id: s.source.to_string(),
         creation_time: Some(prost_types::Timestamp {
@@ -317,11 +348,13 @@ impl Controller for ControllerService {
             parameters: backend_params,
             accessibility: topology_requirement(req.accessibility_requirements.as_ref()),
             options: options.to_volume_context().into_iter().collect(),
+            usable_bytes: usable,
         };
         let disk = self.backend.create_disk(&spec).await?;
         tracing::info!(volume = %disk.id, bytes = usable, "volume ready");
         let mut volume = self.volume(&disk, Some(options));
-        // Report what the user asked for and can use, not the disk's raw size.
+        // Report what the user asked for and can use, not the disk's raw size
+        // (a retry after an expansion still answers the size asked for here).
         volume.capacity_bytes = usable as i64;
         Ok(Response::new(CreateVolumeResponse {
             volume: Some(volume),
@@ -563,6 +596,10 @@ impl Controller for ControllerService {
         }
         let source = self.parse_volume_id("source_volume_id", &req.source_volume_id)?;
         let _held = self.guards.take(&format!("snapshot/{}", req.name))?;
+        // The source's guard too: an expansion grows the disk, then records its
+        // new usable size; a snapshot between the two would pair the grown
+        // bytes with the old size, and a restore into that size would not fit.
+        let _source_held = self.guards.take(&source.to_string())?;
         let snap = self.backend.create_snapshot(&source, &req.name).await?;
         Ok(Response::new(CreateSnapshotResponse {
             snapshot: Some(snapshot(&snap)),
@@ -690,6 +727,10 @@ impl Controller for ControllerService {
             self.backend.expand(&id, wanted).await?
         };
         let usable_now = usable_of_disk(disk_bytes, options.integrity);
+        // What the CO now holds the volume as, for its snapshots (`known_usable`).
+        if disk.usable_bytes != Some(usable_now) {
+            self.backend.record_usable(&id, usable_now).await?;
+        }
         tracing::info!(volume = %id, bytes = usable_now, "volume expanded");
         Ok(Response::new(ControllerExpandVolumeResponse {
             capacity_bytes: usable_now as i64,
@@ -713,9 +754,231 @@ impl Controller for ControllerService {
     }
 }
 
+/// The restore-size contract, checked against each backend (local, and Azure and
+/// GCP against their fakes): a snapshot reports the usable size its source was
+/// given to the CO, and a restore or clone into exactly that size succeeds.
+#[cfg(test)]
+pub(crate) mod restore_size {
+    use super::*;
+    use crate::proto::csi::volume_capability::access_mode::Mode;
+    use crate::proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+
+    fn create_req(
+        name: &str,
+        bytes: u64,
+        params: &[(&str, &str)],
+        source: Option<volume_content_source::Type>,
+    ) -> CreateVolumeRequest {
+        CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: bytes as i64,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![VolumeCapability {
+                access_type: Some(AccessType::Mount(MountVolume {
+                    fs_type: "ext4".into(),
+                    ..Default::default()
+                })),
+                access_mode: Some(AccessMode {
+                    mode: Mode::SingleNodeWriter as i32,
+                }),
+            }],
+            parameters: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            volume_content_source: source.map(|t| VolumeContentSource { r#type: Some(t) }),
+            ..Default::default()
+        }
+    }
+
+    async fn create(ctl: &ControllerService, req: CreateVolumeRequest) -> Result<Volume, Status> {
+        Ok(ctl
+            .create_volume(Request::new(req))
+            .await?
+            .into_inner()
+            .volume
+            .expect("a volume"))
+    }
+
+    /// Snapshots `volume` (reported as `capacity` to the CO) and checks that
+    /// CreateSnapshot, GetSnapshot and ListSnapshots all report `capacity`, and
+    /// that a restore and a clone asking for exactly `capacity` succeed with at
+    /// least that much. Returns the snapshot's id.
+    pub async fn snapshot_restores_into_its_size(
+        ctl: &ControllerService,
+        tag: &str,
+        volume: &Volume,
+        params: &[(&str, &str)],
+    ) -> String {
+        let capacity = volume.capacity_bytes as u64;
+        let snap = ctl
+            .create_snapshot(Request::new(CreateSnapshotRequest {
+                source_volume_id: volume.volume_id.clone(),
+                name: format!("{tag}-snap"),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_or_else(|e| panic!("{tag}: CreateSnapshot: {e}"))
+            .into_inner()
+            .snapshot
+            .unwrap();
+        assert_eq!(
+            snap.size_bytes as u64, capacity,
+            "{tag}: CreateSnapshot's size_bytes is not the volume's capacity"
+        );
+        let got = ctl
+            .get_snapshot(Request::new(GetSnapshotRequest {
+                snapshot_id: snap.snapshot_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        assert_eq!(got.size_bytes as u64, capacity, "{tag}: GetSnapshot");
+        let listed = ctl
+            .list_snapshots(Request::new(ListSnapshotsRequest {
+                snapshot_id: snap.snapshot_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        assert_eq!(listed.len(), 1, "{tag}: ListSnapshots by id");
+        assert_eq!(
+            listed[0].snapshot.as_ref().unwrap().size_bytes as u64,
+            capacity,
+            "{tag}: ListSnapshots"
+        );
+        let listed = ctl
+            .list_snapshots(Request::new(ListSnapshotsRequest {
+                source_volume_id: volume.volume_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        assert!(
+            listed
+                .iter()
+                .filter_map(|e| e.snapshot.as_ref())
+                .all(|s| s.size_bytes as u64 == capacity),
+            "{tag}: ListSnapshots by source: {listed:?}"
+        );
+
+        let restore = create_req(
+            &format!("{tag}-restore"),
+            snap.size_bytes as u64,
+            params,
+            Some(volume_content_source::Type::Snapshot(SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            })),
+        );
+        let restored = create(ctl, restore)
+            .await
+            .unwrap_or_else(|e| panic!("{tag}: restore into {capacity} bytes: {e}"));
+        assert!(
+            restored.capacity_bytes as u64 >= capacity,
+            "{tag}: restored {} < {capacity}",
+            restored.capacity_bytes
+        );
+        let clone = create_req(
+            &format!("{tag}-clone"),
+            capacity,
+            params,
+            Some(volume_content_source::Type::Volume(VolumeSource {
+                volume_id: volume.volume_id.clone(),
+            })),
+        );
+        let cloned = create(ctl, clone)
+            .await
+            .unwrap_or_else(|e| panic!("{tag}: clone into {capacity} bytes: {e}"));
+        assert!(cloned.capacity_bytes as u64 >= capacity, "{tag}: clone");
+        // A snapshot of the restored volume restores into its size in turn.
+        let again = ctl
+            .create_snapshot(Request::new(CreateSnapshotRequest {
+                source_volume_id: restored.volume_id.clone(),
+                name: format!("{tag}-snap-of-restore"),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        assert_eq!(
+            again.size_bytes, restored.capacity_bytes,
+            "{tag}: snapshot of the restore"
+        );
+        snap.snapshot_id
+    }
+
+    /// The three cases on one controller: a plain volume, an integrity volume,
+    /// and a plain volume expanded before its snapshot. `bytes` is the size
+    /// first asked for, `grown` what the expansion asks for.
+    pub async fn check(ctl: &ControllerService, bytes: u64, grown: u64) {
+        let integrity = [(super::super::params::INTEGRITY, "true")];
+        for (tag, params) in [("plain", &[][..]), ("integrity", &integrity[..])] {
+            let vol = create(ctl, create_req(&format!("{tag}-src"), bytes, params, None))
+                .await
+                .unwrap();
+            assert_eq!(vol.capacity_bytes as u64, bytes, "{tag}: CreateVolume");
+            snapshot_restores_into_its_size(ctl, tag, &vol, params).await;
+        }
+
+        let vol = create(ctl, create_req("grown-src", bytes, &[], None))
+            .await
+            .unwrap();
+        let expanded = ctl
+            .controller_expand_volume(Request::new(ControllerExpandVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: grown as i64,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(expanded.capacity_bytes as u64 >= grown);
+        let vol = Volume {
+            capacity_bytes: expanded.capacity_bytes,
+            ..vol
+        };
+        snapshot_restores_into_its_size(ctl, "grown", &vol, &[]).await;
+        // ControllerGetVolume reports what the CO holds, too.
+        let got = ctl
+            .controller_get_volume(Request::new(ControllerGetVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(got.capacity_bytes, expanded.capacity_bytes, "GetVolume");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The local backend, in process: snapshots report the usable size and
+    /// restore into it.
+    #[tokio::test]
+    async fn local_snapshots_restore_into_their_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::backend::LocalBackend::open(dir.path(), "node-1", None).unwrap();
+        let ctl = ControllerService::new(Arc::new(backend), Some(vec!["node-1".into()]));
+        restore_size::check(&ctl, 64 * MIB, 100 * MIB + 4096).await;
+    }
 
     #[test]
     fn usable_size_honours_the_range() {

@@ -82,7 +82,157 @@ pub fn cases() -> Vec<Case> {
             name: "node_restage_checks_the_ext4_it_finds_and_repairs_its_error_state",
             run: |c| Box::pin(restage_checks(c)),
         },
+        Case {
+            name: "node_snapshot_restores_into_its_usable_size",
+            run: |c| Box::pin(restore_size(c)),
+        },
     ]
+}
+
+/// Create → ControllerPublish → NodeStage (until an integrity wipe is done) →
+/// NodePublish.
+async fn provision_wiped(d: &mut Driver, req: CreateVolumeRequest) -> Result<Staged, String> {
+    let cap = req.volume_capabilities[0].clone();
+    let volume = check!(d.controller.create_volume(req.clone()).await)
+        .into_inner()
+        .volume
+        .ok_or("no volume")?;
+    let publish_context = check!(
+        d.controller
+            .controller_publish_volume(attach_req(&volume.volume_id, &cap))
+            .await
+    )
+    .into_inner()
+    .publish_context;
+    let base = d.dir.join("kubelet").join(&req.name);
+    let staging = base.join("staging");
+    check!(std::fs::create_dir_all(&staging));
+    stage_until_wiped(d, &volume, &publish_context, &staging, &cap).await?;
+    let s = Staged {
+        volume,
+        publish_context,
+        staging,
+        target: base.join("target"),
+        cap,
+    };
+    publish(d, &s, false).await?;
+    Ok(s)
+}
+
+/// The size of the block device published at `target`.
+fn block_size(target: &Path) -> Result<u64, String> {
+    use std::io::Seek;
+    let mut f = check!(std::fs::File::open(target));
+    Ok(check!(f.seek(std::io::SeekFrom::End(0))))
+}
+
+/// A snapshot's size is the usable size its source was given (the CO's
+/// restoreSize), not the image with its LUKS2 header; a restore asking for
+/// exactly that size succeeds, opens with the source's data, and its mapping
+/// holds at least that many bytes. Plain, integrity, and a volume expanded
+/// before its snapshot.
+async fn restore_size(_ctx: &mut Ctx) -> CaseResult {
+    let mut d = Driver::start("node-restore-size").await?;
+    let marker = b"cryptdisk: restored at its usable size".repeat(100);
+    for (tag, integrity, grow_to) in [
+        ("plain", false, None),
+        ("integrity", true, None),
+        ("grown", false, Some(100 * MIB + 4096)),
+    ] {
+        let mut req = create_req(&format!("pvc-{tag}"), 40 * MIB, block_cap());
+        if integrity {
+            req.parameters
+                .insert("cryptdisk.csi.io/integrity".into(), "true".into());
+        }
+        let s = provision_wiped(&mut d, req.clone()).await?;
+        ensure!(
+            s.volume.capacity_bytes == 40 * MIB,
+            "{tag}: capacity {}",
+            s.volume.capacity_bytes
+        );
+        let mut capacity = s.volume.capacity_bytes;
+        if let Some(to) = grow_to {
+            grow(&mut d, &s, to).await?;
+            capacity = check!(
+                d.controller
+                    .controller_expand_volume(ControllerExpandVolumeRequest {
+                        volume_id: s.volume.volume_id.clone(),
+                        capacity_range: Some(CapacityRange {
+                            required_bytes: to,
+                            limit_bytes: 0,
+                        }),
+                        volume_capability: Some(s.cap.clone()),
+                        ..Default::default()
+                    })
+                    .await
+            )
+            .into_inner()
+            .capacity_bytes;
+        }
+        ensure!(
+            block_size(&s.target)? >= capacity as u64,
+            "{tag}: the source's mapping is smaller than {capacity}"
+        );
+        {
+            let mut f = check!(std::fs::OpenOptions::new().write(true).open(&s.target));
+            check!(f.write_all(&marker));
+            check!(f.sync_all());
+        }
+        release(&mut d, &s).await?;
+
+        let snap = check!(
+            d.controller
+                .create_snapshot(CreateSnapshotRequest {
+                    source_volume_id: s.volume.volume_id.clone(),
+                    name: format!("snap-{tag}"),
+                    ..Default::default()
+                })
+                .await
+        )
+        .into_inner()
+        .snapshot
+        .ok_or("no snapshot")?;
+        ensure!(
+            snap.size_bytes == capacity,
+            "{tag}: snapshot size {} is not the volume's capacity {capacity}",
+            snap.size_bytes
+        );
+        let mut restore = create_req(&format!("pvc-{tag}-restored"), snap.size_bytes, block_cap());
+        restore.parameters = req.parameters.clone();
+        restore.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Snapshot(
+                volume_content_source::SnapshotSource {
+                    snapshot_id: snap.snapshot_id.clone(),
+                },
+            )),
+        });
+        let r = provision_wiped(&mut d, restore).await?;
+        ensure!(
+            r.volume.capacity_bytes >= capacity,
+            "{tag}: restored capacity {}",
+            r.volume.capacity_bytes
+        );
+        let size = block_size(&r.target)?;
+        ensure!(
+            size >= capacity as u64,
+            "{tag}: the restored mapping holds {size} bytes, less than {capacity}"
+        );
+        let mut back = vec![0u8; marker.len()];
+        check!(check!(std::fs::File::open(&r.target)).read_exact(&mut back));
+        ensure!(back == marker, "{tag}: the restored volume lacks the data");
+        release(&mut d, &r).await?;
+        check!(
+            d.controller
+                .delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: snap.snapshot_id,
+                    ..Default::default()
+                })
+                .await
+        );
+        delete(&mut d, &r.volume.volume_id).await?;
+        delete(&mut d, &s.volume.volume_id).await?;
+    }
+    Ok(())
 }
 
 /// csi-sanity sends made-up ids with a field missing and expects INVALID_ARGUMENT

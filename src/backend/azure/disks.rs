@@ -23,6 +23,9 @@ pub const TAG_CREATED_BY: &str = "k8s-azure-created-by";
 pub const TAG_OPTIONS: &str = "cryptdisk-options";
 /// Tag of a snapshot: the volume id it was taken of.
 pub const TAG_SOURCE: &str = "cryptdisk-source-volume";
+/// Tag: the usable size in bytes the CO holds the volume as (of a snapshot: its
+/// source's when taken), which the disk's whole GiB cannot tell.
+pub const TAG_USABLE: &str = "cryptdisk-usable-bytes";
 
 /// The driver's options prefix, dropped in [`TAG_OPTIONS`] to stay short.
 const OPTION_PREFIX: &str = "cryptdisk.csi.io/";
@@ -398,11 +401,18 @@ pub fn to_disk(disk: &Value, driver: &str, location: &str) -> Option<Disk> {
         options: tag(disk, TAG_OPTIONS)
             .map(options_from_tag)
             .unwrap_or_default(),
+        usable_bytes: usable_of(disk),
     })
 }
 
 pub fn zone_topology(location: &str, zone: &str) -> Topology {
     Topology::from([(TOPOLOGY_ZONE.to_string(), format!("{location}-{zone}"))])
+}
+
+/// A resource's [`TAG_USABLE`]; absent (or not a number) on disks from before it
+/// was kept.
+fn usable_of(resource: &Value) -> Option<u64> {
+    tag(resource, TAG_USABLE)?.parse().ok()
 }
 
 /// An ARM snapshot created by this driver as a backend [`Snapshot`].
@@ -434,6 +444,7 @@ pub fn to_snapshot(snap: &Value, driver: &str) -> Option<Snapshot> {
         options: tag(snap, TAG_OPTIONS)
             .map(options_from_tag)
             .unwrap_or_default(),
+        usable_bytes: usable_of(snap),
     })
 }
 

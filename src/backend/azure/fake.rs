@@ -657,22 +657,40 @@ fn patch_disk(s: &mut State, base: &str, path: &str, r: &Seen) -> Reply {
     let Some(disk) = s.disks.get(path).cloned() else {
         return get(&s.disks, path, "disk");
     };
-    // A tags-only PATCH replaces the disk's tags (ARM's update semantics for a
-    // top-level map) and completes at once.
-    if body.as_object().is_some_and(|o| o.len() == 1) && body.get("tags").is_some() {
-        let Some(tags) = body["tags"].as_object().cloned() else {
-            return arm_error(400, "InvalidParameter", "tags is not an object");
-        };
+    // DiskUpdate: either the size or the tags (which replace the whole set).
+    if let Some(tags) = body.get("tags") {
+        let strings = tags
+            .as_object()
+            .is_some_and(|t| t.values().all(Value::is_string));
+        if !strings || body.as_object().is_some_and(|o| o.len() != 1) {
+            s.problems
+                .push(format!("PATCH disk: unexpected fields {body}"));
+            return arm_error(400, "InvalidParameter", "tags must map names to strings");
+        }
+        // The driver sends the whole set back (a PATCH replaces it): its own
+        // tags must survive any change of another.
         for tag in [TAG_CREATED_BY, TAG_NAME] {
-            if !tags.contains_key(tag) {
+            if tags.get(tag).is_none() {
                 s.problems.push(format!(
                     "PATCH disk tags: the driver's tag {tag} was dropped"
                 ));
             }
         }
         let d = s.disks.get_mut(path).unwrap();
-        d["tags"] = Value::Object(tags);
-        return reply(200, d.clone());
+        d["tags"] = tags.clone();
+        d["properties"]["provisioningState"] = json!("Updating");
+        let out = d.clone();
+        return start_op(
+            s,
+            base,
+            202,
+            Finish::Provisioned {
+                snapshot: false,
+                key: path.to_string(),
+            },
+            out,
+            false,
+        );
     }
     let props = body["properties"].as_object().cloned().unwrap_or_default();
     if props.keys().any(|k| k != "diskSizeGB") || body.as_object().is_some_and(|o| o.len() != 1) {

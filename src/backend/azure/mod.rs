@@ -235,7 +235,7 @@ impl AzureBackend {
     /// A new disk's tags: [`Self::tags`], and for an empty disk the fresh-disk
     /// record, set in the same PUT that creates it.
     fn disk_tags(&self, spec: &DiskSpec) -> Result<BTreeMap<&'static str, String>> {
-        let mut tags = self.tags(&spec.name, &spec.options)?;
+        let mut tags = self.tags(&spec.name, &spec.options, Some(spec.usable_bytes))?;
         if spec.source.is_none() {
             tags.insert(fresh::DISK_KEY, FreshRecord::new_random().to_string());
         }
@@ -265,12 +265,17 @@ impl AzureBackend {
         &self,
         name: &str,
         options: &BTreeMap<String, String>,
+        usable_bytes: Option<u64>,
     ) -> Result<BTreeMap<&'static str, String>> {
-        Ok(BTreeMap::from([
+        let mut tags = BTreeMap::from([
             (TAG_NAME, name.to_string()),
             (TAG_CREATED_BY, self.driver.clone()),
             (TAG_OPTIONS, options_tag(options)?),
-        ]))
+        ]);
+        if let Some(bytes) = usable_bytes {
+            tags.insert(TAG_USABLE, bytes.to_string());
+        }
+        Ok(tags)
     }
 }
 
@@ -527,6 +532,37 @@ impl DiskBackend for AzureBackend {
         Ok(now.max(wanted) * GIB)
     }
 
+    async fn record_usable(&self, id: &VolumeId, usable_bytes: u64) -> Result<()> {
+        self.ours(id)?;
+        let existing = self
+            .get_disk_json(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
+        if to_disk(&existing, &self.driver, &self.location)
+            .is_some_and(|d| d.usable_bytes == Some(usable_bytes))
+        {
+            return Ok(());
+        }
+        // A PATCH's tags replace the resource's whole set: send them all.
+        let mut tags = existing
+            .get("tags")
+            .and_then(serde_json::Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        tags.retain(|k, _| !k.eq_ignore_ascii_case(TAG_USABLE));
+        tags.insert(TAG_USABLE.to_string(), json!(usable_bytes.to_string()));
+        self.arm
+            .write(
+                Method::PATCH,
+                &self.disk_path(id),
+                DISKS_API_VERSION,
+                &json!({ "tags": tags }),
+            )
+            .await?;
+        tracing::info!(volume = %id, usable_bytes, "usable size recorded");
+        Ok(())
+    }
+
     async fn create_snapshot(&self, source: &VolumeId, name: &str) -> Result<Snapshot> {
         self.ours(source)?;
         let id = SnapshotId::new(BackendKind::Azure, source.location(), resource_name(name))?;
@@ -549,7 +585,7 @@ impl DiskBackend for AzureBackend {
             .await?
             .and_then(|d| to_disk(&d, &self.driver, &self.location))
             .ok_or_else(|| Error::NotFound(format!("source volume {source} does not exist")))?;
-        let mut tags = self.tags(name, &disk.options)?;
+        let mut tags = self.tags(name, &disk.options, disk.usable_bytes)?;
         tags.insert(TAG_SOURCE, source.to_string());
         let body = json!({
             "location": self.location,

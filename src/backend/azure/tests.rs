@@ -381,7 +381,10 @@ async fn full_controller_lifecycle() {
     assert_eq!(snap.snapshot_id, format!("azure:{RG}:snap-1"));
     assert_eq!(snap.source_volume_id, id);
     assert!(snap.ready_to_use);
-    assert_eq!(snap.size_bytes, 21 * GIB);
+    // The usable size the expansion reported (21 GiB less the LUKS2 header),
+    // not the 21 GiB disk: what the CO restores it into.
+    assert_eq!(snap.size_bytes, r.capacity_bytes);
+    assert_eq!(snap.size_bytes, 21 * GIB - (16 << 20));
     assert_eq!(snap.creation_time.unwrap().seconds, 1_795_982_462);
     assert_eq!(env.snapshot(&id, "snap-1").await.unwrap(), snap);
     let e = env.snapshot(&ultra.volume_id, "snap-1").await.unwrap_err();
@@ -978,5 +981,21 @@ async fn the_fresh_record_is_a_tag_of_empty_disks_until_the_first_unpublish() {
     assert!(!ctx.contains_key(fresh::PUBLISH_KEY), "{ctx:?}");
     env.unpublish(&id, "node-a").await.unwrap();
     env.unpublish(&id, "node-a").await.unwrap();
+}
+
+/// A snapshot reports the usable size the CO holds its source as (not the whole
+/// GiB disk under it), and restores into exactly that: plain, integrity, and
+/// expanded before the snapshot.
+#[tokio::test]
+async fn snapshots_restore_into_their_usable_size() {
+    let env = setup().await;
+    crate::csi::controller::restore_size::check(&env.ctl, GIB as u64, 3 * GIB as u64).await;
+    // The usable size rides on the disk and the snapshot as a tag.
+    let disk = env.disk(&super::disks::resource_name("grown-src"));
+    assert_eq!(
+        disk["tags"][super::disks::TAG_USABLE],
+        json!((4 * GIB - (16 << 20)).to_string()),
+        "{disk}"
+    );
     env.assert_clean();
 }

@@ -15,7 +15,7 @@ use super::attach::NodeName;
 use super::compute::{Kind, gone_is_done};
 use super::metadata::last_segment;
 use super::params::{self, DiskParams, MAX_DISK_GIB, TOPOLOGY_ZONE};
-use super::{GcpBackend, LABEL_DRIVER, LABEL_NAME, SNAPSHOT_LOCATION};
+use super::{GcpBackend, LABEL_DRIVER, LABEL_NAME, LABEL_USABLE, SNAPSHOT_LOCATION};
 use crate::volume::{BackendKind, FreshRecord, SnapshotId, VolumeId, fresh};
 
 const GIB: u64 = 1 << 30;
@@ -191,17 +191,21 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
 }
 
 impl GcpBackend {
-    fn labels(&self, co_name: &str) -> HashMap<String, String> {
-        HashMap::from([
+    fn labels(&self, co_name: &str, usable_bytes: Option<u64>) -> HashMap<String, String> {
+        let mut labels = HashMap::from([
             (LABEL_DRIVER.to_string(), self.driver_label.clone()),
             (LABEL_NAME.to_string(), params::label_value(co_name)),
-        ])
+        ]);
+        if let Some(bytes) = usable_bytes {
+            labels.insert(LABEL_USABLE.to_string(), bytes.to_string());
+        }
+        labels
     }
 
     /// A new disk's labels: [`Self::labels`], and for an empty disk the
     /// fresh-disk record, set in the insert that creates it.
     fn disk_labels(&self, spec: &DiskSpec) -> HashMap<String, String> {
-        let mut labels = self.labels(&spec.name);
+        let mut labels = self.labels(&spec.name, Some(spec.usable_bytes));
         if spec.source.is_none() {
             labels.insert(
                 fresh::DISK_KEY.to_string(),
@@ -331,6 +335,7 @@ impl GcpBackend {
             topology,
             attached_to,
             options: note.options.clone(),
+            usable_bytes: usable_of(&raw.labels),
         };
         Some(Found {
             disk,
@@ -807,6 +812,72 @@ impl GcpBackend {
         Ok(after.disk.capacity_bytes)
     }
 
+    /// Records the usable size in the disk's [`LABEL_USABLE`]. `setLabels`
+    /// replaces every label and must name the fingerprint of the labels it
+    /// replaces, so a concurrent change is refused rather than lost: that is
+    /// `Aborted`, and the CO's retry reads the labels again.
+    pub(super) async fn set_usable(&self, id: &VolumeId, usable_bytes: u64) -> Result<()> {
+        let found = self
+            .find_disk(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
+        if found.disk.usable_bytes == Some(usable_bytes) {
+            return Ok(());
+        }
+        let mut labels = found.raw.labels.clone();
+        labels.insert(LABEL_USABLE.to_string(), usable_bytes.to_string());
+        let fingerprint = found.raw.label_fingerprint.clone().unwrap_or_default();
+        let what = format!("labelling disk {id} with its usable size");
+        let p = self.project();
+        let name = id.disk();
+        let done = match &found.location {
+            Location::Zone(z) => {
+                let body = model::ZoneSetLabelsRequest::new()
+                    .set_labels(labels)
+                    .set_label_fingerprint(fingerprint);
+                self.compute
+                    .mutate(&what, |rid| {
+                        self.compute
+                            .disks
+                            .set_labels()
+                            .set_project(p)
+                            .set_zone(z)
+                            .set_resource(name)
+                            .set_request_id(rid)
+                            .set_body(body.clone())
+                            .send()
+                    })
+                    .await
+            }
+            Location::Region(r) => {
+                let body = model::RegionSetLabelsRequest::new()
+                    .set_labels(labels)
+                    .set_label_fingerprint(fingerprint);
+                self.compute
+                    .mutate(&what, |rid| {
+                        self.compute
+                            .region_disks
+                            .set_labels()
+                            .set_project(p)
+                            .set_region(r)
+                            .set_resource(name)
+                            .set_request_id(rid)
+                            .set_body(body.clone())
+                            .send()
+                    })
+                    .await
+            }
+        };
+        match done {
+            Ok(()) => Ok(()),
+            Err(e) if e.status == Some(412) => Err(Error::Aborted(format!(
+                "{what}: its labels changed meanwhile ({}); retry",
+                e.message
+            ))),
+            Err(e) => Err(e.into_error(&what)),
+        }
+    }
+
     // Snapshots.
 
     fn to_snapshot(&self, raw: &model::Snapshot) -> Option<Snapshot> {
@@ -827,6 +898,7 @@ impl GcpBackend {
                 .unwrap_or(0),
             ready: raw.status == Some(model::snapshot::Status::Ready),
             options: note.options,
+            usable_bytes: usable_of(&raw.labels),
         })
     }
 
@@ -904,7 +976,7 @@ impl GcpBackend {
         let body = model::Snapshot::new()
             .set_name(name.clone())
             .set_source_disk(found.path(p))
-            .set_labels(self.labels(co_name))
+            .set_labels(self.labels(co_name, found.disk.usable_bytes))
             .set_description(note.to_description());
         let what = format!("creating snapshot {name} of {source}");
         tracing::info!(snapshot = %name, volume = %source, "creating snapshot");
@@ -1013,6 +1085,11 @@ impl GcpBackend {
             max,
         ))
     }
+}
+
+/// A resource's [`LABEL_USABLE`]; absent on resources from before it was kept.
+fn usable_of(labels: &HashMap<String, String>) -> Option<u64> {
+    labels.get(LABEL_USABLE)?.parse().ok()
 }
 
 /// What a CreateVolume asks for, to compare with a disk already there.

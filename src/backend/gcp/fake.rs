@@ -133,6 +133,36 @@ fn valid_name(s: &str) -> bool {
     crate::backend::gcp::params::is_resource_name(s)
 }
 
+/// Compute's label rules: at most 64 labels; keys 1–63 characters starting with
+/// a lowercase letter, values 0–63, both of lowercase letters, digits, `_`, `-`.
+fn labels_ok(labels: &Value) -> bool {
+    let part = |s: &str| {
+        s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    };
+    match labels {
+        Value::Null => true,
+        Value::Object(m) => {
+            m.len() <= 64
+                && m.iter().all(|(k, v)| {
+                    k.starts_with(|c: char| c.is_ascii_lowercase())
+                        && part(k)
+                        && v.as_str().is_some_and(part)
+                })
+        }
+        _ => false,
+    }
+}
+
+/// A label fingerprint: base64 of opaque bytes, in the URL-safe alphabet that
+/// google-cloud-compute-v1 decodes it with.
+fn fingerprint(n: u64) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE
+        .encode(n.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes())
+}
+
 fn valid_uuid(s: &str) -> bool {
     uuid::Uuid::parse_str(s).is_ok()
 }
@@ -486,6 +516,12 @@ impl State {
         if !type_ok {
             return Self::bad(&format!("Invalid value for field 'resource.type': '{ty}'"));
         }
+        if !labels_ok(&b["labels"]) {
+            return Self::bad(&format!(
+                "Invalid value for field 'resource.labels': {}",
+                b["labels"]
+            ));
+        }
         let mut disk = b.clone();
         if scope == "regions" {
             let zones: Vec<&str> = b["replicaZones"]
@@ -544,56 +580,13 @@ impl State {
         disk["selfLink"] = json!(link(&path));
         disk["users"] = json!([]);
         disk["creationTimestamp"] = json!("2026-11-29T12:00:00.000-08:00");
-        disk["labelFingerprint"] = json!(Self::fingerprint(self.next_id));
+        disk["labelFingerprint"] = json!(fingerprint(self.next_id));
         self.operation(
             seen,
             &scope_path,
             "insert",
             &path,
             Effect::Put(path.clone(), disk),
-        )
-    }
-
-    /// A label fingerprint (base64, as Compute sends it) that changes with `n`.
-    fn fingerprint(n: u64) -> String {
-        format!("fp{n:06}")
-    }
-
-    /// `disks.setLabels`: replaces the labels when the request carries the
-    /// current fingerprint, as Compute does (412 otherwise).
-    fn set_labels(&mut self, seen: &Seen, scope_path: &str, disk: &str) -> Reply {
-        let path = format!("{scope_path}/disks/{disk}");
-        let Some(current) = self.resources.get(&path) else {
-            return error(
-                404,
-                "notFound",
-                &format!("The resource '{path}' was not found"),
-            );
-        };
-        if seen.body["labelFingerprint"] != current["labelFingerprint"] {
-            return error(
-                412,
-                "conditionNotMet",
-                "Labels fingerprint either invalid or resource labels have changed",
-            );
-        }
-        let Some(labels) = seen.body["labels"].as_object().cloned() else {
-            return Self::bad("Invalid value for field 'labels'");
-        };
-        self.next_id += 1;
-        let fingerprint = Self::fingerprint(self.next_id);
-        self.operation(
-            seen,
-            scope_path,
-            "setLabels",
-            &path,
-            Effect::Patch(
-                path.clone(),
-                Box::new(move |d| {
-                    d["labels"] = Value::Object(labels);
-                    d["labelFingerprint"] = json!(fingerprint);
-                }),
-            ),
         )
     }
 
@@ -622,6 +615,52 @@ impl State {
             Effect::Patch(
                 path.clone(),
                 Box::new(move |d| d["sizeGb"] = json!(size.to_string())),
+            ),
+        )
+    }
+
+    /// `disks.setLabels` / `regionDisks.setLabels`: replaces every label, if the
+    /// fingerprint names the labels there now (else 412 conditionNotMet).
+    fn set_labels(&mut self, seen: &Seen, scope_path: &str, disk: &str) -> Reply {
+        let path = format!("{scope_path}/disks/{disk}");
+        let Some(now) = self.resources.get(&path) else {
+            return error(
+                404,
+                "notFound",
+                &format!("The resource '{path}' was not found"),
+            );
+        };
+        let b = &seen.body;
+        let fields_ok = b
+            .as_object()
+            .is_some_and(|o| o.keys().all(|k| k == "labels" || k == "labelFingerprint"));
+        if !fields_ok || !labels_ok(&b["labels"]) {
+            return Self::bad(&format!("Invalid value for field 'labels': {b}"));
+        }
+        if b["labelFingerprint"] != now["labelFingerprint"] {
+            return error(
+                412,
+                "conditionNotMet",
+                &format!(
+                    "Labels fingerprint either invalid or resource labels have changed: {}",
+                    b["labelFingerprint"]
+                ),
+            );
+        }
+        self.next_id += 1;
+        let labels = b["labels"].clone();
+        let new_fingerprint = fingerprint(self.next_id);
+        self.operation(
+            seen,
+            scope_path,
+            "setLabels",
+            &path,
+            Effect::Patch(
+                path.clone(),
+                Box::new(move |d| {
+                    d["labels"] = labels;
+                    d["labelFingerprint"] = json!(new_fingerprint);
+                }),
             ),
         )
     }
@@ -796,6 +835,12 @@ impl State {
                 &format!("The resource '{source}' was not found"),
             );
         };
+        if !labels_ok(&b["labels"]) {
+            return Self::bad(&format!(
+                "Invalid value for field 'resource.labels': {}",
+                b["labels"]
+            ));
+        }
         let mut snap = b.clone();
         self.next_id += 1;
         snap["kind"] = json!("compute#snapshot");

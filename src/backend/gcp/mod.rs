@@ -15,7 +15,7 @@
 //! is `gcp:global:<snapshot>`. A node is `<zone>.<instance>` (see [`attach`]).
 //!
 //! Ownership: every disk and snapshot this backend creates carries the labels
-//! [`LABEL_DRIVER`] and [`LABEL_NAME`], and its description holds the CO's name,
+//! [`LABEL_DRIVER`] and [`LABEL_NAME`] (and [`LABEL_USABLE`]), and its description holds the CO's name,
 //! the source and the driver's options as JSON. A resource without our label is
 //! treated as absent: the backend never deletes, attaches or lists anything it
 //! did not create.
@@ -50,6 +50,11 @@ pub const LABEL_DRIVER: &str = "cryptdisk-csi-driver";
 /// Label holding the CO's name (Kubernetes: the PV or VolumeSnapshotContent
 /// name), as a label value.
 pub const LABEL_NAME: &str = "cryptdisk-csi-name";
+/// Label holding the usable size in bytes the CO holds a volume as (of a
+/// snapshot: its source's when taken), which the disk's whole GiB cannot tell.
+/// A label because a disk's description cannot change after creation and this
+/// does, on expansion.
+pub const LABEL_USABLE: &str = "cryptdisk-csi-usable-bytes";
 /// The location of snapshot ids: snapshots are global resources.
 pub const SNAPSHOT_LOCATION: &str = "global";
 
@@ -160,6 +165,11 @@ impl DiskBackend for GcpBackend {
     async fn expand(&self, id: &VolumeId, new_capacity_bytes: u64) -> Result<u64> {
         self.own_volume(id)?;
         self.resize(id, new_capacity_bytes).await
+    }
+
+    async fn record_usable(&self, id: &VolumeId, usable_bytes: u64) -> Result<()> {
+        self.own_volume(id)?;
+        self.set_usable(id, usable_bytes).await
     }
 
     async fn create_snapshot(&self, source: &VolumeId, name: &str) -> Result<Snapshot> {

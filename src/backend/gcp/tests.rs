@@ -330,7 +330,10 @@ async fn zonal_lifecycle() {
     assert_eq!(snap.snapshot_id, "gcp:global:snap-1");
     assert_eq!(snap.source_volume_id, vol.volume_id);
     assert!(snap.ready_to_use);
-    assert_eq!(snap.size_bytes, 31 * GIB);
+    // The usable size the expansion reported (31 GiB less the LUKS2 header),
+    // not the 31 GiB disk: what the CO restores it into.
+    assert_eq!(snap.size_bytes, grown.capacity_bytes);
+    assert_eq!(snap.size_bytes, 31 * GIB - (16 << 20));
     assert!(snap.creation_time.unwrap().seconds > 1_700_000_000);
     let seen = fake.seen();
     let snap_insert = calls(&seen, "POST", &api("global/snapshots"));
@@ -1227,4 +1230,35 @@ async fn the_fresh_record_is_a_label_of_empty_disks_until_the_first_unpublish() 
     .await
     .unwrap();
     assert!(calls(&fake.seen(), "POST", "/setLabels").is_empty());
+}
+
+/// A snapshot reports the usable size the CO holds its source as (not the whole
+/// GiB disk under it), and restores into exactly that: plain, integrity, and
+/// expanded before the snapshot.
+#[tokio::test]
+async fn snapshots_restore_into_their_usable_size() {
+    let (fake, ctl) = setup().await;
+    crate::csi::controller::restore_size::check(&ctl, GIB as u64, 3 * GIB as u64).await;
+    // The usable size rides on the disk as a label, set again after the
+    // expansion with the fingerprint of the labels it replaces. A 1 GiB volume
+    // sits on a 10 GiB pd-balanced disk (its least), so growing it to 3 GiB
+    // grows no disk, yet reports 10 GiB less the header: only the label can
+    // tell that size from the 1 GiB of before.
+    let seen = fake.state.lock().unwrap().seen.clone();
+    let set = calls(&seen, "POST", "/setLabels");
+    assert_eq!(set.len(), 1, "{set:?}");
+    assert!(set[0].body["labelFingerprint"].is_string(), "{:?}", set[0]);
+    let disk = fake
+        .resource(&format!(
+            "projects/{PROJECT}/zones/us-central1-a/disks/{}",
+            super::params::resource_name("grown-src")
+        ))
+        .unwrap();
+    assert_eq!(
+        disk["labels"][super::LABEL_USABLE],
+        json!((10 * GIB - (16 << 20)).to_string()),
+        "{disk}"
+    );
+    let resized = calls(&seen, "POST", "/resize");
+    assert!(resized.is_empty(), "{resized:?}");
 }
