@@ -228,49 +228,11 @@ impl GcpBackend {
         }
         let mut labels = found.raw.labels.clone();
         labels.remove(fresh::DISK_KEY);
-        let fingerprint = found.raw.label_fingerprint.clone();
-        let p = self.project();
-        let name = id.disk();
-        let what = format!("clearing the fresh-disk label of {name}");
-        let done = match &found.location {
-            Location::Zone(z) => {
-                let body = model::ZoneSetLabelsRequest::new()
-                    .set_labels(labels)
-                    .set_or_clear_label_fingerprint(fingerprint);
-                self.compute
-                    .mutate(&what, |rid| {
-                        self.compute
-                            .disks
-                            .set_labels()
-                            .set_project(p)
-                            .set_zone(z)
-                            .set_resource(name)
-                            .set_request_id(rid)
-                            .set_body(body.clone())
-                            .send()
-                    })
-                    .await
-            }
-            Location::Region(r) => {
-                let body = model::RegionSetLabelsRequest::new()
-                    .set_labels(labels)
-                    .set_or_clear_label_fingerprint(fingerprint);
-                self.compute
-                    .mutate(&what, |rid| {
-                        self.compute
-                            .region_disks
-                            .set_labels()
-                            .set_project(p)
-                            .set_region(r)
-                            .set_resource(name)
-                            .set_request_id(rid)
-                            .set_body(body.clone())
-                            .send()
-                    })
-                    .await
-            }
-        };
-        super::compute::gone_is_done(done, &what)?;
+        let what = format!("clearing the fresh-disk label of {}", id.disk());
+        match self.set_labels(id, &found, labels, &what).await {
+            Err(Error::NotFound(_)) => {}
+            other => other?,
+        }
         tracing::info!(volume = %id, "fresh-disk record cleared");
         Ok(())
     }
@@ -826,8 +788,21 @@ impl GcpBackend {
         }
         let mut labels = found.raw.labels.clone();
         labels.insert(LABEL_USABLE.to_string(), usable_bytes.to_string());
-        let fingerprint = found.raw.label_fingerprint.clone().unwrap_or_default();
         let what = format!("labelling disk {id} with its usable size");
+        self.set_labels(id, &found, labels, &what).await
+    }
+
+    /// `setLabels` on a found disk: it replaces every label and must name the
+    /// fingerprint of the labels it replaces, so a concurrent change is refused
+    /// rather than lost (`Aborted`: the CO's retry reads the labels again).
+    async fn set_labels(
+        &self,
+        id: &VolumeId,
+        found: &Found,
+        labels: HashMap<String, String>,
+        what: &str,
+    ) -> Result<()> {
+        let fingerprint = found.raw.label_fingerprint.clone().unwrap_or_default();
         let p = self.project();
         let name = id.disk();
         let done = match &found.location {
@@ -836,7 +811,7 @@ impl GcpBackend {
                     .set_labels(labels)
                     .set_label_fingerprint(fingerprint);
                 self.compute
-                    .mutate(&what, |rid| {
+                    .mutate(what, |rid| {
                         self.compute
                             .disks
                             .set_labels()
@@ -854,7 +829,7 @@ impl GcpBackend {
                     .set_labels(labels)
                     .set_label_fingerprint(fingerprint);
                 self.compute
-                    .mutate(&what, |rid| {
+                    .mutate(what, |rid| {
                         self.compute
                             .region_disks
                             .set_labels()
@@ -874,7 +849,10 @@ impl GcpBackend {
                 "{what}: its labels changed meanwhile ({}); retry",
                 e.message
             ))),
-            Err(e) => Err(e.into_error(&what)),
+            Err(e) if e.kind == super::compute::Kind::NotFound => {
+                Err(Error::NotFound(format!("{what}: {}", e.message)))
+            }
+            Err(e) => Err(e.into_error(what)),
         }
     }
 
