@@ -741,6 +741,16 @@ pub fn validate(json: &Value) -> std::result::Result<(), String> {
             return Err(format!("unexpected top-level section {key:?}"));
         }
     }
+    // Every id is a keyslot, token, segment or digest number as libcryptsetup
+    // writes it (plain decimal, below its limit of 32); libcryptsetup refuses
+    // any other, so accepting one would make the two readers differ.
+    for section in ["keyslots", "tokens", "segments", "digests"] {
+        for id in obj(&json[section], section)?.keys() {
+            if !is_id(id) {
+                return Err(format!("{section} id {id:?} is not a number below 32"));
+            }
+        }
+    }
 
     // One crypt segment, right after the header area, to the end of the device.
     let segments = obj(&json["segments"], "segments")?;
@@ -1052,13 +1062,22 @@ pub fn validate(json: &Value) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// A LUKS2 object id: decimal, no sign or leading zero, below 32.
+fn is_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && (s == "0" || !s.starts_with('0'))
+        && s.parse::<u32>().is_ok_and(|n| n < 32)
+}
+
 fn string_set<'a>(v: &'a Value, what: &str) -> std::result::Result<BTreeSet<&'a str>, String> {
     v.as_array()
         .ok_or_else(|| format!("{what} is not a list"))?
         .iter()
         .map(|s| {
             s.as_str()
-                .ok_or_else(|| format!("{what} holds a non-string"))
+                .filter(|s| is_id(s))
+                .ok_or_else(|| format!("{what} holds {s}, not an id"))
         })
         .collect()
 }
@@ -1547,6 +1566,33 @@ mod tests {
         let mut img = copy_bytes(MAGIC_PRIMARY, 16 << 10, 7, UUID, &spaced);
         img.extend(copy_bytes(MAGIC_SECONDARY, 16 << 10, 7, UUID, &spaced));
         assert!(parsed(&img).unwrap_err().contains("exactly one object"));
+    }
+
+    #[test]
+    fn ids_are_numbers_as_libcryptsetup_writes_them() {
+        // Found by the luks2_differential fuzz target: libcryptsetup refuses a
+        // digest id that is not a number, so we must too.
+        refused(
+            |h| {
+                let d = h["digests"]["0"].take();
+                h["digests"].as_object_mut().unwrap().clear();
+                h["digests"][" "] = d;
+            },
+            "digests id",
+        );
+        refused(
+            |h| {
+                let k = h["keyslots"]["0"].take();
+                h["keyslots"].as_object_mut().unwrap().clear();
+                h["keyslots"]["00"] = k;
+            },
+            "keyslots id",
+        );
+        refused(
+            |h| h["tokens"]["0"]["keyslots"] = json!(["32"]),
+            "not an id",
+        );
+        assert!(is_id("0") && is_id("31") && !is_id("32") && !is_id("-1") && !is_id("01"));
     }
 
     #[test]
