@@ -508,6 +508,25 @@ pub fn build_image(
     Some(image)
 }
 
+/// Whether a header copy that libcryptsetup began to write for this driver is
+/// there, torn or not: a LUKS2 magic at byte 0 or at one of the secondary
+/// offsets whose binary header carries our label. The evidence that what a
+/// fresh disk holds in its header area is our own interrupted first format,
+/// not anything else.
+pub fn has_our_copy<R: Read + Seek>(r: &mut R) -> bool {
+    let ours = |r: &mut R, offset: u64, magic: &[u8; 6]| {
+        let mut b = [0u8; 72];
+        r.seek(SeekFrom::Start(offset)).is_ok()
+            && r.read_exact(&mut b).is_ok()
+            && &b[0..6] == magic
+            && text(&b[24..72]) == super::LABEL
+    };
+    ours(r, 0, MAGIC_PRIMARY)
+        || SECONDARY_OFFSETS
+            .iter()
+            .any(|&o| ours(r, o, MAGIC_SECONDARY))
+}
+
 /// A reader over a device that keeps every byte it hands out, so that what
 /// [`parse`] read can be put back, byte for byte, into the copy libcryptsetup
 /// activates from.

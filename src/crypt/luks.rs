@@ -399,12 +399,15 @@ pub fn open(device: &Path, name: &MapperName, key: &DataKey, opts: &OpenOptions)
     if opts.read_only {
         flags |= CryptActivate::READONLY;
     }
-    match cd.activate_handle().activate_by_passphrase(
-        Some(name.as_str()),
-        None,
-        key.expose(),
-        flags,
-    ) {
+    let activated =
+        cd.activate_handle()
+            .activate_by_passphrase(Some(name.as_str()), None, key.expose(), flags);
+    // libcryptsetup 2.6 hands the volume key to dm-crypt through this thread's
+    // keyring and leaves it there after a successful activation (it drops it
+    // only on failure); dm-crypt holds its own copy from the table load, and
+    // this worker thread lives on, so the key is dropped here.
+    drop_thread_keyring();
+    match activated {
         Ok(_) => Ok(Opened::Activated),
         // Another opener won a race: same outcome if it is our device.
         Err(err) if errno_of(&err) == Some(libc::EEXIST) => {

@@ -354,16 +354,19 @@ pub enum DeviceState {
 /// that is still zeros) counts as blank, so a retried stage formats it again.
 ///
 /// `fresh`: the controller recorded that it created this disk empty and this
-/// is its first attachment (see `volume::fresh`). Then whatever a crash left of
-/// an interrupted first format, however torn (two copies that disagree, one
-/// missing, both unreadable, a partial write anywhere in the header area), is
-/// redone when the data area still reads as zeros (edges and samples): the
-/// header area is wiped and the device counts as blank. Without the record
-/// such a device is refused.
+/// is its first attachment (see `volume::fresh`). Then what a crash left of an
+/// interrupted first format, however torn (two copies that disagree, one
+/// missing or unreadable, a partial write anywhere in the header area), is
+/// redone when a copy of our header (its magic and our label) is still there
+/// and the data area reads as zeros (edges and samples): the header area is
+/// wiped and the device counts as blank. Without the record, or without any
+/// copy of ours (another signature, data), such a device is refused.
 pub async fn inspect(device: &Path, fresh: bool) -> Result<DeviceState> {
     let device = device.to_path_buf();
     blocking(move || match inspect_device(&device) {
-        Err(refused @ (Error::BadHeader { .. } | Error::NotBlank { .. })) if fresh => {
+        Err(refused @ (Error::BadHeader { .. } | Error::NotBlank { .. }))
+            if fresh && our_copy_is_there(&device) =>
+        {
             let Ok(blank) = blank::probe_unfinished(&device) else {
                 return Err(refused);
             };
@@ -376,6 +379,12 @@ pub async fn inspect(device: &Path, fresh: bool) -> Result<DeviceState> {
         other => other,
     })
     .await
+}
+
+/// Whether the device's header area holds a copy of our own header, torn or
+/// not ([`header::has_our_copy`]).
+fn our_copy_is_there(device: &Path) -> bool {
+    std::fs::File::open(device).is_ok_and(|mut f| header::has_our_copy(&mut f))
 }
 
 fn inspect_device(device: &Path) -> Result<DeviceState> {
@@ -804,6 +813,25 @@ mod tests {
         let before = std::fs::read(img.path()).unwrap();
         assert!(inspect(img.path(), true).await.is_err());
         assert_eq!(std::fs::read(img.path()).unwrap(), before);
+        // Nor is a fresh disk whose header area holds anything but a copy of
+        // ours: an MBR, or another tool's LUKS2 header, over a zero data area.
+        let other = image(64 << 20);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(other.path())
+            .unwrap();
+        f.write_all_at(&[0x55, 0xaa], 510).unwrap();
+        drop(f);
+        let before = std::fs::read(other.path()).unwrap();
+        assert!(inspect(other.path(), true).await.is_err());
+        assert_eq!(std::fs::read(other.path()).unwrap(), before);
+        let mut foreign = formatted.clone();
+        foreign[24..33].copy_from_slice(b"elsewhere");
+        foreign[(16 << 10) + 24..(16 << 10) + 33].copy_from_slice(b"elsewhere");
+        foreign[5000] ^= 1;
+        std::fs::write(other.path(), &foreign).unwrap();
+        assert!(inspect(other.path(), true).await.is_err());
+        assert_eq!(std::fs::read(other.path()).unwrap(), foreign);
     }
 
     #[tokio::test]
