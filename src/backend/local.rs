@@ -1055,7 +1055,10 @@ impl Inner {
             return Ok(());
         };
         let attached = entry.attachments.contains_key(node_id);
-        let clear = end_fresh && entry.fresh.is_some();
+        // Only the end of an attachment ends the first one: an unpublish for a
+        // node the disk is not attached to (a CO's idempotent retry, a stray
+        // call) leaves the record alone.
+        let clear = end_fresh && attached && entry.fresh.is_some();
         if !attached && !clear {
             return Ok(());
         }

@@ -672,13 +672,14 @@ async fn grow(d: &mut Driver, s: &Staged, bytes: i64) -> Result<i64, String> {
         .capacity_bytes;
         ensure!(size >= bytes, "node gave {size}, asked {bytes}");
     }
-    // The volume key the resize unlocked is not left in any keyring.
+    // The volume key that the activation and the resize put into a worker
+    // thread's keyring is not left there: every thread keyring is empty.
     let keys = check!(std::fs::read_to_string("/proc/keys"));
     ensure!(
-        !keys
-            .lines()
-            .any(|l| l.contains("logon") && l.contains("cryptsetup:")),
-        "a volume key stays in a keyring after the expansion:\n{keys}"
+        keys.lines()
+            .filter(|l| l.contains(" keyring ") && l.contains("_tid:"))
+            .all(|l| l.trim_end().ends_with("_tid: empty")),
+        "a thread keyring still holds a key after the expansion:\n{keys}"
     );
     Ok(size)
 }
@@ -1812,6 +1813,29 @@ async fn bad_input(_ctx: &mut Ctx) -> CaseResult {
     let id = volume.volume_id.clone();
     let staging = base.join("staging").display().to_string();
     let target = base.join("target").display().to_string();
+    // Formatted once first: the loop's ControllerUnpublish with an empty node
+    // id detaches it everywhere, which ends its first attachment, and a blank
+    // disk past its first attachment is (rightly) never formatted.
+    check!(
+        d.node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                publish_context: ctx.clone(),
+                staging_target_path: staging.clone(),
+                volume_capability: Some(cap.clone()),
+                volume_context: volume.volume_context.clone(),
+                ..Default::default()
+            })
+            .await
+    );
+    check!(
+        d.node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.clone(),
+            })
+            .await
+    );
     let mut tried = 0usize;
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
     let ok_codes = [
