@@ -275,15 +275,6 @@ impl Cluster {
         fs::write(&path, config.to_string()).map_err(|e| e.to_string())?;
         Ok(path)
     }
-
-    /// Stops a process started through [`Cluster::spawn`]: SIGTERM, then
-    /// SIGKILL after a grace period.
-    pub fn stop(&mut self, name: &str) {
-        if let Some(i) = self.children.iter().position(|(n, _)| n == name) {
-            let (_, child) = self.children.remove(i);
-            stop_child(child);
-        }
-    }
 }
 
 fn stop_child(mut child: Child) {
