@@ -53,6 +53,8 @@ pub const SCENARIOS: &[&[&str]] = &[
 
 /// The driver's own debug lines without the gRPC transport's.
 const LOG_LEVEL: &str = "--log-level=info,cryptdisk_csi=debug";
+/// The driver's log line just before the first format's libcryptsetup calls.
+const FORMAT_BEGINS: &str = "formatting a blank device";
 /// Where the persistent disk is mounted in the guest.
 const MNT: &str = "/mnt/powerloss";
 /// Written without a sync just before the crash; boot 2 must not find it whole.
@@ -70,7 +72,7 @@ pub fn slug(leg: &str) -> String {
 /// What a leg does, from its name.
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
-    /// The first stage's format, crashed this long after "formatting blank device".
+    /// The first stage's format, crashed this long after [`FORMAT_BEGINS`].
     Timed(Duration),
     /// The first stage stopped at a failpoint (format steps, before the content mark).
     FirstStage,
@@ -506,12 +508,7 @@ async fn fire(a: &Armed) -> Result<Duration, String> {
     tokio::spawn(async move {
         let _ = node.node_stage_volume(stage_req(&s)).await;
     });
-    wait_log(
-        &a.driver,
-        "formatting blank device",
-        Duration::from_secs(120),
-    )
-    .await?;
+    wait_log(&a.driver, FORMAT_BEGINS, Duration::from_secs(120)).await?;
     let began = Instant::now();
     tokio::time::sleep(delay).await;
     Ok(began.elapsed())
@@ -662,7 +659,7 @@ fn found(leg: &Leg) -> String {
         }
     };
     match header::read(&image) {
-        Err(e) => format!("no header read ({e})"),
+        Err(e) => format!("no header read ({e}); {}", raw_copies(&image)),
         Ok(h) => {
             let tokens = h.json["tokens"].as_object().map(|t| {
                 t.values()
@@ -683,6 +680,38 @@ fn found(leg: &Leg) -> String {
             )
         }
     }
+}
+
+/// Both header copies as they lie on the disk, for a header the reader refuses:
+/// magic, sequence id, and the JSON's keyslots and tokens.
+fn raw_copies(image: &Path) -> String {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = std::fs::File::open(image) else {
+        return "image unreadable".into();
+    };
+    let mut out = Vec::new();
+    for (name, at) in [("primary", 0u64), ("secondary", 16 << 10)] {
+        let mut b = vec![0u8; 16 << 10];
+        if f.read_exact_at(&mut b, at).is_err() {
+            out.push(format!("{name}: unreadable"));
+            continue;
+        }
+        let seqid = u64::from_be_bytes(b[16..24].try_into().expect("8 bytes"));
+        let text = &b[4096..];
+        let end = text.iter().position(|&c| c == 0).unwrap_or(text.len());
+        let summary = match serde_json::from_slice::<serde_json::Value>(&text[..end]) {
+            Ok(j) => {
+                let keys = |k: &str| j[k].as_object().map_or(0, |o| o.len());
+                format!("{} keyslots, {} tokens", keys("keyslots"), keys("tokens"))
+            }
+            Err(e) => format!("JSON unreadable ({e})"),
+        };
+        out.push(format!(
+            "{name}: magic {:?} seqid {seqid}, {summary}",
+            String::from_utf8_lossy(&b[..6])
+        ));
+    }
+    out.join("; ")
 }
 
 /// Boot 2 of a leg: drive the operation again and check where it landed.

@@ -20,7 +20,7 @@
 //! thread stays there) and the kernel is crashed once they all have, with the
 //! kernel's periodic writeback turned off, so nothing that was not flushed on
 //! purpose reaches the disk in the meantime. One leg per scenario instead crashes
-//! the first format at a fixed delay after the driver logs "formatting blank
+//! the first format at a fixed delay after the driver logs "formatting a blank
 //! device". A control file written without a sync just before the crash must be
 //! gone in boot 2, or the tier could not tell anything.
 //!
