@@ -1,15 +1,28 @@
 //! Test-only crash injection: `CRYPTDISK_FAILPOINT=<name>` makes the process
 //! abort when it reaches the failpoint of that name, leaving whatever state the
-//! operation had made so far, as a crash would. Compiled only into debug builds;
+//! operation had made so far, as a crash would. `<name>=pause` instead stops the
+//! thread there for good, so that a test can crash the whole machine at that
+//! point (the power-loss tier, tests/powerloss). Compiled only into debug builds;
 //! a release build has no failpoints and ignores the variable.
 
-/// Aborts the process if `CRYPTDISK_FAILPOINT` names this point (debug builds).
+/// Aborts the process, or pauses the thread, if `CRYPTDISK_FAILPOINT` names this
+/// point (debug builds).
 #[inline]
 pub fn hit(name: &str) {
     #[cfg(debug_assertions)]
-    if std::env::var("CRYPTDISK_FAILPOINT").is_ok_and(|v| v == name) {
-        eprintln!("failpoint {name}: aborting");
-        std::process::abort();
+    if let Ok(v) = std::env::var("CRYPTDISK_FAILPOINT") {
+        if v == name {
+            eprintln!("failpoint {name}: aborting");
+            std::process::abort();
+        }
+        if v.strip_suffix("=pause") == Some(name) {
+            // The line a test waits for before it crashes the machine; the
+            // thread then holds whatever it held, as a machine stopped there would.
+            eprintln!("failpoint {name}: paused");
+            loop {
+                std::thread::park();
+            }
+        }
     }
     #[cfg(not(debug_assertions))]
     let _ = name;

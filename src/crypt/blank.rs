@@ -258,6 +258,26 @@ pub fn probe_unfinished(device: &Path) -> Result<BlankDevice> {
     })
 }
 
+/// A device where our format was cut off before libcryptsetup wrote the header:
+/// libcryptsetup fills the keyslots area with random bytes first, so a power
+/// loss then leaves no header at all and noise at byte 32768 that
+/// [`probe_blank`] refuses for ever. Blank when the two header copies' place
+/// reads as zeros and so does everything after our keyslots area (both ends
+/// and the spread samples), whatever the keyslots area holds. The node formats
+/// such a device only under the controller's fresh-disk record, as any blank one.
+pub fn probe_keyslots_filled(device: &Path) -> Result<BlankDevice> {
+    let (file, size, identity) = open_exclusive(device)?;
+    let keyslots_start = (2 * super::LUKS2_METADATA_BYTES).min(size);
+    let keyslots_end = (keyslots_start + super::LUKS2_KEYSLOTS_BYTES).min(size);
+    check_zeros(&file, device, 0, keyslots_start)?;
+    check_zeros(&file, device, keyslots_end, size)?;
+    Ok(BlankDevice {
+        path: device.to_path_buf(),
+        file,
+        identity,
+    })
+}
+
 /// `None` when `buf` (read at `offset`) is all zeros; otherwise what it holds.
 fn describe_nonzero(buf: &[u8], offset: u64) -> Option<String> {
     let first = buf.iter().position(|&b| b != 0)?;

@@ -227,10 +227,14 @@ pub fn format(device: &Path, shown: &Path, key: &DataKey, opts: &FormatOptions) 
             Some(&mut params_ref),
         )
         .map_err(lib("format", &target))?;
+    // Each libcryptsetup write of the header is a point where a crash leaves
+    // another partial format (the power-loss tier stops the machine at each).
+    crate::failpoint::hit("format:header-written");
     let keyslot = cd
         .keyslot_handle()
         .add_by_key(None, None, key.expose(), CryptVolumeKey::empty())
         .map_err(lib("add keyslot", &target))?;
+    crate::failpoint::hit("format:keyslot-added");
 
     let mut flags = CryptActivate::empty();
     if opts.bypass_workqueues {

@@ -391,7 +391,18 @@ fn inspect_device(device: &Path) -> Result<DeviceState> {
     let device = device.to_path_buf();
     {
         let header = match header::read(&device) {
-            Err(Error::NotLuks2 { .. }) => return probe_blank(&device).map(DeviceState::Blank),
+            Err(Error::NotLuks2 { .. }) => {
+                // Refused as not blank: it may still be our own format, cut off
+                // after its keyslots area was filled and before any header.
+                return probe_blank(&device)
+                    .or_else(|refusal| match refusal {
+                        Error::NotBlank { .. } => {
+                            blank::probe_keyslots_filled(&device).map_err(|_| refusal)
+                        }
+                        other => Err(other),
+                    })
+                    .map(DeviceState::Blank);
+            }
             other => other?,
         };
         let no_tokens = header.json["tokens"]
@@ -933,6 +944,54 @@ mod tests {
         let wrong = key(&KeyId::new_random());
         let err = verify_key(img.path(), &wrong).await.unwrap_err();
         assert!(matches!(err, Error::WrongKey { .. }), "{err}");
+    }
+
+    /// What a power loss in the first format leaves before libcryptsetup wrote
+    /// any header (the power-loss tier's `format@300ms`): noise in the keyslots
+    /// area only. It is blank to a retried stage; noise anywhere else is not.
+    #[tokio::test]
+    async fn a_format_cut_off_before_its_header_counts_as_blank() {
+        use std::os::unix::fs::FileExt;
+        let noise = |img: &tempfile::NamedTempFile, at: u64| {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(img.path())
+                .unwrap();
+            // Wider than the gap between the probe's samples.
+            f.write_all_at(&[0x5a; 256 << 10], at).unwrap();
+        };
+        let keyslots = 2 * LUKS2_METADATA_BYTES;
+        for at in [keyslots, keyslots + LUKS2_KEYSLOTS_BYTES - (256 << 10)] {
+            let img = image(32 << 20);
+            noise(&img, at);
+            assert!(
+                matches!(inspect(img.path(), false).await, Ok(DeviceState::Blank(_))),
+                "noise at {at}"
+            );
+        }
+        for at in [0, 4096, keyslots + LUKS2_KEYSLOTS_BYTES, LUKS2_HEADER_BYTES] {
+            let img = image(32 << 20);
+            noise(&img, at);
+            let err = inspect(img.path(), false).await.unwrap_err();
+            assert!(
+                matches!(err, Error::NotBlank { .. }),
+                "noise at {at}: {err}"
+            );
+        }
+        // The format then goes through and the header reads back.
+        let img = image(32 << 20);
+        noise(&img, keyslots);
+        let Ok(DeviceState::Blank(blank)) = inspect(img.path(), false).await else {
+            panic!("not blank");
+        };
+        let key_id = KeyId::new_random();
+        format(blank, &key(&key_id), &options(&key_id, Integrity::None))
+            .await
+            .unwrap();
+        assert!(matches!(
+            inspect(img.path(), false).await,
+            Ok(DeviceState::Formatted(_))
+        ));
     }
 
     #[tokio::test]

@@ -373,7 +373,7 @@ async fn single_writer(_ctx: &mut Ctx) -> CaseResult {
     delete(&mut d, &s.volume.volume_id).await
 }
 
-fn integrity_req(name: &str) -> CreateVolumeRequest {
+pub fn integrity_req(name: &str) -> CreateVolumeRequest {
     let mut req = create_req(name, 128 * MIB, mount_cap("ext4", Mode::SingleNodeWriter));
     req.parameters
         .insert("cryptdisk.csi.io/integrity".into(), "true".into());
@@ -385,7 +385,7 @@ async fn wipe_offset(image: &Path) -> Result<Option<u64>, String> {
     Ok(header.token.ok_or("no token")?.wipe_offset)
 }
 
-async fn stage_status(
+pub async fn stage_status(
     d: &mut Driver,
     volume: &Volume,
     ctx: &std::collections::HashMap<String, String>,
@@ -414,7 +414,7 @@ fn is_wipe_in_progress(r: &Result<(), tonic::Status>) -> bool {
 }
 
 /// Stages until the wipe is done: each refusal must be ABORTED with progress.
-async fn stage_until_wiped(
+pub async fn stage_until_wiped(
     d: &mut Driver,
     volume: &Volume,
     ctx: &std::collections::HashMap<String, String>,
@@ -590,7 +590,7 @@ fn start_writer(
     })
 }
 
-fn verify_records(file: &Path, count: u64) -> CaseResult {
+pub fn verify_records(file: &Path, count: u64) -> CaseResult {
     let data = check!(std::fs::read(file));
     ensure!(
         data.len() as u64 == count * 4096,
@@ -608,7 +608,7 @@ fn verify_records(file: &Path, count: u64) -> CaseResult {
     Ok(())
 }
 
-async fn stats(d: &mut Driver, s: &Staged) -> Result<Vec<VolumeUsage>, String> {
+pub async fn stats(d: &mut Driver, s: &Staged) -> Result<Vec<VolumeUsage>, String> {
     Ok(check!(
         d.node
             .node_get_volume_stats(NodeGetVolumeStatsRequest {
@@ -622,7 +622,7 @@ async fn stats(d: &mut Driver, s: &Staged) -> Result<Vec<VolumeUsage>, String> {
     .usage)
 }
 
-fn total_bytes(usage: &[VolumeUsage]) -> i64 {
+pub fn total_bytes(usage: &[VolumeUsage]) -> i64 {
     usage
         .iter()
         .find(|u| u.unit == volume_usage::Unit::Bytes as i32)
@@ -630,7 +630,7 @@ fn total_bytes(usage: &[VolumeUsage]) -> i64 {
 }
 
 /// ControllerExpandVolume then NodeExpandVolume, each twice (idempotent).
-async fn grow(d: &mut Driver, s: &Staged, bytes: i64) -> Result<i64, String> {
+pub async fn grow(d: &mut Driver, s: &Staged, bytes: i64) -> Result<i64, String> {
     let range = CapacityRange {
         required_bytes: bytes,
         limit_bytes: 0,
@@ -1144,7 +1144,7 @@ fn scrape(addr: std::net::SocketAddr) -> Result<String, String> {
 }
 
 /// The key of `id` from master-secret `version` of a `dev` driver's files.
-fn dev_key(dir: &Path, id: &str, version: u32) -> Result<cryptdisk_csi::kms::DataKey, String> {
+pub fn dev_key(dir: &Path, id: &str, version: u32) -> Result<cryptdisk_csi::kms::DataKey, String> {
     let kms = dir.join("data/kms");
     let secret = match version {
         1 => kms.join("master.key"),
