@@ -14,14 +14,19 @@
 //! which reads it from the VM's own attachment of that disk, and the exact LUN
 //! match here (`lun1` is never `lun10`). The one place the guest can see the
 //! mapping is the Instance Metadata Service (`storageProfile.dataDisks`: LUN,
-//! name, managed disk id); checking the LUN against it is not done yet.
+//! name, managed disk id), so before the node uses the device of a LUN,
+//! [`check_disk_at_lun`] asks IMDS which disk is at that LUN and refuses any
+//! other: a forged or stale publish context, or a LUN reused after a detach and
+//! attach race, then stops there instead of formatting another volume's disk.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::PUBLISH_LUN;
+use super::imds::{self, DataDisk, Instance};
 use crate::backend::Error;
+use crate::volume::VolumeId;
 
 /// Where `/dev` and `/sys` are.
 #[derive(Clone, Debug)]
@@ -173,6 +178,109 @@ pub async fn wait_for_lun(
     }
 }
 
+/// Where and how patiently the node asks IMDS which disk is at a LUN.
+#[derive(Clone, Debug)]
+pub struct ImdsCheck {
+    /// IMDS base URL (the fake's in tests).
+    pub endpoint: String,
+    pub attempts: u32,
+    pub delay: Duration,
+}
+
+impl ImdsCheck {
+    /// The endpoint `node --cloud azure` reads its identity from
+    /// ([`super::config::imds_endpoint`]), a few tries a second apart: the
+    /// kubelet retries NodeStage anyway.
+    pub fn from_env() -> Self {
+        ImdsCheck {
+            endpoint: super::config::imds_endpoint(|k| std::env::var(k).ok()),
+            attempts: 3,
+            delay: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Requires that IMDS lists the volume's disk, and no other, at LUN `lun` of
+/// this VM: FAILED_PRECONDITION otherwise, UNAVAILABLE when IMDS cannot be read
+/// (never a pass without an answer).
+pub async fn check_disk_at_lun(check: &ImdsCheck, id: &VolumeId, lun: u32) -> Result<(), Error> {
+    let vm = imds::instance(&check.endpoint, check.attempts, check.delay)
+        .await
+        .map_err(|e| match e {
+            imds::ImdsError::Unavailable(m) => Error::Unavailable(format!(
+                "cannot confirm that LUN {lun} holds volume {id}'s disk: \
+                 Azure instance metadata unavailable: {m}"
+            )),
+            other => Error::from(other),
+        })?;
+    disk_at_lun(&vm, id, lun)
+}
+
+/// The check of [`check_disk_at_lun`] on metadata already read.
+pub fn disk_at_lun(vm: &Instance, id: &VolumeId, lun: u32) -> Result<(), Error> {
+    let at_lun: Vec<&DataDisk> = vm
+        .storage_profile
+        .data_disks
+        .iter()
+        .filter(|d| d.lun.trim().parse::<u32>().ok() == Some(lun))
+        .collect();
+    let expected = format!("disk {} in resource group {}", id.disk(), id.location());
+    match at_lun.as_slice() {
+        [] => Err(Error::FailedPrecondition(format!(
+            "LUN {lun} of VM {} holds no data disk in the instance metadata, expected {expected}: \
+             the publish context is stale or not this VM's",
+            vm.name
+        ))),
+        [disk] if is_volume_disk(disk, id) => Ok(()),
+        found => Err(Error::FailedPrecondition(format!(
+            "LUN {lun} of VM {} holds {}, not the volume's {expected}: the publish context is \
+             stale or forged; not touching that disk",
+            vm.name,
+            found
+                .iter()
+                .map(|d| describe(d))
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ))),
+    }
+}
+
+/// Whether an IMDS data disk is `id`'s disk: its ARM id names that disk in the
+/// volume's resource group (ARM ids compare without case), or, for an entry
+/// without a managed disk id, its name is the disk's name.
+fn is_volume_disk(disk: &DataDisk, id: &VolumeId) -> bool {
+    match disk
+        .managed_disk
+        .as_ref()
+        .filter(|m| !m.id.trim().is_empty())
+    {
+        Some(m) => {
+            let suffix = format!(
+                "/resourcegroups/{}/providers/microsoft.compute/disks/{}",
+                id.location(),
+                id.disk()
+            )
+            .to_ascii_lowercase();
+            m.id.trim().to_ascii_lowercase().ends_with(&suffix)
+        }
+        None => disk.name == id.disk(),
+    }
+}
+
+/// An IMDS data disk for a message: its managed disk id, else its name.
+fn describe(disk: &DataDisk) -> String {
+    let text = match disk
+        .managed_disk
+        .as_ref()
+        .filter(|m| !m.id.trim().is_empty())
+    {
+        Some(m) => format!("managed disk {}", m.id.trim()),
+        None => format!("disk named {:?}", disk.name),
+    };
+    // IMDS is trusted, but a message stays one short line.
+    text.chars().take(300).filter(|c| !c.is_control()).collect()
+}
+
 /// Used by tests: a fake sysfs SCSI disk `H:C:T:L` with block device `block`.
 #[cfg(test)]
 pub(crate) fn fake_scsi_disk(
@@ -286,6 +394,62 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable);
         assert!(e.message().contains("LUN 9"));
+    }
+
+    /// IMDS data disks as `(lun, name, managedDisk.id)`.
+    fn vm(disks: &[(&str, &str, Option<&str>)]) -> Instance {
+        let mut vm = Instance {
+            name: "vm-1".into(),
+            ..Default::default()
+        };
+        vm.storage_profile.data_disks = disks
+            .iter()
+            .map(|(lun, name, id)| DataDisk {
+                lun: lun.to_string(),
+                name: name.to_string(),
+                managed_disk: id.map(|id| imds::ManagedDisk { id: id.into() }),
+            })
+            .collect();
+        vm
+    }
+
+    #[test]
+    fn the_disk_at_a_lun_by_arm_id_without_case_or_by_name() {
+        let id: VolumeId = "azure:rg-1:pvc-x".parse().unwrap();
+        let arm = "/subscriptions/S/resourceGroups/RG-1/providers/Microsoft.Compute/disks/PVC-X";
+        // ARM ids compare without case; `lun1` is not `lun10`.
+        let v = vm(&[
+            ("10", "other", Some("/x/disks/other")),
+            ("1", "pvc-x", Some(arm)),
+        ]);
+        disk_at_lun(&v, &id, 1).unwrap();
+        let e = disk_at_lun(&v, &id, 10).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("/x/disks/other"), "{}", e.message());
+        // A name alone is not enough when the managed disk id says otherwise.
+        let v = vm(&[(
+            "1",
+            "pvc-x",
+            Some("/x/resourceGroups/rg-2/providers/Microsoft.Compute/disks/pvc-x"),
+        )]);
+        assert_eq!(
+            disk_at_lun(&v, &id, 1).unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+        // Without a managed disk id, the name decides (exactly).
+        disk_at_lun(&vm(&[("1", "pvc-x", None)]), &id, 1).unwrap();
+        disk_at_lun(&vm(&[(" 1 ", "pvc-x", Some(""))]), &id, 1).unwrap();
+        for name in ["pvc-y", "PVC-X", "pvc-x2"] {
+            let e = disk_at_lun(&vm(&[("1", name, None)]), &id, 1).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{name}");
+            assert!(e.message().contains(name), "{}", e.message());
+        }
+        // Two entries at one LUN are never taken for the volume.
+        let v = vm(&[("1", "pvc-x", None), ("1", "pvc-y", None)]);
+        assert_eq!(
+            disk_at_lun(&v, &id, 1).unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
     }
 
     #[test]

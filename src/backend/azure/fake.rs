@@ -1,5 +1,6 @@
-//! An in-process fake of the ARM endpoints the backend uses, and of Entra ID's
-//! token endpoint for the client-secret flow.
+//! An in-process fake of the ARM endpoints the backend uses, of Entra ID's
+//! token endpoint for the client-secret flow, and of the Instance Metadata
+//! Service's `GET /metadata/instance` as one of its VMs sees it.
 //!
 //! It checks what the real services document: the api-version of each resource
 //! type, the bearer token, request body shapes (disk, snapshot and VM data-disk
@@ -25,6 +26,7 @@ use crate::test_http::{Answer, pairs, serve};
 /// from the client's constants so that a wrong constant fails the tests.
 const DISKS_API_VERSION: &str = "2024-03-02";
 const VM_API_VERSION: &str = "2024-07-01";
+const IMDS_INSTANCE_API_VERSION: &str = "2021-02-01";
 
 pub const SUB: &str = "sub-1";
 pub const RG: &str = "rg-1";
@@ -109,6 +111,9 @@ pub struct State {
     /// Items per page of a list.
     pub page_size: usize,
     pub token_requests: u32,
+    /// The VM (by name) whose instance metadata `GET /metadata/instance`
+    /// answers; `None` answers 404 as IMDS does off Azure.
+    pub imds_vm: Option<String>,
     /// Request shapes the real service would refuse or that we did not expect.
     pub problems: Vec<String>,
 }
@@ -228,6 +233,10 @@ impl HttpClient for RedirectTransport {
 
 fn handle(s: &mut State, base: &str, r: &Seen) -> Reply {
     let path = r.path.to_ascii_lowercase();
+    // IMDS takes no token: it is reached only from inside the VM.
+    if r.path == "/metadata/instance" {
+        return imds_instance(s, r);
+    }
     if path == format!("/{TENANT}/oauth2/v2.0/token") {
         return token(s, r);
     }
@@ -339,6 +348,89 @@ fn handle(s: &mut State, base: &str, r: &Seen) -> Reply {
             arm_error(404, "NotFound", "no such route in the fake")
         }
     }
+}
+
+/// IMDS `GET /metadata/instance?api-version=2021-02-01` (header
+/// `Metadata: true`), in the shape that api-version documents for the parts the
+/// driver reads: `compute.name`, `vmSize`, `zone`, `location`,
+/// `resourceGroupName`, `subscriptionId`, and `storageProfile.dataDisks[]`
+/// with `lun` as a string, `name`, `managedDisk.id` (the ARM id) and
+/// `managedDisk.storageAccountType`, `caching`, `createOption`, `diskSizeGB`
+/// (a string), `image`/`vhd` (`uri`, empty for managed disks) and
+/// `writeAcceleratorEnabled` (a string). The data disks are the VM's
+/// attachments in the fake ARM, so what the controller attached is what the
+/// node sees.
+fn imds_instance(s: &mut State, r: &Seen) -> Reply {
+    if r.method != "GET"
+        || r.header("metadata") != "true"
+        || r.query.get("api-version").map(String::as_str) != Some(IMDS_INSTANCE_API_VERSION)
+    {
+        s.problems.push(format!(
+            "IMDS: {} {} {:?} metadata={:?}",
+            r.method,
+            r.path,
+            r.query,
+            r.header("metadata")
+        ));
+        return reply(400, json!({"error": "Bad request"}));
+    }
+    let Some(name) = s.imds_vm.clone() else {
+        return reply(404, json!({"error": "Not found"}));
+    };
+    let Some(vm) = s
+        .vms
+        .values()
+        .find(|v| v["name"].as_str() == Some(name.as_str()))
+    else {
+        return reply(404, json!({"error": "Not found"}));
+    };
+    let disks: Vec<Value> = vm
+        .pointer("/properties/storageProfile/dataDisks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let id = e.pointer("/managedDisk/id").and_then(Value::as_str);
+            let disk = id.and_then(|id| s.disks.get(&id.to_ascii_lowercase()));
+            let mut d = json!({
+                "lun": e["lun"].as_u64().map(|l| l.to_string()).unwrap_or_default(),
+                "name": e["name"].as_str().map(str::to_string).or_else(|| {
+                    id.and_then(|i| i.rsplit('/').next()).map(str::to_string)
+                }),
+                "caching": e["caching"],
+                "createOption": e["createOption"],
+                "diskSizeGB": disk
+                    .and_then(|d| d.pointer("/properties/diskSizeGB"))
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                "image": {"uri": ""},
+                "vhd": {"uri": ""},
+                "writeAcceleratorEnabled": "false",
+            });
+            if let Some(id) = id {
+                d["managedDisk"] = json!({
+                    "id": id,
+                    "storageAccountType": disk
+                        .and_then(|d| d.pointer("/sku/name"))
+                        .cloned()
+                        .unwrap_or(json!("")),
+                });
+            }
+            d
+        })
+        .collect();
+    reply(
+        200,
+        json!({"compute": {
+            "name": vm["name"],
+            "vmSize": vm.pointer("/properties/hardwareProfile/vmSize"),
+            "location": vm["location"],
+            "zone": "",
+            "resourceGroupName": RG,
+            "subscriptionId": SUB,
+            "storageProfile": {"dataDisks": disks},
+        }}),
+    )
 }
 
 fn token(s: &mut State, r: &Seen) -> Reply {

@@ -1,6 +1,7 @@
 //! The node plugin's view of its VM, from the Azure Instance Metadata Service:
 //! the VM name (the node id the controller attaches to), its zone (accessible
-//! topology) and its size (how many data disks it takes).
+//! topology), its size (how many data disks it takes) and its data disks (which
+//! managed disk is at which LUN, see [`super::device::check_disk_at_lun`]).
 
 use std::time::Duration;
 
@@ -25,6 +26,51 @@ pub struct Instance {
     pub location: String,
     pub resource_group_name: String,
     pub subscription_id: String,
+    pub storage_profile: StorageProfile,
+}
+
+/// `compute.storageProfile` (only the data disks are read).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct StorageProfile {
+    pub data_disks: Vec<DataDisk>,
+}
+
+/// One entry of `compute.storageProfile.dataDisks`: IMDS writes the LUN as a
+/// string (`"0"`), and `managedDisk.id` is the disk's ARM resource id.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DataDisk {
+    pub lun: String,
+    pub name: String,
+    pub managed_disk: Option<ManagedDisk>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ManagedDisk {
+    pub id: String,
+}
+
+/// Why the instance metadata could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ImdsError {
+    /// Not reachable, or still answering a transient status after the retries:
+    /// worth trying again later.
+    #[error("Azure instance metadata unavailable: {0}")]
+    Unavailable(String),
+    /// It answered, but not with what IMDS documents.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<ImdsError> for crate::backend::Error {
+    fn from(e: ImdsError) -> Self {
+        match e {
+            ImdsError::Unavailable(_) => crate::backend::Error::Unavailable(e.to_string()),
+            ImdsError::Invalid(_) => crate::backend::Error::Internal(e.to_string()),
+        }
+    }
 }
 
 impl Instance {
@@ -37,14 +83,18 @@ impl Instance {
 
 /// Reads the instance metadata from `endpoint` (IMDS, or a fake), retrying what
 /// IMDS documents as transient (429, 5xx, and 404/410 while it starts).
-pub async fn instance(endpoint: &str, attempts: u32, delay: Duration) -> Result<Instance, String> {
+pub async fn instance(
+    endpoint: &str,
+    attempts: u32,
+    delay: Duration,
+) -> Result<Instance, ImdsError> {
     let url = format!("{}/metadata/instance", endpoint.trim_end_matches('/'));
     // IMDS is reached directly: a proxy from the environment must not see it.
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(10))
         .build()
-        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        .map_err(|e| ImdsError::Invalid(format!("cannot build an HTTP client: {e}")))?;
     let mut last = String::new();
     for attempt in 1..=attempts.max(1) {
         if attempt > 1 {
@@ -62,11 +112,21 @@ pub async fn instance(endpoint: &str, attempts: u32, delay: Duration) -> Result<
                 struct Metadata {
                     compute: Instance,
                 }
-                let body = r.bytes().await.map_err(|e| format!("reading {url}: {e}"))?;
-                let m: Metadata = serde_json::from_slice(&body)
-                    .map_err(|e| format!("{url} answered with unexpected JSON: {e}"))?;
+                let body = match r.bytes().await {
+                    Ok(b) => b,
+                    // Cut off mid-answer: as transient as a refused connection.
+                    Err(e) => {
+                        last = format!("reading {url}: {}", e.without_url());
+                        continue;
+                    }
+                };
+                let m: Metadata = serde_json::from_slice(&body).map_err(|e| {
+                    ImdsError::Invalid(format!("{url} answered with unexpected JSON: {e}"))
+                })?;
                 if m.compute.name.is_empty() {
-                    return Err(format!("{url} answered without compute.name"));
+                    return Err(ImdsError::Invalid(format!(
+                        "{url} answered without compute.name"
+                    )));
                 }
                 return Ok(m.compute);
             }
@@ -76,7 +136,7 @@ pub async fn instance(endpoint: &str, attempts: u32, delay: Duration) -> Result<
                 let body = r.text().await.unwrap_or_default();
                 last = format!("{url} answered HTTP {status}: {}", clean(&body, 200));
                 if !matches!(status, 404 | 410 | 429 | 500..=599) {
-                    return Err(last);
+                    return Err(ImdsError::Invalid(last));
                 }
                 if let Some(w) = wait {
                     tokio::time::sleep(w.min(Duration::from_secs(5))).await;
@@ -85,7 +145,7 @@ pub async fn instance(endpoint: &str, attempts: u32, delay: Duration) -> Result<
             Err(e) => last = format!("{url}: {}", e.without_url()),
         }
     }
-    Err(format!("Azure instance metadata unavailable: {last}"))
+    Err(ImdsError::Unavailable(last))
 }
 
 /// The most data disks a VM size takes, for the common sizes; `None` for a
@@ -149,7 +209,9 @@ pub async fn node_facts(
     node_id: Option<String>,
     max_volumes: Option<i64>,
 ) -> Result<NodeFacts, String> {
-    let vm = instance(endpoint, 5, Duration::from_secs(1)).await?;
+    let vm = instance(endpoint, 5, Duration::from_secs(1))
+        .await
+        .map_err(|e| e.to_string())?;
     let max_volumes = match max_volumes {
         Some(m) => m,
         None => match max_data_disks(&vm.vm_size) {

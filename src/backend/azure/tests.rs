@@ -999,3 +999,124 @@ async fn snapshots_restore_into_their_usable_size() {
     );
     env.assert_clean();
 }
+
+/// The node's check of a LUN against IMDS, with the fake's IMDS showing node-a
+/// the disks the controller attached to it.
+mod lun_identity {
+    use super::*;
+    use crate::backend::azure::device::{ImdsCheck, check_disk_at_lun};
+    use crate::volume::VolumeId;
+
+    fn imds(fake: &FakeArm) -> ImdsCheck {
+        ImdsCheck {
+            endpoint: fake.base.clone(),
+            attempts: 2,
+            delay: Duration::from_millis(1),
+        }
+    }
+
+    fn imds_calls(env: &Env) -> usize {
+        env.fake.with(|s| {
+            s.requests
+                .iter()
+                .filter(|r| r.path == "/metadata/instance")
+                .count()
+        })
+    }
+
+    /// Two volumes published to node-a, IMDS answering as node-a.
+    async fn two_published() -> (Env, VolumeId, u32, VolumeId, u32) {
+        let env = setup().await;
+        let mut out = Vec::new();
+        for name in ["pvc-lun-a", "pvc-lun-b"] {
+            let v = env.create(create_req(name, GIB, &[])).await.unwrap();
+            let ctx = env.publish(&v.volume_id, "node-a").await.unwrap();
+            out.push((v.volume_id.parse::<VolumeId>().unwrap(), lun(&ctx)));
+        }
+        env.fake.with(|s| s.imds_vm = Some("node-a".into()));
+        let (b, lb) = out.pop().unwrap();
+        let (a, la) = out.pop().unwrap();
+        assert_ne!(la, lb);
+        (env, a, la, b, lb)
+    }
+
+    #[tokio::test]
+    async fn the_volumes_own_disk_at_its_lun_passes_after_asking_imds() {
+        let (env, a, la, b, lb) = two_published().await;
+        check_disk_at_lun(&imds(&env.fake), &a, la).await.unwrap();
+        check_disk_at_lun(&imds(&env.fake), &b, lb).await.unwrap();
+        // It was IMDS that said so, not a check that was skipped.
+        assert_eq!(imds_calls(&env), 2);
+        env.assert_clean();
+    }
+
+    #[tokio::test]
+    async fn another_volumes_disk_at_the_lun_is_failed_precondition() {
+        let (env, a, _, b, lb) = two_published().await;
+        let e = check_disk_at_lun(&imds(&env.fake), &a, lb)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+        let m = e.message();
+        assert!(m.contains(&format!("LUN {lb}")), "{m}");
+        assert!(m.contains(&format!("/disks/{}", b.disk())), "{m}");
+        assert!(
+            m.contains(&format!("disk {} in resource group {RG}", a.disk())),
+            "{m}"
+        );
+        env.assert_clean();
+    }
+
+    #[tokio::test]
+    async fn an_empty_lun_is_failed_precondition() {
+        let (env, a, _, _, _) = two_published().await;
+        let e = check_disk_at_lun(&imds(&env.fake), &a, 7)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+        let m = e.message();
+        assert!(m.contains("LUN 7") && m.contains("no data disk"), "{m}");
+        assert!(m.contains(a.disk()), "{m}");
+        env.assert_clean();
+    }
+
+    #[tokio::test]
+    async fn a_disk_of_the_same_name_in_another_resource_group_is_failed_precondition() {
+        let (env, a, la, _, _) = two_published().await;
+        // The volume id names a disk of that name in rg-2; the one at the LUN
+        // is in rg-1.
+        let other: VolumeId = format!("azure:rg-2:{}", a.disk()).parse().unwrap();
+        let e = check_disk_at_lun(&imds(&env.fake), &other, la)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+        let m = e.message();
+        assert!(m.contains(&format!("resourceGroups/{RG}/")), "{m}");
+        assert!(m.contains("resource group rg-2"), "{m}");
+        env.assert_clean();
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_or_unready_imds_is_unavailable() {
+        let (env, a, la, _, _) = two_published().await;
+        // Nothing listens on a port just released.
+        let closed = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let check = ImdsCheck {
+            endpoint: closed,
+            ..imds(&env.fake)
+        };
+        let e = check_disk_at_lun(&check, &a, la).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e}");
+        assert!(e.message().contains(&format!("LUN {la}")), "{e}");
+        // IMDS answering 404 (as it does while it starts) on every try.
+        env.fake.with(|s| s.imds_vm = None);
+        let e = check_disk_at_lun(&imds(&env.fake), &a, la)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e}");
+        assert_eq!(imds_calls(&env), 2);
+    }
+}
