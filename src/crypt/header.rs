@@ -676,6 +676,13 @@ pub fn validate_header(header: &Header) -> std::result::Result<(), String> {
         ));
     }
     let keyslots_size = size_at("keyslots_size")?;
+    // libcryptsetup refuses a keyslots size that is not whole 4 KiB blocks
+    // (found by the luks2_differential fuzz target: we had accepted one).
+    if keyslots_size % 4096 != 0 {
+        return Err(format!(
+            "config.keyslots_size {keyslots_size} is not a multiple of 4096"
+        ));
+    }
     if keyslots_size.saturating_add(2 * header.hdr_size) > LUKS2_HEADER_BYTES {
         return Err(format!(
             "config.keyslots_size {keyslots_size} reaches past the {LUKS2_HEADER_BYTES}-byte \
@@ -691,7 +698,8 @@ pub fn validate_header(header: &Header) -> std::result::Result<(), String> {
                 .unwrap_or(u64::MAX)
         };
         let (offset, size) = (at("offset"), at("size"));
-        if offset < 2 * header.hdr_size
+        if offset % 4096 != 0
+            || offset < 2 * header.hdr_size
             || offset.saturating_add(size) > 2 * header.hdr_size + keyslots_size
         {
             return Err(format!("keyslot {id} area lies outside the keyslots area"));
@@ -1375,6 +1383,14 @@ mod tests {
         big["config"]["json_size"] = json!("4190208");
         let header = parsed(&image(&big, &big)).unwrap().unwrap();
         assert!(validate_header(&header).unwrap_err().contains("json_size"));
+        let mut odd = ours();
+        odd["config"]["keyslots_size"] = json!("4446876");
+        let header = parsed(&image(&odd, &odd)).unwrap().unwrap();
+        assert!(
+            validate_header(&header)
+                .unwrap_err()
+                .contains("multiple of 4096")
+        );
         let mut big = ours();
         big["config"]["keyslots_size"] = json!("16777216");
         let header = parsed(&image(&big, &big)).unwrap().unwrap();
