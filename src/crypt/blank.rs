@@ -271,6 +271,23 @@ pub fn probe_keyslots_filled(device: &Path) -> Result<BlankDevice> {
     let keyslots_end = (keyslots_start + super::LUKS2_KEYSLOTS_BYTES).min(size);
     check_zeros(&file, device, 0, keyslots_start)?;
     check_zeros(&file, device, keyslots_end, size)?;
+    // libcryptsetup fills the whole keyslots area with random bytes: every
+    // 4 KiB block sampled across it must hold some, or the bytes there are not
+    // its fill but data (a small disk's middle lies in this range).
+    let mut at = keyslots_start;
+    while at + 4096 <= keyslots_end {
+        if nonzero_at(&file, device, at, 4096)?.is_none() {
+            return Err(Error::NotBlank {
+                device: device.to_path_buf(),
+                reason: format!(
+                    "holds data in its first {keyslots_end} bytes that is not a filled \
+                     keyslots area (zeros at byte {at}); refusing to format a device that \
+                     is not blank"
+                ),
+            });
+        }
+        at += 64 << 10;
+    }
     Ok(BlankDevice {
         path: device.to_path_buf(),
         file,
