@@ -4,6 +4,7 @@
 //! HKDF-SHA256 over the cluster's master secret with a salt and the info string
 //! `"key-" + data_key_id`, so the KMS keeps no per-volume state.
 
+pub mod authz;
 pub mod client;
 pub mod locked;
 pub mod server;
@@ -74,12 +75,69 @@ pub enum DeriveError {
     BadLength(usize),
     #[error("data key id must not be empty")]
     EmptyId,
+    #[error("key scope must be a non-empty volume id without '/'")]
+    BadScope,
+}
+
+/// How a volume's key is derived (`Derivation` in kms.proto).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Derivation {
+    /// Info `"key-" + data_key_id`: Constellation's derivation, bound to no
+    /// volume. Kept for volumes formatted before v2, behind a migration flag.
+    V1,
+    /// Info `"cryptdisk-v2/" + scope + "/" + data_key_id`: bound to the volume
+    /// whose scope it names (DESIGN.md §3).
+    V2,
+}
+
+/// Derives the v2 key of `data_key_id` within `scope` (a CSI volume id).
+///
+/// The scope must not hold `/`: the info string would then be ambiguous
+/// between ("a/b", "c") and ("a", "b/c"). Volume ids never hold one.
+pub fn derive_scoped_key(
+    master_secret: &[u8],
+    salt: &[u8],
+    scope: &str,
+    data_key_id: &str,
+    len: usize,
+) -> Result<DataKey, DeriveError> {
+    if scope.is_empty() || scope.contains('/') {
+        return Err(DeriveError::BadScope);
+    }
+    derive_with_info(
+        master_secret,
+        salt,
+        &[
+            b"cryptdisk-v2/",
+            scope.as_bytes(),
+            b"/",
+            data_key_id.as_bytes(),
+        ],
+        data_key_id,
+        len,
+    )
 }
 
 /// Derives the data key for `data_key_id` from the master secret and salt.
 pub fn derive_data_key(
     master_secret: &[u8],
     salt: &[u8],
+    data_key_id: &str,
+    len: usize,
+) -> Result<DataKey, DeriveError> {
+    derive_with_info(
+        master_secret,
+        salt,
+        &[b"key-", data_key_id.as_bytes()],
+        data_key_id,
+        len,
+    )
+}
+
+fn derive_with_info(
+    master_secret: &[u8],
+    salt: &[u8],
+    info_parts: &[&[u8]],
     data_key_id: &str,
     len: usize,
 ) -> Result<DataKey, DeriveError> {
@@ -90,9 +148,7 @@ pub fn derive_data_key(
         return Err(DeriveError::EmptyId);
     }
     let hkdf = Hkdf::<Sha256>::new(Some(salt), master_secret);
-    let mut info = Vec::with_capacity(4 + data_key_id.len());
-    info.extend_from_slice(b"key-");
-    info.extend_from_slice(data_key_id.as_bytes());
+    let info = info_parts.concat();
     let mut out = locked::LockedBytes::zeroed(len);
     hkdf.expand(&info, out.as_mut_slice())
         .expect("HKDF-SHA256 can produce 64 bytes, the largest length allowed");
@@ -139,6 +195,33 @@ mod tests {
             hex::encode(k16.expose()),
             "d77305fedc70e07f0da8bebde473f2e2"
         );
+    }
+
+    /// v2 vectors, computed the same way (Python, RFC 5869) with info
+    /// `"cryptdisk-v2/" + scope + "/" + id`.
+    #[test]
+    fn scoped_derivation_matches_pinned_vectors_and_binds_the_scope() {
+        let master = b"0123456789abcdef0123456789abcdef";
+        let salt = b"salt-salt-salt-salt-salt-salt-32";
+        let id = "3f0e1d2c-0000-4000-8000-000000000001";
+        let a = derive_scoped_key(master, salt, "local:node-a:vol-1", id, 32).unwrap();
+        assert_eq!(
+            hex::encode(a.expose()),
+            "e65c814ad14e3681d2b9002e84bdd0d83f5e71fff9897b8d5144f456f2782d90"
+        );
+        let b = derive_scoped_key(master, salt, "azure:westeurope-1:pvc-9", id, 32).unwrap();
+        assert_eq!(
+            hex::encode(b.expose()),
+            "5b93119b3122eabd50bbee8a57970ca2eea11c4d99f1b4d9b71af8d169f944df"
+        );
+        let v1 = derive_data_key(master, salt, id, 32).unwrap();
+        assert_ne!(a.expose(), v1.expose());
+        for bad in ["", "a/b"] {
+            assert!(matches!(
+                derive_scoped_key(master, salt, bad, id, 32),
+                Err(DeriveError::BadScope)
+            ));
+        }
     }
 
     #[test]

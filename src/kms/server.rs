@@ -11,6 +11,7 @@ use super::{KEY_LEN_RANGE, MIN_MASTER_SECRET_LEN, derive_data_key};
 use crate::proto::kms::api_server::Api;
 use crate::proto::kms::{
     GetDataKeyRequest, GetDataKeyResponse, GetVersionedDataKeyRequest, GetVersionedDataKeyResponse,
+    GetVolumeKeyRequest, GetVolumeKeyResponse,
 };
 
 /// Longest data key id accepted; ours are 36-character UUIDs.
@@ -361,6 +362,15 @@ impl Api for KmsService {
                 key_version,
             })
         })
+    }
+
+    async fn get_volume_key(
+        &self,
+        _request: Request<GetVolumeKeyRequest>,
+    ) -> Result<Response<GetVolumeKeyResponse>, Status> {
+        // Replaced by the authorizing implementation (issue 20); until then
+        // no key is served through this method.
+        Err(Status::unimplemented("GetVolumeKey is not served yet"))
     }
 }
 

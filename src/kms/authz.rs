@@ -1,0 +1,60 @@
+//! Who may have a volume's key: the authorization seam of the KMS.
+//!
+//! TLS proves "a node of this cluster"; an [`Authorizer`] decides whether the
+//! caller is the node a given volume is attached to, and names the volume's key
+//! scope (DESIGN.md §3). Implementations: one backed by the Kubernetes API
+//! (TokenReview for the caller, a watch-fed cache of VolumeAttachments and
+//! PersistentVolumes for the decision), one for a single machine without
+//! Kubernetes (`dev`: the volumes the local backend has published to this node).
+
+/// PersistentVolume `spec.csi.volumeAttributes` key (set by the controller in
+/// the volume context) that holds a volume's key scope. Absent on volumes made
+/// before v2 keys: their scope is their own volume id.
+pub const SCOPE_ATTRIBUTE: &str = "cryptdisk.csi.io/key-scope";
+
+/// What an authorizer grants: the node the caller proved to be, and the key
+/// scope of the volume, read from the volume's own record (never from the
+/// caller).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub node: String,
+    pub scope: String,
+}
+
+/// Why a key request was refused. Every variant maps to PERMISSION_DENIED or
+/// UNAUTHENTICATED (no or bad proof of identity), or UNAVAILABLE when the
+/// authorizer cannot decide (its view is stale): it fails closed.
+#[derive(Debug, thiserror::Error)]
+pub enum Denial {
+    #[error("no node token in the request")]
+    NoToken,
+    #[error("node token refused: {0}")]
+    BadToken(String),
+    #[error("service account {0} may not ask for keys")]
+    WrongAccount(String),
+    #[error("volume {volume} is not attached to node {node}")]
+    NotAttached { node: String, volume: String },
+    #[error("cannot decide: {0}")]
+    Unavailable(String),
+}
+
+impl From<Denial> for tonic::Status {
+    fn from(d: Denial) -> Self {
+        match d {
+            Denial::NoToken | Denial::BadToken(_) => tonic::Status::unauthenticated(d.to_string()),
+            Denial::WrongAccount(_) | Denial::NotAttached { .. } => {
+                tonic::Status::permission_denied(d.to_string())
+            }
+            Denial::Unavailable(_) => tonic::Status::unavailable(d.to_string()),
+        }
+    }
+}
+
+/// Decides per request whether a key may be served.
+#[tonic::async_trait]
+pub trait Authorizer: Send + Sync {
+    /// May the holder of `token` (the bearer token of the request, if any)
+    /// have the key of CSI volume `volume_id`? On yes, the node and the
+    /// volume's scope.
+    async fn authorize(&self, token: Option<&str>, volume_id: &str) -> Result<Grant, Denial>;
+}
