@@ -1004,9 +1004,10 @@ async fn a_lost_answer_is_retried_with_the_same_request_id() {
 #[tokio::test]
 async fn provisioned_performance_reaches_compute() {
     let (fake, ctl) = setup().await;
+    // 3,000 IOPS need 6 GiB of Hyperdisk Balanced (500 per GiB at most).
     ctl.create_volume(Request::new(create(
         "pvc-hd",
-        1,
+        5,
         &[
             ("type", "hyperdisk-balanced"),
             ("provisioned-iops-on-create", "3000"),
@@ -1030,7 +1031,7 @@ async fn provisioned_performance_reaches_compute() {
         .iter()
         .map(|s| &s.body)
         .collect();
-    assert_eq!(bodies[0]["sizeGb"], "4");
+    assert_eq!(bodies[0]["sizeGb"], "6");
     assert_eq!(bodies[0]["provisionedIops"], "3000");
     assert_eq!(bodies[0]["provisionedThroughput"], "140");
     assert_eq!(bodies[1]["sizeGb"], "500");
@@ -1261,4 +1262,182 @@ async fn snapshots_restore_into_their_usable_size() {
     );
     let resized = calls(&seen, "POST", "/resize");
     assert!(resized.is_empty(), "{resized:?}");
+}
+
+fn expand(volume: &str, gib: i64) -> ControllerExpandVolumeRequest {
+    ControllerExpandVolumeRequest {
+        volume_id: volume.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: gib * GIB,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(cap(Mode::SingleNodeWriter)),
+        ..Default::default()
+    }
+}
+
+/// A Hyperdisk Balanced made at its least size (4 GiB, so 2,000 IOPS) cannot
+/// grow to 20 GiB with `resize` alone: the new size needs 3,000 IOPS. The
+/// backend sends `disks.update` with the size and the raised IOPS; a disk
+/// already above its floors, and a Persistent Disk, still take `resize`.
+#[tokio::test]
+async fn a_small_hyperdisk_grows_with_its_performance_floor() {
+    let (fake, ctl) = setup().await;
+    let vol = ctl
+        .create_volume(Request::new(create(
+            "pvc-hd-small",
+            1,
+            &[("type", "hyperdisk-balanced")],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let path = format!("projects/{PROJECT}/zones/us-central1-a/disks/pvc-hd-small");
+    let disk = fake.resource(&path).unwrap();
+    assert_eq!(disk["sizeGb"], "4");
+    assert_eq!(
+        disk["provisionedIops"], "2000",
+        "the fake's default: {disk}"
+    );
+    fake.clear_seen();
+    ctl.controller_expand_volume(Request::new(expand(&vol.volume_id, 19)))
+        .await
+        .unwrap();
+    let disk = fake.resource(&path).unwrap();
+    assert_eq!(disk["sizeGb"], "20", "{disk}");
+    assert_eq!(disk["provisionedIops"], "3000", "{disk}");
+    assert_eq!(disk["provisionedThroughput"], "140", "{disk}");
+    let seen = fake.seen();
+    let updates = calls(
+        &seen,
+        "PATCH",
+        &api("zones/us-central1-a/disks/pvc-hd-small"),
+    );
+    assert_eq!(updates.len(), 1, "{seen:?}");
+    assert_eq!(updates[0].query["updateMask"], "sizeGb,provisionedIops");
+    assert_eq!(updates[0].body["sizeGb"], "20");
+    assert_eq!(updates[0].body["provisionedIops"], "3000");
+    assert!(calls(&seen, "POST", "/resize").is_empty());
+
+    // Above the floor already: a plain resize.
+    fake.clear_seen();
+    ctl.controller_expand_volume(Request::new(expand(&vol.volume_id, 30)))
+        .await
+        .unwrap();
+    let seen = fake.seen();
+    assert_eq!(calls(&seen, "POST", "/resize").len(), 1, "{seen:?}");
+    assert!(calls(&seen, "PATCH", "/disks/pvc-hd-small").is_empty());
+
+    // Hyperdisk Extreme: 2 IOPS per GiB.
+    let ex = ctl
+        .create_volume(Request::new(create(
+            "pvc-hdx",
+            1,
+            &[("type", "Hyperdisk-Extreme")],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let path = format!("projects/{PROJECT}/zones/us-central1-a/disks/pvc-hdx");
+    assert_eq!(fake.resource(&path).unwrap()["provisionedIops"], "128");
+    ctl.controller_expand_volume(Request::new(expand(&ex.volume_id, 200)))
+        .await
+        .unwrap();
+    let disk = fake.resource(&path).unwrap();
+    assert_eq!(disk["sizeGb"], "201", "{disk}");
+    assert_eq!(disk["provisionedIops"], "402", "{disk}");
+}
+
+/// An operation's error code decides its gRPC code whatever HTTP status the
+/// operation carries, as the PD CSI driver maps them: a per-resource
+/// operation rate is RESOURCE_EXHAUSTED (the CO backs off), Compute's internal
+/// error UNAVAILABLE (a retry may pass), an unsupported operation
+/// INVALID_ARGUMENT (no retry will).
+#[tokio::test]
+async fn operation_error_codes_map_as_the_reference_driver_maps_them() {
+    let (fake, ctl) = setup().await;
+    for (i, (code, http, want)) in [
+        (
+            "RESOURCE_OPERATION_RATE_EXCEEDED",
+            400,
+            Code::ResourceExhausted,
+        ),
+        ("INTERNAL_ERROR", 400, Code::Unavailable),
+        ("UNSUPPORTED_OPERATION", 400, Code::InvalidArgument),
+        ("REGION_QUOTA_EXCEEDED", 400, Code::ResourceExhausted),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let message = format!("{code} from the fake");
+        fake.fail_next_operation(code, &message, http);
+        let e = ctl
+            .create_volume(Request::new(create(&format!("pvc-op-{i}"), 1, &[])))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), want, "{code}: {e:?}");
+        assert!(e.message().contains(&message), "{code}: {e:?}");
+    }
+}
+
+/// StorageClasses written for the PD CSI driver: keys and disk types in any
+/// case, throughput as a quantity of bytes per second (`250Mi` is 250 MiB/s),
+/// IOPS as a quantity (`3k`).
+#[tokio::test]
+async fn storage_classes_of_the_reference_driver_are_understood() {
+    let (fake, ctl) = setup().await;
+    ctl.create_volume(Request::new(create(
+        "pvc-ref",
+        10,
+        &[
+            ("Type", "Hyperdisk-Balanced"),
+            ("provisioned-throughput-on-create", "250Mi"),
+            ("Provisioned-IOPS-On-Create", "3k"),
+        ],
+    )))
+    .await
+    .unwrap();
+    ctl.create_volume(Request::new(create(
+        "pvc-ref-pd",
+        10,
+        &[("type", "PD-SSD"), ("replication-type", "None")],
+    )))
+    .await
+    .unwrap();
+    ctl.create_volume(Request::new(create(
+        "pvc-ref-hdt",
+        2048,
+        &[
+            ("type", "hyperdisk-throughput"),
+            ("provisioned-throughput-on-create", "1Gi"),
+        ],
+    )))
+    .await
+    .unwrap_err();
+    let seen = fake.seen();
+    let bodies: Vec<&Value> = calls(&seen, "POST", &api("zones/us-central1-a/disks"))
+        .iter()
+        .map(|s| &s.body)
+        .collect();
+    assert_eq!(bodies[0]["provisionedThroughput"], "250", "{}", bodies[0]);
+    assert_eq!(bodies[0]["provisionedIops"], "3000", "{}", bodies[0]);
+    assert!(
+        bodies[0]["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("/diskTypes/hyperdisk-balanced")
+    );
+    assert!(
+        bodies[1]["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("/diskTypes/pd-ssd")
+    );
+    // 1Gi is 1024 MiB/s, above Hyperdisk Throughput's 600: Compute refuses it.
+    assert_eq!(bodies[2]["provisionedThroughput"], "1024", "{}", bodies[2]);
+    assert_eq!(bodies[2]["sizeGb"], "2049", "{}", bodies[2]);
 }
