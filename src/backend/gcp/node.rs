@@ -322,22 +322,8 @@ fn nvme_identify_namespace(dev: &Path) -> io::Result<Vec<u8>> {
     Ok(data)
 }
 
-/// The volumes a VM of `machine_type` takes besides its boot disk.
-///
-/// Compute Engine allows 128 persistent disks on a VM, and 16 on shared-core
-/// machine types (e2-micro, e2-small, e2-medium, f1-micro, g1-small); one of
-/// them is the boot disk, as the PD CSI driver also counts. Some newer series
-/// (C3, C4, N4 and others, Hyperdisk-only) set lower limits by vCPU count; they
-/// are not tabulated here, so for them, and for unknown types, the general
-/// limit applies and `--max-volumes` should be given.
-pub fn max_volumes_for(machine_type: &str) -> i64 {
-    const SHARED_CORE: [&str; 5] = ["e2-micro", "e2-small", "e2-medium", "f1-micro", "g1-small"];
-    if SHARED_CORE.contains(&machine_type) {
-        15
-    } else {
-        127
-    }
-}
+/// The attach limit of a machine type (see [`super::machine`]).
+pub use super::machine::max_volumes_for;
 
 #[cfg(test)]
 mod tests {
@@ -625,12 +611,5 @@ mod tests {
                 .code(),
             tonic::Code::Unavailable
         );
-    }
-
-    #[test]
-    fn attach_limits() {
-        assert_eq!(max_volumes_for("e2-medium"), 15);
-        assert_eq!(max_volumes_for("n2-standard-8"), 127);
-        assert_eq!(max_volumes_for("something-new-1"), 127);
     }
 }
