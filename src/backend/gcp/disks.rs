@@ -87,6 +87,11 @@ struct Note {
     volume: Option<VolumeId>,
     #[serde(default)]
     options: BTreeMap<String, String>,
+    /// A regional disk's attaches are forced (`availability-class:
+    /// regional-hard-failover`): recorded with the disk because the
+    /// attach is handed nothing but the volume id.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    force_attach: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -121,6 +126,20 @@ impl Found {
     /// The disk's path relative to the API root.
     pub fn path(&self, project: &str) -> String {
         self.location.disk_path(project, self.disk.id.disk())
+    }
+
+    /// Whether attaches of this (regional) disk are forced.
+    pub fn force_attach(&self) -> bool {
+        self.note.force_attach
+    }
+
+    /// The disk's type, if it is one this backend knows.
+    pub fn disk_type(&self) -> Option<params::DiskType> {
+        self.raw
+            .r#type
+            .as_deref()
+            .map(last_segment)
+            .and_then(params::DiskType::parse)
     }
 
     /// Zones the disk can be attached in.
@@ -469,6 +488,7 @@ impl GcpBackend {
             source: spec.source.clone(),
             volume: None,
             options: spec.options.clone(),
+            force_attach: params.force_attach,
         };
         let want = Wanted {
             note: &note,
@@ -591,6 +611,12 @@ impl GcpBackend {
             return differs(format!(
                 "options {:?}, not {:?}",
                 found.note.options, want.note.options
+            ));
+        }
+        if found.note.force_attach != want.note.force_attach {
+            return differs(format!(
+                "forced attaches {}, not {}",
+                found.note.force_attach, want.note.force_attach
             ));
         }
         match status {
@@ -1061,6 +1087,7 @@ impl GcpBackend {
             source: None,
             volume: Some(source.clone()),
             options: found.disk.options.clone(),
+            force_attach: false,
         };
         let body = model::Snapshot::new()
             .set_name(name.clone())

@@ -158,6 +158,8 @@ enum Effect {
         instance: String,
         disk: String,
         attached: Value,
+        /// Detach it from every other VM first.
+        force: bool,
     },
     Detach {
         instance: String,
@@ -338,12 +340,17 @@ impl Fake {
 
     /// A VM in `zone`.
     pub fn add_instance(&self, zone: &str, name: &str) {
+        self.add_instance_of(zone, name, "n2-standard-4");
+    }
+
+    /// A VM of `machine_type` in `zone`.
+    pub fn add_instance_of(&self, zone: &str, name: &str, machine_type: &str) {
         let path = format!("projects/{PROJECT}/zones/{zone}/instances/{name}");
         self.put(
             &path,
             json!({"kind": "compute#instance", "id": "77", "name": name,
                 "zone": link(&format!("projects/{PROJECT}/zones/{zone}")),
-                "machineType": link(&format!("projects/{PROJECT}/zones/{zone}/machineTypes/n2-standard-4")),
+                "machineType": link(&format!("projects/{PROJECT}/zones/{zone}/machineTypes/{machine_type}")),
                 "status": "RUNNING", "selfLink": link(&path),
                 "disks": [{"kind": "compute#attachedDisk", "type": "PERSISTENT", "mode": "READ_WRITE",
                     "source": link(&format!("projects/{PROJECT}/zones/{zone}/disks/{name}-boot")),
@@ -544,7 +551,33 @@ impl State {
                 instance,
                 disk,
                 attached,
+                force,
             } => {
+                if force {
+                    let me = link(&instance);
+                    let others: Vec<String> = self.resources[&disk]["users"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|u| **u != json!(me))
+                        .filter_map(|u| u.as_str().map(|u| relative(u).to_string()))
+                        .collect();
+                    let source = json!(link(&disk));
+                    for other in others {
+                        if let Some(i) = self.resources.get_mut(&other) {
+                            i["disks"]
+                                .as_array_mut()
+                                .unwrap()
+                                .retain(|d| d["source"] != source);
+                        }
+                    }
+                    if let Some(d) = self.resources.get_mut(&disk) {
+                        d["users"]
+                            .as_array_mut()
+                            .unwrap()
+                            .retain(|u| *u == json!(me));
+                    }
+                }
                 if let Some(i) = self.resources.get_mut(&instance) {
                     i["disks"].as_array_mut().unwrap().push(attached);
                 }
@@ -947,17 +980,47 @@ impl State {
         if zonal_elsewhere {
             return Self::bad("Disk must be in the same zone as the instance");
         }
+        // `forceAttach` (instances.attachDisk's query parameter) takes a
+        // regional disk from the VM that holds it; Compute refuses it for a
+        // zonal disk.
+        let force = seen.query.get("forceAttach").map(String::as_str) == Some("true");
+        let regional = disk["region"].is_string();
+        if force && !regional {
+            return Self::bad("forceAttach is only supported for regional disks");
+        }
         let rw_user = disk["users"]
             .as_array()
             .unwrap()
             .iter()
             .any(|u| u != &json!(link(&instance)));
-        if rw_user && mode == "READ_WRITE" {
+        if rw_user && mode == "READ_WRITE" && !force {
             return error(
                 400,
                 "resourceInUseByAnotherResource",
                 &format!("The disk resource '{source}' is already being used by another instance"),
             );
+        }
+        // A Persistent Disk on a Hyperdisk-only machine series: Compute takes
+        // the request and the operation ends with UNSUPPORTED_OPERATION, in
+        // the words the PD CSI driver matches (`pdDiskTypeUnsupportedPattern`).
+        let machine = vm["machineType"]
+            .as_str()
+            .unwrap_or("")
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let disk_type = disk["type"]
+            .as_str()
+            .unwrap_or("")
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if disk_type.starts_with("pd-") && crate::backend::gcp::machine::hyperdisk_only(&machine) {
+            self.fail_next_operation.push_front(json!({"code": "UNSUPPORTED_OPERATION",
+                "message": format!("[{disk_type}] features are not compatible for creating instance."),
+                "http": 400}));
         }
         let attached = json!({"kind": "compute#attachedDisk", "type": "PERSISTENT", "mode": mode,
             "source": link(&source), "deviceName": device, "index": 1, "boot": false,
@@ -972,6 +1035,7 @@ impl State {
                 instance: instance.clone(),
                 disk: source,
                 attached,
+                force,
             },
         )
     }

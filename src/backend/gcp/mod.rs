@@ -152,6 +152,11 @@ impl DiskBackend for GcpBackend {
         self.attach_disk(id, node_id, read_only).await
     }
 
+    async fn takes_over_attachment(&self, id: &VolumeId) -> Result<bool> {
+        self.own_volume(id)?;
+        Ok(self.find_disk(id).await?.is_some_and(|d| d.force_attach()))
+    }
+
     async fn detach(&self, id: &VolumeId, node_id: &str) -> Result<()> {
         self.own_volume(id)?;
         self.detach_disk(id, node_id).await

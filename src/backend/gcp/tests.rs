@@ -1441,3 +1441,182 @@ async fn storage_classes_of_the_reference_driver_are_understood() {
     assert_eq!(bodies[2]["provisionedThroughput"], "1024", "{}", bodies[2]);
     assert_eq!(bodies[2]["sizeGb"], "2049", "{}", bodies[2]);
 }
+
+/// A Persistent Disk cannot be attached to a Hyperdisk-only machine series
+/// (C4, N4, ...): the publish says so before it asks Compute, naming the
+/// machine type and what to use instead; a Hyperdisk attaches there.
+#[tokio::test]
+async fn pd_disks_are_refused_early_on_hyperdisk_only_machines() {
+    let (fake, ctl) = setup().await;
+    fake.add_instance_of("us-central1-a", "vm-c4", "c4-standard-8");
+    let pd = ctl
+        .create_volume(Request::new(create(
+            "pvc-pd",
+            5,
+            &[("type", "pd-balanced")],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    fake.clear_seen();
+    let e = ctl
+        .controller_publish_volume(Request::new(publish(
+            &pd.volume_id,
+            "us-central1-a.vm-c4",
+            false,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("c4-standard-8") && e.message().contains("hyperdisk-balanced"),
+        "{e:?}"
+    );
+    let seen = fake.seen();
+    assert!(calls(&seen, "POST", "/attachDisk").is_empty(), "{seen:?}");
+
+    let hd = ctl
+        .create_volume(Request::new(create(
+            "pvc-hd-c4",
+            5,
+            &[("type", "hyperdisk-balanced")],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    ctl.controller_publish_volume(Request::new(publish(
+        &hd.volume_id,
+        "us-central1-a.vm-c4",
+        false,
+    )))
+    .await
+    .unwrap();
+}
+
+/// A regional disk is reachable from both its zones: its topology lists each
+/// replica zone as a segment of its own (never the region, never an empty
+/// zone: every GCE VM has one). With `availability-class:
+/// regional-hard-failover`, an attach in the other zone while the first VM
+/// still holds the disk is forced (`forceAttach=true`) and moves the disk;
+/// without it, the attach is refused as in use.
+#[tokio::test]
+async fn regional_disks_fail_over_with_forced_attaches() {
+    let (fake, ctl) = setup().await;
+    fake.add_instance("us-central1-a", "vm-a");
+    fake.add_instance("us-central1-b", "vm-b");
+    let regional = |name: &str, failover: bool| {
+        let mut params = vec![("type", "pd-balanced"), ("replication-type", "regional-pd")];
+        if failover {
+            params.push(("availability-class", "regional-hard-failover"));
+        }
+        let mut req = create(name, 10, &params);
+        req.accessibility_requirements = Some(TopologyRequirement {
+            requisite: zones(&["us-central1-a", "us-central1-b"]),
+            preferred: zones(&["us-central1-a"]),
+        });
+        req
+    };
+    let vol = ctl
+        .create_volume(Request::new(regional("pvc-ha", true)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(vol.volume_id, "gcp:us-central1:pvc-ha");
+    assert_eq!(
+        vol.accessible_topology,
+        zones(&["us-central1-a", "us-central1-b"])
+    );
+    let listed = ctl
+        .list_volumes(Request::new(ListVolumesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.entries[0]
+            .volume
+            .as_ref()
+            .unwrap()
+            .accessible_topology,
+        zones(&["us-central1-a", "us-central1-b"])
+    );
+    ctl.controller_publish_volume(Request::new(publish(
+        &vol.volume_id,
+        "us-central1-a.vm-a",
+        false,
+    )))
+    .await
+    .unwrap();
+    // vm-a's zone is lost; the disk moves to vm-b without a detach.
+    fake.clear_seen();
+    ctl.controller_publish_volume(Request::new(publish(
+        &vol.volume_id,
+        "us-central1-b.vm-b",
+        false,
+    )))
+    .await
+    .unwrap();
+    let seen = fake.seen();
+    let attach = calls(&seen, "POST", "/attachDisk");
+    assert_eq!(attach.len(), 1, "{seen:?}");
+    assert_eq!(attach[0].query["forceAttach"], "true");
+    let disk = fake
+        .resource(&format!(
+            "projects/{PROJECT}/regions/us-central1/disks/pvc-ha"
+        ))
+        .unwrap();
+    assert_eq!(
+        disk["users"],
+        json!([format!(
+            "https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/us-central1-b/instances/vm-b"
+        )])
+    );
+
+    // Without the class: no forcing, and the disk stays where it is.
+    let plain = ctl
+        .create_volume(Request::new(regional("pvc-plain", false)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    ctl.controller_publish_volume(Request::new(publish(
+        &plain.volume_id,
+        "us-central1-a.vm-a",
+        false,
+    )))
+    .await
+    .unwrap();
+    fake.clear_seen();
+    let e = ctl
+        .controller_publish_volume(Request::new(publish(
+            &plain.volume_id,
+            "us-central1-b.vm-b",
+            false,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let seen = fake.seen();
+    assert!(
+        calls(&seen, "POST", "/attachDisk")
+            .iter()
+            .all(|s| !s.query.contains_key("forceAttach")),
+        "{seen:?}"
+    );
+    // A zonal disk cannot ask for it.
+    let e = ctl
+        .create_volume(Request::new(create(
+            "pvc-zonal-ha",
+            10,
+            &[("availability-class", "regional-hard-failover")],
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+}
