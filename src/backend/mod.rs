@@ -257,6 +257,15 @@ pub trait DiskBackend: Send + Sync {
         read_only: bool,
     ) -> Result<BTreeMap<String, String>>;
 
+    /// Whether [`attach`](Self::attach) of this disk takes it over from a node
+    /// that still holds it (GCP: a regional disk made with
+    /// `availability-class: regional-hard-failover`, attached with
+    /// `forceAttach` when its zone fails), so that ControllerPublishVolume
+    /// need not refuse a disk still attached elsewhere. Asked only then.
+    async fn takes_over_attachment(&self, _id: &VolumeId) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Undoes [`attach`](Self::attach). Idempotent: a disk that does not exist or
     /// is not attached to the node is `Ok`.
     async fn detach(&self, id: &VolumeId, node_id: &str) -> Result<()>;

@@ -395,7 +395,9 @@ impl Controller for ControllerService {
                 req.node_id
             )));
         }
-        if disk.attached_to.iter().any(|n| n != &req.node_id) {
+        if disk.attached_to.iter().any(|n| n != &req.node_id)
+            && !self.backend.takes_over_attachment(&disk.id).await?
+        {
             return Err(Status::failed_precondition(format!(
                 "volume {} is published on node {:?}; unpublish it there first",
                 disk.id, disk.attached_to

@@ -17,6 +17,12 @@
 //! context carries, under [`PUBLISH_DEVICE_NAME`]; the node uses a device only
 //! when that name is the volume id's disk, so a disk attached by hand under
 //! another name is refused there (FAILED_PRECONDITION) rather than trusted.
+//!
+//! Before it asks, an attach of a Persistent Disk (`pd-*`) to a machine series
+//! that takes Hyperdisk only ([`super::machine::hyperdisk_only`]) is refused
+//! with INVALID_ARGUMENT. A regional disk made with `availability-class:
+//! regional-hard-failover` is attached with `forceAttach`, which takes it
+//! from a VM of the other zone that still holds it (a zone failing over).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -27,7 +33,8 @@ use super::super::{Error, Result};
 use super::GcpBackend;
 use super::compute::{Kind, gone_is_done};
 use super::disks::relative;
-use super::params;
+use super::metadata::last_segment;
+use super::{machine, params};
 use crate::volume::VolumeId;
 
 /// Publish-context key: the device name the disk is attached under.
@@ -140,6 +147,20 @@ impl GcpBackend {
         if let Some(done) = attached(&instance, &path) {
             return self.already_attached(id, &node, done, &mode);
         }
+        let machine_type = instance
+            .machine_type
+            .as_deref()
+            .map(last_segment)
+            .unwrap_or("")
+            .to_string();
+        let disk_type = found.disk_type();
+        if let Some(t) = disk_type
+            && !t.is_hyperdisk()
+            && machine::hyperdisk_only(&machine_type)
+        {
+            return Err(unsupported_type(id, t.as_str(), &node, &machine_type));
+        }
+        let force = found.force_attach();
         let device = id.disk().to_string();
         let body = model::AttachedDisk::new()
             .set_source(path.clone())
@@ -161,11 +182,18 @@ impl GcpBackend {
                     .set_instance(&node.instance)
                     .set_request_id(rid)
                     .set_body(body.clone())
+                    .set_or_clear_force_attach(force.then_some(true))
                     .send()
             })
             .await;
         match done {
             Ok(()) => Ok(publish_context(&device)),
+            // Compute's words for a disk type the machine cannot take speak of
+            // creating an instance (the PD CSI driver rewrites them too).
+            Err(e) if e.kind == Kind::Invalid && e.message.contains(INCOMPATIBLE) => {
+                let t = disk_type.map(|t| t.as_str()).unwrap_or("this disk type");
+                Err(unsupported_type(id, t, &node, &machine_type))
+            }
             Err(e) if matches!(e.kind, Kind::AlreadyExists | Kind::InUse) => {
                 // A concurrent or lost earlier attach may have done it.
                 match self.instance(&node).await? {
@@ -238,6 +266,22 @@ impl GcpBackend {
             .await;
         gone_is_done(done, &what)
     }
+}
+
+/// What Compute says when an attach meets a disk type the machine type does
+/// not take (`[pd-balanced] features are not compatible for creating
+/// instance`, in an `UNSUPPORTED_OPERATION`).
+const INCOMPATIBLE: &str = "features are not compatible";
+
+/// INVALID_ARGUMENT for a disk type `machine_type` cannot take: no retry
+/// helps, the StorageClass or the node pool must change.
+fn unsupported_type(id: &VolumeId, disk_type: &str, node: &NodeName, machine_type: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "volume {id} is a {disk_type} disk, and node {node} is a {machine_type}, a machine \
+         series that takes Hyperdisk only; give its pods a StorageClass with type \
+         hyperdisk-balanced (or another hyperdisk-* type), or schedule them on a series that \
+         takes Persistent Disk (n2, e2, c3, ...)"
+    ))
 }
 
 fn describe(mode: &attached_disk::Mode) -> &'static str {

@@ -224,6 +224,31 @@ impl From<GaxError> for ApiError {
     }
 }
 
+/// The kind of an operation error code, which decides over the operation's
+/// HTTP status (the PD CSI driver maps these codes alone, in
+/// `codeForGCEOpError` of its `gce-compute.go`): a per-resource operation
+/// rate (`RESOURCE_OPERATION_RATE_EXCEEDED`: too many changes of one disk or
+/// VM at once) is throttling, Compute's own `INTERNAL_ERROR` passes, and
+/// `UNSUPPORTED_OPERATION` (a disk type the machine type cannot take, an
+/// operation the resource does not allow) will not succeed on a retry.
+fn operation_error_kind(code: &str) -> Option<Kind> {
+    Some(match code {
+        "RESOURCE_NOT_FOUND" | "NOT_FOUND" => Kind::NotFound,
+        "RESOURCE_ALREADY_EXISTS" | "ALREADY_EXISTS" => Kind::AlreadyExists,
+        "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE" | "RESOURCE_IN_USE" => Kind::InUse,
+        "QUOTA_EXCEEDED"
+        | "REGION_QUOTA_EXCEEDED"
+        | "ZONE_RESOURCE_POOL_EXHAUSTED"
+        | "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS" => Kind::Exhausted,
+        "RATE_LIMIT_EXCEEDED" | "RESOURCE_OPERATION_RATE_EXCEEDED" => Kind::RateLimited,
+        "INTERNAL_ERROR" => Kind::Transient,
+        "INVALID_USAGE" | "INVALID_FIELD_VALUE" | "BAD_REQUEST" | "UNSUPPORTED_OPERATION" => {
+            Kind::Invalid
+        }
+        _ => return None,
+    })
+}
+
 /// The error of an operation that finished `DONE` with one.
 fn operation_error(op: &Operation) -> Option<ApiError> {
     let errors = op
@@ -251,20 +276,10 @@ fn operation_error(op: &Operation) -> Option<ApiError> {
     let status = op
         .http_error_status_code
         .and_then(|s| u16::try_from(s).ok());
-    let kind = match code.as_str() {
-        "RESOURCE_NOT_FOUND" | "NOT_FOUND" => Kind::NotFound,
-        "RESOURCE_ALREADY_EXISTS" | "ALREADY_EXISTS" => Kind::AlreadyExists,
-        "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE" | "RESOURCE_IN_USE" => Kind::InUse,
-        "QUOTA_EXCEEDED"
-        | "ZONE_RESOURCE_POOL_EXHAUSTED"
-        | "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS" => Kind::Exhausted,
-        "RATE_LIMIT_EXCEEDED" => Kind::RateLimited,
-        "INVALID_USAGE" | "INVALID_FIELD_VALUE" | "BAD_REQUEST" => Kind::Invalid,
-        _ => match status {
-            Some(s) => classify_http(s, &message),
-            None => Kind::Other,
-        },
-    };
+    let kind = operation_error_kind(&code).unwrap_or_else(|| match status {
+        Some(s) => classify_http(s, &message),
+        None => Kind::Other,
+    });
     Some(ApiError {
         kind,
         status,

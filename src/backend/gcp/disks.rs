@@ -12,7 +12,7 @@ use super::super::{
     Disk, DiskSource, DiskSpec, Error, Result, Snapshot, Topology, check_token, paginate,
 };
 use super::attach::NodeName;
-use super::compute::{Kind, gone_is_done};
+use super::compute::{ApiError, Kind, gone_is_done};
 use super::metadata::last_segment;
 use super::params::{self, DiskParams, MAX_DISK_GIB, TOPOLOGY_ZONE};
 use super::{GcpBackend, LABEL_DRIVER, LABEL_NAME, LABEL_USABLE, SNAPSHOT_LOCATION};
@@ -87,6 +87,11 @@ struct Note {
     volume: Option<VolumeId>,
     #[serde(default)]
     options: BTreeMap<String, String>,
+    /// A regional disk's attaches are forced (`availability-class:
+    /// regional-hard-failover`): recorded with the disk because the
+    /// attach is handed nothing but the volume id.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    force_attach: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -121,6 +126,20 @@ impl Found {
     /// The disk's path relative to the API root.
     pub fn path(&self, project: &str) -> String {
         self.location.disk_path(project, self.disk.id.disk())
+    }
+
+    /// Whether attaches of this (regional) disk are forced.
+    pub fn force_attach(&self) -> bool {
+        self.note.force_attach
+    }
+
+    /// The disk's type, if it is one this backend knows.
+    pub fn disk_type(&self) -> Option<params::DiskType> {
+        self.raw
+            .r#type
+            .as_deref()
+            .map(last_segment)
+            .and_then(params::DiskType::parse)
     }
 
     /// Zones the disk can be attached in.
@@ -456,12 +475,20 @@ impl GcpBackend {
                 "{gib} GiB is above the largest persistent disk ({MAX_DISK_GIB} GiB)"
             )));
         }
+        let max = params.disk_type.max_gib();
+        if gib > max {
+            return Err(Error::OutOfRange(format!(
+                "{gib} GiB is above the largest {} disk ({max} GiB)",
+                params.disk_type.as_str()
+            )));
+        }
 
         let note = Note {
             name: spec.name.clone(),
             source: spec.source.clone(),
             volume: None,
             options: spec.options.clone(),
+            force_attach: params.force_attach,
         };
         let want = Wanted {
             note: &note,
@@ -584,6 +611,12 @@ impl GcpBackend {
             return differs(format!(
                 "options {:?}, not {:?}",
                 found.note.options, want.note.options
+            ));
+        }
+        if found.note.force_attach != want.note.force_attach {
+            return differs(format!(
+                "forced attaches {}, not {}",
+                found.note.force_attach, want.note.force_attach
             ));
         }
         match status {
@@ -729,13 +762,56 @@ impl GcpBackend {
                 "{gib} GiB is above the largest persistent disk ({MAX_DISK_GIB} GiB)"
             )));
         }
+        // A Hyperdisk's provisioned performance has floors that grow with its
+        // size: where the disk is below the new size's, `resize` alone is
+        // refused, and `update` sets the size and the raised values at once
+        // (as the PD CSI driver does).
+        let disk_type = found
+            .raw
+            .r#type
+            .as_deref()
+            .map(last_segment)
+            .and_then(params::DiskType::parse);
+        if let Some(t) = disk_type
+            && gib > t.max_gib()
+        {
+            return Err(Error::OutOfRange(format!(
+                "{gib} GiB is above the largest {} disk ({} GiB)",
+                t.as_str(),
+                t.max_gib()
+            )));
+        }
+        let raise = disk_type
+            .map(|t| {
+                t.performance_floor(gib)
+                    .raise(found.raw.provisioned_iops, found.raw.provisioned_throughput)
+            })
+            .unwrap_or_default();
         let what = format!("resizing disk {id} to {gib} GiB");
+        let done = if raise.is_empty() {
+            self.resize_only(&found, gib, &what).await
+        } else {
+            tracing::info!(volume = %id, gib, iops = raise.iops, throughput = raise.throughput,
+                "growing a Hyperdisk with its provisioned performance raised to the size's floor");
+            self.update_size_and_performance(&found, gib, raise, &what)
+                .await
+        };
+        done.map_err(|e| e.into_error(&what))?;
+        let after = self
+            .find_disk(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {id} vanished while resizing")))?;
+        Ok(after.disk.capacity_bytes)
+    }
+
+    /// `disks.resize` / `regionDisks.resize` to `gib`.
+    async fn resize_only(&self, found: &Found, gib: u64, what: &str) -> Result<(), ApiError> {
         let p = self.project();
-        let name = id.disk();
-        let done = match &found.location {
+        let name = found.disk.id.disk();
+        match &found.location {
             Location::Zone(z) => {
                 self.compute
-                    .mutate(&what, |rid| {
+                    .mutate(what, |rid| {
                         self.compute
                             .disks
                             .resize()
@@ -750,7 +826,7 @@ impl GcpBackend {
             }
             Location::Region(r) => {
                 self.compute
-                    .mutate(&what, |rid| {
+                    .mutate(what, |rid| {
                         self.compute
                             .region_disks
                             .resize()
@@ -765,13 +841,74 @@ impl GcpBackend {
                     })
                     .await
             }
-        };
-        done.map_err(|e| e.into_error(&what))?;
-        let after = self
-            .find_disk(id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("volume {id} vanished while resizing")))?;
-        Ok(after.disk.capacity_bytes)
+        }
+    }
+
+    /// `disks.update` / `regionDisks.update` of the size and the raised
+    /// performance. The request's `updateMask` names the fields it sets (the
+    /// API's field mask; the client crate sends only one value of the
+    /// repeated `paths`, which the PD CSI driver uses instead).
+    async fn update_size_and_performance(
+        &self,
+        found: &Found,
+        gib: u64,
+        raise: params::PerformanceFloor,
+        what: &str,
+    ) -> Result<(), ApiError> {
+        let p = self.project();
+        let name = found.disk.id.disk();
+        let mut body = model::Disk::new().set_name(name).set_size_gb(gib as i64);
+        let mut fields = vec!["sizeGb"];
+        if let Some(iops) = raise.iops {
+            body = body.set_provisioned_iops(iops);
+            fields.push("provisionedIops");
+        }
+        if let Some(t) = raise.throughput {
+            body = body.set_provisioned_throughput(t);
+            fields.push("provisionedThroughput");
+        }
+        match &found.location {
+            Location::Zone(z) => {
+                let mut request = model::disks::UpdateRequest::new()
+                    .set_project(p)
+                    .set_zone(z)
+                    .set_disk(name)
+                    .set_body(body);
+                request.update_mask = Some(Default::default());
+                if let Some(mask) = request.update_mask.as_mut() {
+                    mask.paths = fields.iter().map(|f| f.to_string()).collect();
+                }
+                self.compute
+                    .mutate(what, |rid| {
+                        self.compute
+                            .disks
+                            .update()
+                            .with_request(request.clone().set_request_id(rid))
+                            .send()
+                    })
+                    .await
+            }
+            Location::Region(r) => {
+                let mut request = model::region_disks::UpdateRequest::new()
+                    .set_project(p)
+                    .set_region(r)
+                    .set_disk(name)
+                    .set_body(body);
+                request.update_mask = Some(Default::default());
+                if let Some(mask) = request.update_mask.as_mut() {
+                    mask.paths = fields.iter().map(|f| f.to_string()).collect();
+                }
+                self.compute
+                    .mutate(what, |rid| {
+                        self.compute
+                            .region_disks
+                            .update()
+                            .with_request(request.clone().set_request_id(rid))
+                            .send()
+                    })
+                    .await
+            }
+        }
     }
 
     /// Records the usable size in the disk's [`LABEL_USABLE`]. `setLabels`
@@ -950,6 +1087,7 @@ impl GcpBackend {
             source: None,
             volume: Some(source.clone()),
             options: found.disk.options.clone(),
+            force_attach: false,
         };
         let body = model::Snapshot::new()
             .set_name(name.clone())

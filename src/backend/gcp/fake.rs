@@ -17,13 +17,94 @@ use crate::test_http::{Answer, Exchange, serve};
 
 pub const PROJECT: &str = "test-project";
 const ROOT: &str = "https://www.googleapis.com/compute/v1/";
-const TYPES: [&str; 5] = [
+const TYPES: [&str; 7] = [
     "pd-standard",
     "pd-balanced",
     "pd-ssd",
     "pd-extreme",
     "hyperdisk-balanced",
+    "hyperdisk-throughput",
+    "hyperdisk-extreme",
 ];
+
+/// A Hyperdisk's provisioned performance for `size` GiB, as Compute Engine's
+/// Hyperdisk limits state them (the "Size and performance limits" of each
+/// type's page) and the PD CSI driver's `GetMinIopsThroughput` encodes their
+/// floors: Hyperdisk Balanced 4 GiB–64 TiB, IOPS from min(500 × GiB, 3,000) to
+/// min(500 × GiB, 160,000), throughput 140–2,400 MiB/s; Hyperdisk Extreme
+/// 64 GiB–64 TiB, IOPS from max(2 × GiB, 128) to 350,000, no throughput;
+/// Hyperdisk Throughput 2–32 TiB, throughput from 10 MiB/s per TiB (at least
+/// 20) to 600, no IOPS. Missing values take the floor (Compute's defaults are
+/// never below it). `Err` is the field and why.
+fn hyperdisk_performance(
+    ty: &str,
+    size: i64,
+    iops: Option<i64>,
+    throughput: Option<i64>,
+) -> Result<(Option<i64>, Option<i64>), String> {
+    let check = |field: &str, v: Option<i64>, min: i64, max: i64| match v {
+        None => Ok(min),
+        Some(v) if (min..=max).contains(&v) => Ok(v),
+        Some(v) => Err(format!(
+            "Invalid value for field 'resource.{field}': '{v}'. Must be between {min} and {max} \
+             for a {ty} disk of {size} GB."
+        )),
+    };
+    let refuse = |field: &str, v: Option<i64>| match v {
+        Some(_) => Err(format!(
+            "Invalid value for field 'resource.{field}': {ty} disks do not take it."
+        )),
+        None => Ok(()),
+    };
+    let sized = |min: i64, max: i64| {
+        if (min..=max).contains(&size) {
+            Ok(())
+        } else {
+            Err(format!(
+                "Invalid value for field 'resource.sizeGb': '{size}'. {ty} disks are {min} to \
+                 {max} GB."
+            ))
+        }
+    };
+    match ty {
+        "hyperdisk-balanced" => {
+            sized(4, 65_536)?;
+            let i = check(
+                "provisionedIops",
+                iops,
+                (500 * size).min(3000),
+                (500 * size).min(160_000),
+            )?;
+            let t = check("provisionedThroughput", throughput, 140, 2400)?;
+            Ok((Some(i), Some(t)))
+        }
+        "hyperdisk-extreme" => {
+            sized(64, 65_536)?;
+            refuse("provisionedThroughput", throughput)?;
+            let i = check("provisionedIops", iops, (2 * size).max(128), 350_000)?;
+            Ok((Some(i), None))
+        }
+        "hyperdisk-throughput" => {
+            sized(2048, 32_768)?;
+            refuse("provisionedIops", iops)?;
+            let t = check(
+                "provisionedThroughput",
+                throughput,
+                ((10 * size + 1023) / 1024).max(20),
+                600,
+            )?;
+            Ok((None, Some(t)))
+        }
+        _ => {
+            // Persistent Disk: only pd-extreme provisions IOPS, none throughput.
+            if ty != "pd-extreme" {
+                refuse("provisionedIops", iops)?;
+            }
+            refuse("provisionedThroughput", throughput)?;
+            Ok((iops, None))
+        }
+    }
+}
 
 /// A request as the fake saw it.
 #[derive(Clone, Debug)]
@@ -77,6 +158,8 @@ enum Effect {
         instance: String,
         disk: String,
         attached: Value,
+        /// Detach it from every other VM first.
+        force: bool,
     },
     Detach {
         instance: String,
@@ -257,12 +340,17 @@ impl Fake {
 
     /// A VM in `zone`.
     pub fn add_instance(&self, zone: &str, name: &str) {
+        self.add_instance_of(zone, name, "n2-standard-4");
+    }
+
+    /// A VM of `machine_type` in `zone`.
+    pub fn add_instance_of(&self, zone: &str, name: &str, machine_type: &str) {
         let path = format!("projects/{PROJECT}/zones/{zone}/instances/{name}");
         self.put(
             &path,
             json!({"kind": "compute#instance", "id": "77", "name": name,
                 "zone": link(&format!("projects/{PROJECT}/zones/{zone}")),
-                "machineType": link(&format!("projects/{PROJECT}/zones/{zone}/machineTypes/n2-standard-4")),
+                "machineType": link(&format!("projects/{PROJECT}/zones/{zone}/machineTypes/{machine_type}")),
                 "status": "RUNNING", "selfLink": link(&path),
                 "disks": [{"kind": "compute#attachedDisk", "type": "PERSISTENT", "mode": "READ_WRITE",
                     "source": link(&format!("projects/{PROJECT}/zones/{zone}/disks/{name}-boot")),
@@ -328,6 +416,9 @@ impl State {
                 self.detach(&seen, zone, inst)
             }
             ("POST", [.., "operations", name, "wait"]) => self.wait(path, name),
+            ("PATCH", [scope @ ("zones" | "regions"), loc, "disks", disk]) => {
+                self.update_disk(&seen, &format!("projects/{PROJECT}/{scope}/{loc}"), disk)
+            }
             ("GET", _) => match self.resources.get(path) {
                 Some(v) => reply(200, v.clone()),
                 None => error(
@@ -460,7 +551,33 @@ impl State {
                 instance,
                 disk,
                 attached,
+                force,
             } => {
+                if force {
+                    let me = link(&instance);
+                    let others: Vec<String> = self.resources[&disk]["users"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|u| **u != json!(me))
+                        .filter_map(|u| u.as_str().map(|u| relative(u).to_string()))
+                        .collect();
+                    let source = json!(link(&disk));
+                    for other in others {
+                        if let Some(i) = self.resources.get_mut(&other) {
+                            i["disks"]
+                                .as_array_mut()
+                                .unwrap()
+                                .retain(|d| d["source"] != source);
+                        }
+                    }
+                    if let Some(d) = self.resources.get_mut(&disk) {
+                        d["users"]
+                            .as_array_mut()
+                            .unwrap()
+                            .retain(|u| *u == json!(me));
+                    }
+                }
                 if let Some(i) = self.resources.get_mut(&instance) {
                     i["disks"].as_array_mut().unwrap().push(attached);
                 }
@@ -522,7 +639,24 @@ impl State {
                 b["labels"]
             ));
         }
+        let ty_name = ty.rsplit('/').next().unwrap_or("").to_string();
+        let performance = hyperdisk_performance(
+            &ty_name,
+            size,
+            b.get("provisionedIops").and_then(int),
+            b.get("provisionedThroughput").and_then(int),
+        );
+        let (iops, throughput) = match performance {
+            Ok(p) => p,
+            Err(m) => return Self::bad(&m),
+        };
         let mut disk = b.clone();
+        if let Some(i) = iops {
+            disk["provisionedIops"] = json!(i.to_string());
+        }
+        if let Some(t) = throughput {
+            disk["provisionedThroughput"] = json!(t.to_string());
+        }
         if scope == "regions" {
             let zones: Vec<&str> = b["replicaZones"]
                 .as_array()
@@ -607,6 +741,24 @@ impl State {
                 "Invalid value for field 'sizeGb': '{size}'. New disk size must be larger than {now}"
             ));
         }
+        // A resize keeps the provisioned performance, which must still fit the
+        // new size: a Hyperdisk Balanced made at 4 GiB (2,000 IOPS) cannot
+        // grow to 6 GiB or more this way (its floor is then 3,000).
+        let d = &self.resources[&path];
+        let ty = d["type"]
+            .as_str()
+            .unwrap_or("")
+            .rsplit('/')
+            .next()
+            .unwrap_or("");
+        if let Err(m) = hyperdisk_performance(
+            ty,
+            size,
+            d.get("provisionedIops").and_then(int),
+            d.get("provisionedThroughput").and_then(int),
+        ) {
+            return Self::bad(&m);
+        }
         self.operation(
             seen,
             scope_path,
@@ -615,6 +767,88 @@ impl State {
             Effect::Patch(
                 path.clone(),
                 Box::new(move |d| d["sizeGb"] = json!(size.to_string())),
+            ),
+        )
+    }
+
+    /// `disks.update` / `regionDisks.update` (PATCH of the disk): sets the
+    /// fields the `updateMask` (or a `paths`) names, from the body; the size
+    /// may only grow, and the result must meet the type's limits
+    /// ([`hyperdisk_performance`]). Fields the fake does not update are refused
+    /// rather than ignored, so that a request relying on them fails here.
+    fn update_disk(&mut self, seen: &Seen, scope_path: &str, disk: &str) -> Reply {
+        let path = format!("{scope_path}/disks/{disk}");
+        let Some(now) = self.resources.get(&path).cloned() else {
+            return error(
+                404,
+                "notFound",
+                &format!("The resource '{path}' was not found"),
+            );
+        };
+        let mask = seen
+            .query
+            .get("updateMask")
+            .or_else(|| seen.query.get("paths"))
+            .cloned()
+            .unwrap_or_default();
+        let fields: Vec<&str> = mask.split(',').filter(|f| !f.is_empty()).collect();
+        if fields.is_empty() {
+            return Self::bad("Required field 'updateMask' or 'paths' not specified");
+        }
+        const UPDATABLE: [&str; 3] = ["sizeGb", "provisionedIops", "provisionedThroughput"];
+        if let Some(f) = fields.iter().find(|f| !UPDATABLE.contains(f)) {
+            return Self::bad(&format!("Invalid value for field 'updateMask': '{f}'"));
+        }
+        let b = &seen.body;
+        let get = |field: &str, current: &Value| {
+            if fields.contains(&field) {
+                b.get(field).and_then(int)
+            } else {
+                current.get(field).and_then(int)
+            }
+        };
+        let size_now = int(&now["sizeGb"]).unwrap_or(0);
+        let Some(size) = get("sizeGb", &now) else {
+            return Self::bad("Invalid value for field 'resource.sizeGb'");
+        };
+        if size < size_now {
+            return Self::bad(&format!(
+                "Invalid value for field 'resource.sizeGb': '{size}'. Disks cannot shrink from \
+                 {size_now}"
+            ));
+        }
+        let ty = now["type"]
+            .as_str()
+            .unwrap_or("")
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let (iops, throughput) = match hyperdisk_performance(
+            &ty,
+            size,
+            get("provisionedIops", &now),
+            get("provisionedThroughput", &now),
+        ) {
+            Ok(p) => p,
+            Err(m) => return Self::bad(&m),
+        };
+        self.operation(
+            seen,
+            scope_path,
+            "update",
+            &path,
+            Effect::Patch(
+                path.clone(),
+                Box::new(move |d| {
+                    d["sizeGb"] = json!(size.to_string());
+                    if let Some(i) = iops {
+                        d["provisionedIops"] = json!(i.to_string());
+                    }
+                    if let Some(t) = throughput {
+                        d["provisionedThroughput"] = json!(t.to_string());
+                    }
+                }),
             ),
         )
     }
@@ -746,17 +980,47 @@ impl State {
         if zonal_elsewhere {
             return Self::bad("Disk must be in the same zone as the instance");
         }
+        // `forceAttach` (instances.attachDisk's query parameter) takes a
+        // regional disk from the VM that holds it; Compute refuses it for a
+        // zonal disk.
+        let force = seen.query.get("forceAttach").map(String::as_str) == Some("true");
+        let regional = disk["region"].is_string();
+        if force && !regional {
+            return Self::bad("forceAttach is only supported for regional disks");
+        }
         let rw_user = disk["users"]
             .as_array()
             .unwrap()
             .iter()
             .any(|u| u != &json!(link(&instance)));
-        if rw_user && mode == "READ_WRITE" {
+        if rw_user && mode == "READ_WRITE" && !force {
             return error(
                 400,
                 "resourceInUseByAnotherResource",
                 &format!("The disk resource '{source}' is already being used by another instance"),
             );
+        }
+        // A Persistent Disk on a Hyperdisk-only machine series: Compute takes
+        // the request and the operation ends with UNSUPPORTED_OPERATION, in
+        // the words the PD CSI driver matches (`pdDiskTypeUnsupportedPattern`).
+        let machine = vm["machineType"]
+            .as_str()
+            .unwrap_or("")
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let disk_type = disk["type"]
+            .as_str()
+            .unwrap_or("")
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if disk_type.starts_with("pd-") && crate::backend::gcp::machine::hyperdisk_only(&machine) {
+            self.fail_next_operation.push_front(json!({"code": "UNSUPPORTED_OPERATION",
+                "message": format!("[{disk_type}] features are not compatible for creating instance."),
+                "http": 400}));
         }
         let attached = json!({"kind": "compute#attachedDisk", "type": "PERSISTENT", "mode": mode,
             "source": link(&source), "deviceName": device, "index": 1, "boot": false,
@@ -771,6 +1035,7 @@ impl State {
                 instance: instance.clone(),
                 disk: source,
                 attached,
+                force,
             },
         )
     }

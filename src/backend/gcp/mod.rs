@@ -8,6 +8,7 @@
 //! - [`attach`]: `instances.attachDisk` / `detachDisk`, node ids.
 //! - [`node`]: the node side: the device of a disk, the VM from the metadata
 //!   server, the attach limit of its machine type.
+//! - [`machine`]: machine types: attach limits, Hyperdisk-only series.
 //! - [`metadata`]: the metadata server client (shared with `kms::wrap`).
 //!
 //! Ids: a volume is `gcp:<zone>:<disk>` or, for a regional disk,
@@ -24,6 +25,7 @@ pub mod attach;
 pub mod compute;
 pub mod config;
 pub mod disks;
+pub mod machine;
 pub mod metadata;
 pub mod node;
 pub mod params;
@@ -148,6 +150,11 @@ impl DiskBackend for GcpBackend {
     ) -> Result<BTreeMap<String, String>> {
         self.own_volume(id)?;
         self.attach_disk(id, node_id, read_only).await
+    }
+
+    async fn takes_over_attachment(&self, id: &VolumeId) -> Result<bool> {
+        self.own_volume(id)?;
+        Ok(self.find_disk(id).await?.is_some_and(|d| d.force_attach()))
     }
 
     async fn detach(&self, id: &VolumeId, node_id: &str) -> Result<()> {

@@ -2,8 +2,9 @@
 //! and what this VM is (node id, zone, attach limit).
 //!
 //! A disk attached with device name `N` appears as `/dev/disk/by-id/google-N`,
-//! a link that the guest environment's udev rules make. Where those links are
-//! absent (a minimal image, or no udev in the container's view of `/dev`), the
+//! a link that the guest environment's udev rules make. The device the link
+//! leads to is used only when it reports `N` itself (below); where the link
+//! is absent, or leads elsewhere (a minimal image, or no udev in the container's view of `/dev`), the
 //! device is found by the identifiers the disk itself reports:
 //!
 //! - SCSI (`/sys/block/sd*`): the unit serial number, VPD page 0x80, which GCE
@@ -73,7 +74,24 @@ pub fn find_device(roots: &DeviceRoots, device_name: &str) -> io::Result<Option<
         .join("disk/by-id")
         .join(format!("google-{device_name}"));
     if link.exists() {
-        return Ok(Some(std::fs::canonicalize(&link)?));
+        // The link is udev's word, made when the device appeared; a stale link
+        // (the disk detached and another attached, its letter reused before
+        // udev caught up) or a rule that names the wrong device would hand us
+        // another disk. As the PD CSI driver does before it trusts a by-id
+        // path, the device the link resolves to must report the name itself.
+        let target = std::fs::canonicalize(&link)?;
+        match target.file_name().and_then(|n| n.to_str()) {
+            Some(name) if reports_device_name(roots, name, device_name) => {
+                return Ok(Some(target));
+            }
+            name => tracing::warn!(
+                link = %link.display(),
+                target = name.unwrap_or("?"),
+                device_name,
+                "the by-id link leads to a device that does not report this device name; \
+                 looking for the disk by its identifiers"
+            ),
+        }
     }
     let block = roots.sys.join("block");
     let entries = match std::fs::read_dir(&block) {
@@ -87,22 +105,7 @@ pub fn find_device(roots: &DeviceRoots, device_name: &str) -> io::Result<Option<
         .collect();
     names.sort();
     for name in names {
-        let dir = block.join(&name);
-        let matched = if name.starts_with("sd") {
-            scsi_device_name_matches(&dir, device_name)
-        } else if name.starts_with("nvme") {
-            let dev = roots.dev.join(&name);
-            match (roots.nvme_identify)(&dev) {
-                Ok(data) => nvme_device_name(&data).as_deref() == Some(device_name),
-                Err(e) => {
-                    tracing::debug!(device = %dev.display(), error = %e, "NVMe identify failed");
-                    false
-                }
-            }
-        } else {
-            false
-        };
-        if matched {
+        if reports_device_name(roots, &name, device_name) {
             let dev = roots.dev.join(&name);
             if dev.exists() {
                 return Ok(Some(dev));
@@ -110,6 +113,29 @@ pub fn find_device(roots: &DeviceRoots, device_name: &str) -> io::Result<Option<
         }
     }
     Ok(None)
+}
+
+/// Whether the block device `name` (`sdc`, `nvme0n2`) reports `device_name`
+/// as its own: a SCSI disk in its VPD pages 0x80 / 0x83 (what `scsi_id`
+/// reads), an NVMe namespace in its Identify Namespace data (what GCE's
+/// `google_nvme_id` reads; the controller serial in sysfs is the same for
+/// every disk of the VM and names none). A device that reports nothing
+/// does not match.
+fn reports_device_name(roots: &DeviceRoots, name: &str, device_name: &str) -> bool {
+    if name.starts_with("sd") {
+        scsi_device_name_matches(&roots.sys.join("block").join(name), device_name)
+    } else if name.starts_with("nvme") {
+        let dev = roots.dev.join(name);
+        match (roots.nvme_identify)(&dev) {
+            Ok(data) => nvme_device_name(&data).as_deref() == Some(device_name),
+            Err(e) => {
+                tracing::debug!(device = %dev.display(), error = %e, "NVMe identify failed");
+                false
+            }
+        }
+    } else {
+        false
+    }
 }
 
 /// Waits up to `timeout` for the device of `device_name` to appear.
@@ -322,22 +348,8 @@ fn nvme_identify_namespace(dev: &Path) -> io::Result<Vec<u8>> {
     Ok(data)
 }
 
-/// The volumes a VM of `machine_type` takes besides its boot disk.
-///
-/// Compute Engine allows 128 persistent disks on a VM, and 16 on shared-core
-/// machine types (e2-micro, e2-small, e2-medium, f1-micro, g1-small); one of
-/// them is the boot disk, as the PD CSI driver also counts. Some newer series
-/// (C3, C4, N4 and others, Hyperdisk-only) set lower limits by vCPU count; they
-/// are not tabulated here, so for them, and for unknown types, the general
-/// limit applies and `--max-volumes` should be given.
-pub fn max_volumes_for(machine_type: &str) -> i64 {
-    const SHARED_CORE: [&str; 5] = ["e2-micro", "e2-small", "e2-medium", "f1-micro", "g1-small"];
-    if SHARED_CORE.contains(&machine_type) {
-        15
-    } else {
-        127
-    }
-}
+/// The attach limit of a machine type (see [`super::machine`]).
+pub use super::machine::max_volumes_for;
 
 #[cfg(test)]
 mod tests {
@@ -395,7 +407,12 @@ mod tests {
     fn by_id_link_wins() {
         let t = tempfile::tempdir().unwrap();
         let r = roots(t.path(), no_nvme);
-        std::fs::write(t.path().join("dev/sdc"), b"").unwrap();
+        scsi(
+            t.path(),
+            "sdc",
+            None,
+            Some(pg83(&[(2, "0Google  PersistentDisk pvc-1")])),
+        );
         symlink("../../sdc", t.path().join("dev/disk/by-id/google-pvc-1")).unwrap();
         let got = find_device(&r, "pvc-1").unwrap().unwrap();
         assert_eq!(
@@ -403,6 +420,65 @@ mod tests {
             std::fs::canonicalize(t.path().join("dev/sdc")).unwrap()
         );
         assert_eq!(find_device(&r, "pvc-2").unwrap(), None);
+    }
+
+    /// A by-id link is udev's claim; the device's own identifiers decide. A
+    /// link to a disk that reports another name (stale after a detach and a
+    /// reused letter) or nothing is not used, and the disk that does report
+    /// the name is found instead; the same for NVMe namespaces.
+    #[test]
+    fn a_by_id_link_is_used_only_when_its_device_reports_the_name() {
+        let t = tempfile::tempdir().unwrap();
+        let r = roots(t.path(), |dev: &Path| {
+            let device = match dev.file_name().unwrap().to_str().unwrap() {
+                "nvme0n2" => "pvc-other",
+                "nvme0n3" => "pvc-n",
+                _ => return Err(io::Error::from(io::ErrorKind::NotFound)),
+            };
+            let mut data = vec![0u8; 4096];
+            let json = format!(r#"{{"device_name":"{device}"}}"#);
+            data[NVME_VENDOR_OFFSET..NVME_VENDOR_OFFSET + json.len()]
+                .copy_from_slice(json.as_bytes());
+            Ok(data)
+        });
+        // google-pvc-1 leads to sdc, which is pvc-2's disk; sdd is pvc-1's.
+        scsi(t.path(), "sdc", Some(pg80("pvc-2")), None);
+        scsi(
+            t.path(),
+            "sdd",
+            None,
+            Some(pg83(&[(2, "0Google  PersistentDisk pvc-1")])),
+        );
+        symlink("../../sdc", t.path().join("dev/disk/by-id/google-pvc-1")).unwrap();
+        assert_eq!(find_device(&r, "pvc-1").unwrap(), Some(r.dev.join("sdd")));
+        // A link to a device without identifiers, and no other: nothing.
+        std::fs::write(t.path().join("dev/sdz"), b"").unwrap();
+        symlink("../../sdz", t.path().join("dev/disk/by-id/google-pvc-3")).unwrap();
+        assert_eq!(find_device(&r, "pvc-3").unwrap(), None);
+        // NVMe: the namespace the link leads to reports another device name.
+        for n in ["nvme0n2", "nvme0n3"] {
+            std::fs::create_dir_all(t.path().join("sys/block").join(n)).unwrap();
+            std::fs::write(t.path().join("dev").join(n), b"").unwrap();
+        }
+        symlink(
+            "../../nvme0n2",
+            t.path().join("dev/disk/by-id/google-pvc-n"),
+        )
+        .unwrap();
+        assert_eq!(
+            find_device(&r, "pvc-n").unwrap(),
+            Some(r.dev.join("nvme0n3"))
+        );
+        // And a link to the right namespace is used as it is.
+        symlink(
+            "../../nvme0n2",
+            t.path().join("dev/disk/by-id/google-pvc-other"),
+        )
+        .unwrap();
+        assert_eq!(
+            find_device(&r, "pvc-other").unwrap(),
+            Some(std::fs::canonicalize(r.dev.join("nvme0n2")).unwrap())
+        );
     }
 
     #[test]
@@ -575,7 +651,7 @@ mod tests {
         let dir = t.path().to_path_buf();
         let late = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            std::fs::write(dir.join("dev/sdf"), b"").unwrap();
+            scsi(&dir, "sdf", Some(pg80("late")), None);
             symlink("../../sdf", dir.join("dev/disk/by-id/google-late")).unwrap();
         });
         let got = wait_for_device(&r, "late", Duration::from_secs(5))
@@ -625,12 +701,5 @@ mod tests {
                 .code(),
             tonic::Code::Unavailable
         );
-    }
-
-    #[test]
-    fn attach_limits() {
-        assert_eq!(max_volumes_for("e2-medium"), 15);
-        assert_eq!(max_volumes_for("n2-standard-8"), 127);
-        assert_eq!(max_volumes_for("something-new-1"), 127);
     }
 }

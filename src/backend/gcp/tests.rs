@@ -1004,9 +1004,10 @@ async fn a_lost_answer_is_retried_with_the_same_request_id() {
 #[tokio::test]
 async fn provisioned_performance_reaches_compute() {
     let (fake, ctl) = setup().await;
+    // 3,000 IOPS need 6 GiB of Hyperdisk Balanced (500 per GiB at most).
     ctl.create_volume(Request::new(create(
         "pvc-hd",
-        1,
+        5,
         &[
             ("type", "hyperdisk-balanced"),
             ("provisioned-iops-on-create", "3000"),
@@ -1030,7 +1031,7 @@ async fn provisioned_performance_reaches_compute() {
         .iter()
         .map(|s| &s.body)
         .collect();
-    assert_eq!(bodies[0]["sizeGb"], "4");
+    assert_eq!(bodies[0]["sizeGb"], "6");
     assert_eq!(bodies[0]["provisionedIops"], "3000");
     assert_eq!(bodies[0]["provisionedThroughput"], "140");
     assert_eq!(bodies[1]["sizeGb"], "500");
@@ -1261,4 +1262,361 @@ async fn snapshots_restore_into_their_usable_size() {
     );
     let resized = calls(&seen, "POST", "/resize");
     assert!(resized.is_empty(), "{resized:?}");
+}
+
+fn expand(volume: &str, gib: i64) -> ControllerExpandVolumeRequest {
+    ControllerExpandVolumeRequest {
+        volume_id: volume.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: gib * GIB,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(cap(Mode::SingleNodeWriter)),
+        ..Default::default()
+    }
+}
+
+/// A Hyperdisk Balanced made at its least size (4 GiB, so 2,000 IOPS) cannot
+/// grow to 20 GiB with `resize` alone: the new size needs 3,000 IOPS. The
+/// backend sends `disks.update` with the size and the raised IOPS; a disk
+/// already above its floors, and a Persistent Disk, still take `resize`.
+#[tokio::test]
+async fn a_small_hyperdisk_grows_with_its_performance_floor() {
+    let (fake, ctl) = setup().await;
+    let vol = ctl
+        .create_volume(Request::new(create(
+            "pvc-hd-small",
+            1,
+            &[("type", "hyperdisk-balanced")],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let path = format!("projects/{PROJECT}/zones/us-central1-a/disks/pvc-hd-small");
+    let disk = fake.resource(&path).unwrap();
+    assert_eq!(disk["sizeGb"], "4");
+    assert_eq!(
+        disk["provisionedIops"], "2000",
+        "the fake's default: {disk}"
+    );
+    fake.clear_seen();
+    ctl.controller_expand_volume(Request::new(expand(&vol.volume_id, 19)))
+        .await
+        .unwrap();
+    let disk = fake.resource(&path).unwrap();
+    assert_eq!(disk["sizeGb"], "20", "{disk}");
+    assert_eq!(disk["provisionedIops"], "3000", "{disk}");
+    assert_eq!(disk["provisionedThroughput"], "140", "{disk}");
+    let seen = fake.seen();
+    let updates = calls(
+        &seen,
+        "PATCH",
+        &api("zones/us-central1-a/disks/pvc-hd-small"),
+    );
+    assert_eq!(updates.len(), 1, "{seen:?}");
+    assert_eq!(updates[0].query["updateMask"], "sizeGb,provisionedIops");
+    assert_eq!(updates[0].body["sizeGb"], "20");
+    assert_eq!(updates[0].body["provisionedIops"], "3000");
+    assert!(calls(&seen, "POST", "/resize").is_empty());
+
+    // Above the floor already: a plain resize.
+    fake.clear_seen();
+    ctl.controller_expand_volume(Request::new(expand(&vol.volume_id, 30)))
+        .await
+        .unwrap();
+    let seen = fake.seen();
+    assert_eq!(calls(&seen, "POST", "/resize").len(), 1, "{seen:?}");
+    assert!(calls(&seen, "PATCH", "/disks/pvc-hd-small").is_empty());
+
+    // Hyperdisk Extreme: 2 IOPS per GiB.
+    let ex = ctl
+        .create_volume(Request::new(create(
+            "pvc-hdx",
+            1,
+            &[("type", "Hyperdisk-Extreme")],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let path = format!("projects/{PROJECT}/zones/us-central1-a/disks/pvc-hdx");
+    assert_eq!(fake.resource(&path).unwrap()["provisionedIops"], "128");
+    ctl.controller_expand_volume(Request::new(expand(&ex.volume_id, 200)))
+        .await
+        .unwrap();
+    let disk = fake.resource(&path).unwrap();
+    assert_eq!(disk["sizeGb"], "201", "{disk}");
+    assert_eq!(disk["provisionedIops"], "402", "{disk}");
+}
+
+/// An operation's error code decides its gRPC code whatever HTTP status the
+/// operation carries, as the PD CSI driver maps them: a per-resource
+/// operation rate is RESOURCE_EXHAUSTED (the CO backs off), Compute's internal
+/// error UNAVAILABLE (a retry may pass), an unsupported operation
+/// INVALID_ARGUMENT (no retry will).
+#[tokio::test]
+async fn operation_error_codes_map_as_the_reference_driver_maps_them() {
+    let (fake, ctl) = setup().await;
+    for (i, (code, http, want)) in [
+        (
+            "RESOURCE_OPERATION_RATE_EXCEEDED",
+            400,
+            Code::ResourceExhausted,
+        ),
+        ("INTERNAL_ERROR", 400, Code::Unavailable),
+        ("UNSUPPORTED_OPERATION", 400, Code::InvalidArgument),
+        ("REGION_QUOTA_EXCEEDED", 400, Code::ResourceExhausted),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let message = format!("{code} from the fake");
+        fake.fail_next_operation(code, &message, http);
+        let e = ctl
+            .create_volume(Request::new(create(&format!("pvc-op-{i}"), 1, &[])))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), want, "{code}: {e:?}");
+        assert!(e.message().contains(&message), "{code}: {e:?}");
+    }
+}
+
+/// StorageClasses written for the PD CSI driver: keys and disk types in any
+/// case, throughput as a quantity of bytes per second (`250Mi` is 250 MiB/s),
+/// IOPS as a quantity (`3k`).
+#[tokio::test]
+async fn storage_classes_of_the_reference_driver_are_understood() {
+    let (fake, ctl) = setup().await;
+    ctl.create_volume(Request::new(create(
+        "pvc-ref",
+        10,
+        &[
+            ("Type", "Hyperdisk-Balanced"),
+            ("provisioned-throughput-on-create", "250Mi"),
+            ("Provisioned-IOPS-On-Create", "3k"),
+        ],
+    )))
+    .await
+    .unwrap();
+    ctl.create_volume(Request::new(create(
+        "pvc-ref-pd",
+        10,
+        &[("type", "PD-SSD"), ("replication-type", "None")],
+    )))
+    .await
+    .unwrap();
+    ctl.create_volume(Request::new(create(
+        "pvc-ref-hdt",
+        2048,
+        &[
+            ("type", "hyperdisk-throughput"),
+            ("provisioned-throughput-on-create", "1Gi"),
+        ],
+    )))
+    .await
+    .unwrap_err();
+    let seen = fake.seen();
+    let bodies: Vec<&Value> = calls(&seen, "POST", &api("zones/us-central1-a/disks"))
+        .iter()
+        .map(|s| &s.body)
+        .collect();
+    assert_eq!(bodies[0]["provisionedThroughput"], "250", "{}", bodies[0]);
+    assert_eq!(bodies[0]["provisionedIops"], "3000", "{}", bodies[0]);
+    assert!(
+        bodies[0]["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("/diskTypes/hyperdisk-balanced")
+    );
+    assert!(
+        bodies[1]["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("/diskTypes/pd-ssd")
+    );
+    // 1Gi is 1024 MiB/s, above Hyperdisk Throughput's 600: Compute refuses it.
+    assert_eq!(bodies[2]["provisionedThroughput"], "1024", "{}", bodies[2]);
+    assert_eq!(bodies[2]["sizeGb"], "2049", "{}", bodies[2]);
+}
+
+/// A Persistent Disk cannot be attached to a Hyperdisk-only machine series
+/// (C4, N4, ...): the publish says so before it asks Compute, naming the
+/// machine type and what to use instead; a Hyperdisk attaches there.
+#[tokio::test]
+async fn pd_disks_are_refused_early_on_hyperdisk_only_machines() {
+    let (fake, ctl) = setup().await;
+    fake.add_instance_of("us-central1-a", "vm-c4", "c4-standard-8");
+    let pd = ctl
+        .create_volume(Request::new(create(
+            "pvc-pd",
+            5,
+            &[("type", "pd-balanced")],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    fake.clear_seen();
+    let e = ctl
+        .controller_publish_volume(Request::new(publish(
+            &pd.volume_id,
+            "us-central1-a.vm-c4",
+            false,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("c4-standard-8") && e.message().contains("hyperdisk-balanced"),
+        "{e:?}"
+    );
+    let seen = fake.seen();
+    assert!(calls(&seen, "POST", "/attachDisk").is_empty(), "{seen:?}");
+
+    let hd = ctl
+        .create_volume(Request::new(create(
+            "pvc-hd-c4",
+            5,
+            &[("type", "hyperdisk-balanced")],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    ctl.controller_publish_volume(Request::new(publish(
+        &hd.volume_id,
+        "us-central1-a.vm-c4",
+        false,
+    )))
+    .await
+    .unwrap();
+}
+
+/// A regional disk is reachable from both its zones: its topology lists each
+/// replica zone as a segment of its own (never the region, never an empty
+/// zone: every GCE VM has one). With `availability-class:
+/// regional-hard-failover`, an attach in the other zone while the first VM
+/// still holds the disk is forced (`forceAttach=true`) and moves the disk;
+/// without it, the attach is refused as in use.
+#[tokio::test]
+async fn regional_disks_fail_over_with_forced_attaches() {
+    let (fake, ctl) = setup().await;
+    fake.add_instance("us-central1-a", "vm-a");
+    fake.add_instance("us-central1-b", "vm-b");
+    let regional = |name: &str, failover: bool| {
+        let mut params = vec![("type", "pd-balanced"), ("replication-type", "regional-pd")];
+        if failover {
+            params.push(("availability-class", "regional-hard-failover"));
+        }
+        let mut req = create(name, 10, &params);
+        req.accessibility_requirements = Some(TopologyRequirement {
+            requisite: zones(&["us-central1-a", "us-central1-b"]),
+            preferred: zones(&["us-central1-a"]),
+        });
+        req
+    };
+    let vol = ctl
+        .create_volume(Request::new(regional("pvc-ha", true)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(vol.volume_id, "gcp:us-central1:pvc-ha");
+    assert_eq!(
+        vol.accessible_topology,
+        zones(&["us-central1-a", "us-central1-b"])
+    );
+    let listed = ctl
+        .list_volumes(Request::new(ListVolumesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.entries[0]
+            .volume
+            .as_ref()
+            .unwrap()
+            .accessible_topology,
+        zones(&["us-central1-a", "us-central1-b"])
+    );
+    ctl.controller_publish_volume(Request::new(publish(
+        &vol.volume_id,
+        "us-central1-a.vm-a",
+        false,
+    )))
+    .await
+    .unwrap();
+    // vm-a's zone is lost; the disk moves to vm-b without a detach.
+    fake.clear_seen();
+    ctl.controller_publish_volume(Request::new(publish(
+        &vol.volume_id,
+        "us-central1-b.vm-b",
+        false,
+    )))
+    .await
+    .unwrap();
+    let seen = fake.seen();
+    let attach = calls(&seen, "POST", "/attachDisk");
+    assert_eq!(attach.len(), 1, "{seen:?}");
+    assert_eq!(attach[0].query["forceAttach"], "true");
+    let disk = fake
+        .resource(&format!(
+            "projects/{PROJECT}/regions/us-central1/disks/pvc-ha"
+        ))
+        .unwrap();
+    assert_eq!(
+        disk["users"],
+        json!([format!(
+            "https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/us-central1-b/instances/vm-b"
+        )])
+    );
+
+    // Without the class: no forcing, and the disk stays where it is.
+    let plain = ctl
+        .create_volume(Request::new(regional("pvc-plain", false)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    ctl.controller_publish_volume(Request::new(publish(
+        &plain.volume_id,
+        "us-central1-a.vm-a",
+        false,
+    )))
+    .await
+    .unwrap();
+    fake.clear_seen();
+    let e = ctl
+        .controller_publish_volume(Request::new(publish(
+            &plain.volume_id,
+            "us-central1-b.vm-b",
+            false,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let seen = fake.seen();
+    assert!(
+        calls(&seen, "POST", "/attachDisk")
+            .iter()
+            .all(|s| !s.query.contains_key("forceAttach")),
+        "{seen:?}"
+    );
+    // A zonal disk cannot ask for it.
+    let e = ctl
+        .create_volume(Request::new(create(
+            "pvc-zonal-ha",
+            10,
+            &[("availability-class", "regional-hard-failover")],
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 }
