@@ -336,12 +336,37 @@ pub fn zone_of(resource: &Value) -> Option<&str> {
         .and_then(Value::as_str)
 }
 
-/// Node ids (VM names) a disk is attached to.
+/// The node id of a VM's ARM id: a VM's name, or for an instance of a Uniform
+/// scale set (`.../virtualMachineScaleSets/{ss}/virtualMachines/{instance id}`)
+/// `<ss>_<instance id>`, the name IMDS gives that instance.
+pub fn node_of_vm_id(id: &str) -> Option<String> {
+    if let Some((_, name)) = parse_arm_id(id, "virtualMachines") {
+        return Some(name.to_string());
+    }
+    let parts: Vec<&str> = id.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        [subs, _, rgs, _, providers, ns, sets, ss, vms, instance]
+            if subs.eq_ignore_ascii_case("subscriptions")
+                && rgs.eq_ignore_ascii_case("resourceGroups")
+                && providers.eq_ignore_ascii_case("providers")
+                && ns.eq_ignore_ascii_case("Microsoft.Compute")
+                && sets.eq_ignore_ascii_case("virtualMachineScaleSets")
+                && vms.eq_ignore_ascii_case("virtualMachines")
+                && !instance.is_empty()
+                && instance.chars().all(|c| c.is_ascii_digit()) =>
+        {
+            Some(format!("{ss}_{instance}"))
+        }
+        _ => None,
+    }
+}
+
+/// Node ids a disk is attached to (see [`node_of_vm_id`]).
 pub fn attached_vms(disk: &Value) -> Vec<String> {
     let mut vms: Vec<String> = Vec::new();
     let mut add = |id: &str| {
-        if let Some((_, name)) = parse_arm_id(id, "virtualMachines") {
-            vms.push(name.to_string());
+        if let Some(node) = node_of_vm_id(id) {
+            vms.push(node);
         }
     };
     if let Some(id) = disk.get("managedBy").and_then(Value::as_str) {

@@ -175,6 +175,33 @@ impl FakeArm {
         });
     }
 
+    /// Adds instance `instance_id` of the Uniform scale set `scale_set`, of
+    /// `size`, with no data disks. As ARM shows a scale-set VM
+    /// (Compute 2024-07-01, virtualMachineScaleSetVM.json): its id is under
+    /// `virtualMachineScaleSets/{ss}/virtualMachines/{instance id}`, its `name`
+    /// is `<ss>_<instance id>` (also what IMDS calls it), and it has an
+    /// `instanceId`.
+    pub fn add_scale_set_vm(&self, scale_set: &str, instance_id: &str, size: &str) {
+        let id = format!(
+            "/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/virtualMachineScaleSets/{scale_set}/virtualMachines/{instance_id}"
+        );
+        self.with(|s| {
+            s.vms.insert(
+                id.to_ascii_lowercase(),
+                json!({
+                    "id": id, "name": format!("{scale_set}_{instance_id}"),
+                    "instanceId": instance_id, "location": LOCATION,
+                    "type": "Microsoft.Compute/virtualMachineScaleSets/virtualMachines",
+                    "properties": {
+                        "hardwareProfile": {"vmSize": size},
+                        "storageProfile": {"dataDisks": []},
+                        "provisioningState": "Succeeded",
+                    }
+                }),
+            );
+        });
+    }
+
     pub fn inject(
         &self,
         method: &'static str,
@@ -312,7 +339,7 @@ fn handle(s: &mut State, base: &str, r: &Seen) -> Reply {
                         return bad;
                     }
                 }
-                ("virtualmachines", _) => {
+                ("virtualmachines" | "virtualmachinescalesets", _) => {
                     if let Some(bad) = want_api(VM_API_VERSION) {
                         s.problems
                             .push(format!("{} {path}: api-version {api:?}", r.method));
@@ -332,7 +359,16 @@ fn handle(s: &mut State, base: &str, r: &Seen) -> Reply {
                 ("disks", [_], "DELETE") => delete(s, base, &path, false),
                 ("snapshots", [name], "PUT") => put_snapshot(s, base, &r.path, name, r),
                 ("snapshots", [_], "DELETE") => delete(s, base, &path, true),
-                ("virtualmachines", [_], "PATCH") => patch_vm(s, base, &path, r),
+                ("virtualmachines", [_], "PATCH") => update_vm(s, base, &path, r, false),
+                // Compute 2024-07-01, virtualMachineScaleSetVM.json: a
+                // scale-set VM is read with GET and updated with PUT
+                // (VirtualMachineScaleSetVMs_Update); there is no PATCH.
+                ("virtualmachinescalesets", [_, "virtualmachines", _], "GET") => {
+                    get(&s.vms, &path, "virtual machine scale set VM")
+                }
+                ("virtualmachinescalesets", [_, "virtualmachines", _], "PUT") => {
+                    update_vm(s, base, &path, r, true)
+                }
                 _ => {
                     s.problems.push(format!("no route {} {path}", r.method));
                     arm_error(
@@ -919,7 +955,10 @@ fn put_snapshot(s: &mut State, base: &str, raw_path: &str, name: &str, r: &Seen)
     )
 }
 
-fn patch_vm(s: &mut State, base: &str, path: &str, r: &Seen) -> Reply {
+/// `PATCH` of a VM (VirtualMachines_Update) or `PUT` of a scale-set VM
+/// (VirtualMachineScaleSetVMs_Update, whose body is a whole resource with its
+/// required `location`): the data-disk list replaces the VM's.
+fn update_vm(s: &mut State, base: &str, path: &str, r: &Seen, put: bool) -> Reply {
     let Some(body) = body_json(s, r) else {
         return arm_error(
             400,
@@ -930,6 +969,11 @@ fn patch_vm(s: &mut State, base: &str, path: &str, r: &Seen) -> Reply {
     let Some(vm) = s.vms.get(path).cloned() else {
         return get(&s.vms, path, "virtual machine");
     };
+    if put && body["location"] != LOCATION {
+        s.problems
+            .push(format!("PUT scale-set VM: location {}", body["location"]));
+        return arm_error(400, "InvalidParameter", "location is required");
+    }
     if s.busy.contains_key(path) {
         return arm_error(
             409,

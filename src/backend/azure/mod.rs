@@ -18,10 +18,11 @@
 //! - **Topology**: a zonal disk is accessible from `topology.cryptdisk.csi.io/zone`
 //!   = `<location>-<zone>`, the value the node plugin reads from IMDS; a regional
 //!   disk reports no topology (accessible from every node).
-//! - **Attach** ([`vm`]) updates the VM (standalone, or an instance of a
-//!   Flexible scale set, which is an ordinary VM) with a data disk at the lowest
-//!   free LUN; attaches to one VM are serialized here, since ARM refuses
-//!   concurrent updates of one VM. The LUN goes to the node in the publish
+//! - **Attach** ([`vm`]) updates the VM (standalone, an instance of a Flexible
+//!   scale set, which is an ordinary VM, or with `vmType: vmss` an instance of a
+//!   Uniform scale set, node id `<scale set>_<instance id>`) with a data disk at
+//!   the lowest free LUN; attaches to one VM are serialized here, since ARM
+//!   refuses concurrent updates of one VM. The LUN goes to the node in the publish
 //!   context under [`PUBLISH_LUN`]; the node finds the device by it ([`device`]).
 //!
 //! ARM operations and api-versions used (the fake in `fake.rs` checks them):
@@ -31,6 +32,7 @@
 //! | Disks: get, create or update, update, delete, list by resource group | `GET`/`PUT`/`PATCH`/`DELETE` `.../providers/Microsoft.Compute/disks[/{name}]` | [`DISKS_API_VERSION`] |
 //! | Snapshots: get, create (incremental), delete, list by resource group | `GET`/`PUT`/`DELETE` `.../providers/Microsoft.Compute/snapshots[/{name}]` | [`DISKS_API_VERSION`] |
 //! | Virtual machines: get, update (data disks) | `GET`/`PATCH` `.../providers/Microsoft.Compute/virtualMachines/{name}` | [`VM_API_VERSION`] |
+//! | Scale set VMs (Uniform): get, update (data disks) | `GET`/`PUT` `.../providers/Microsoft.Compute/virtualMachineScaleSets/{ss}/virtualMachines/{instance id}` | [`VM_API_VERSION`] |
 //! | long-running operations | `GET` of `Azure-AsyncOperation` or `Location` | as handed out |
 //! | IMDS instance metadata (node) | `GET /metadata/instance` | [`imds::IMDS_INSTANCE_API_VERSION`] |
 
@@ -77,6 +79,8 @@ pub struct AzureBackend {
     resource_group: String,
     location: String,
     driver: String,
+    /// How node ids name VMs (standalone, Uniform or Flexible scale sets).
+    vm_type: config::VmType,
     /// One lock per VM: its data-disk list is read, changed and written whole.
     vm_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -127,6 +131,7 @@ impl AzureBackend {
             resource_group: config.resource_group.clone(),
             location: config.location.clone(),
             driver: config.driver_name.clone(),
+            vm_type: config.vm_type,
             vm_locks: Default::default(),
         }
     }

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use tonic::{Code, Request};
 
 use super::auth::{self, ReqwestTransport};
-use super::config::{AzureConfig, ENV_ARM_ENDPOINT, ENV_AUTHORITY_HOST};
+use super::config::{AzureConfig, ENV_ARM_ENDPOINT, ENV_AUTHORITY_HOST, VmType};
 use super::fake::*;
 use super::{AzureBackend, PUBLISH_LUN, TOPOLOGY_ZONE};
 use crate::backend::DiskBackend;
@@ -74,10 +74,17 @@ fn backend(fake: &FakeArm, c: &AzureConfig) -> Arc<AzureBackend> {
 }
 
 async fn setup() -> Env {
+    setup_with(|_| {}).await
+}
+
+/// [`setup`] with the configuration changed by `tune`.
+async fn setup_with(tune: impl FnOnce(&mut AzureConfig)) -> Env {
     let fake = FakeArm::start().await;
     fake.add_vm("node-a", "Standard_D4s_v5");
     fake.add_vm("node-b", "Standard_B1s");
-    let b = backend(&fake, &config(&fake, CLIENT_SECRET));
+    let mut c = config(&fake, CLIENT_SECRET);
+    tune(&mut c);
+    let b = backend(&fake, &c);
     Env {
         fake,
         ctl: Arc::new(ControllerService::new(b, None)),
@@ -1119,4 +1126,64 @@ mod lun_identity {
         assert_eq!(e.code(), Code::Unavailable, "{e}");
         assert_eq!(imds_calls(&env), 2);
     }
+}
+
+/// AKS node pools are Uniform scale sets (`vmType: vmss`): their instances,
+/// named `<scale set>_<instance id>` by IMDS, are updated through the scale-set
+/// VM API, and a disk attached there names the instance in `managedBy`.
+#[tokio::test]
+async fn uniform_scale_set_instances_are_attached_through_the_scale_set_vm_api() {
+    let env = setup_with(|c| c.vm_type = VmType::Vmss).await;
+    env.fake
+        .add_scale_set_vm("aks-pool1-12345678-vmss", "3", "Standard_D4s_v5");
+    let node = "aks-pool1-12345678-vmss_3";
+    let v = env.create(create_req("pvc-ss", GIB, &[])).await.unwrap();
+    let before = env.fake.request_count();
+    let ctx = env.publish(&v.volume_id, node).await.unwrap();
+    assert_eq!(lun(&ctx), 0);
+    let calls = env.fake.calls_since(before);
+    assert!(
+        calls.iter().any(|c| c
+            == "PUT /subscriptions/sub-1/resourcegroups/rg-1/providers/microsoft.compute/virtualmachinescalesets/aks-pool1-12345678-vmss/virtualmachines/3"),
+        "{calls:?}"
+    );
+    assert!(
+        env.disk("pvc-ss")["managedBy"]
+            .as_str()
+            .unwrap()
+            .ends_with("/virtualMachineScaleSets/aks-pool1-12345678-vmss/virtualMachines/3")
+    );
+    // The instance is read back from managedBy: published there, refused
+    // elsewhere, and a second publish is idempotent.
+    assert_eq!(
+        env.list_all(0).await,
+        vec![(v.volume_id.clone(), vec![node.to_string()])]
+    );
+    let e = env.publish(&v.volume_id, "node-a").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains(node), "{}", e.message());
+    assert_eq!(env.publish(&v.volume_id, node).await.unwrap(), ctx);
+    env.unpublish(&v.volume_id, node).await.unwrap();
+    assert!(env.disk("pvc-ss").get("managedBy").is_none());
+    // Standalone VMs keep working in a vmss cluster.
+    env.publish(&v.volume_id, "node-a").await.unwrap();
+    env.unpublish(&v.volume_id, "node-a").await.unwrap();
+    env.assert_clean();
+}
+
+/// Flexible scale sets' instances are ordinary VMs (`vmType: vmssflex`).
+#[tokio::test]
+async fn flexible_scale_set_instances_are_ordinary_vms() {
+    let env = setup_with(|c| c.vm_type = VmType::VmssFlex).await;
+    let v = env.create(create_req("pvc-fx", GIB, &[])).await.unwrap();
+    env.publish(&v.volume_id, "node-a").await.unwrap();
+    assert_eq!(env.vm_disks("node-a").len(), 1);
+    // A Uniform instance name is not served without vmType: vmss, and says so.
+    let e = env.publish(&v.volume_id, "ss_1").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    env.unpublish(&v.volume_id, "node-a").await.unwrap();
+    let e = env.publish(&v.volume_id, "ss_1").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    assert!(e.message().contains("vmType: vmss"), "{}", e.message());
+    env.assert_clean();
 }

@@ -1,13 +1,20 @@
-//! Attach and detach: a VM's data-disk list read, changed and written back with
-//! `PATCH .../virtualMachines/{vm}`, under a per-VM lock so that concurrent
-//! publishes to one node get distinct LUNs and never race ARM's own
-//! one-update-at-a-time rule.
+//! Attach and detach: a VM's data-disk list read, changed and written back,
+//! under a per-VM lock so that concurrent publishes to one node get distinct
+//! LUNs and never race ARM's own one-update-at-a-time rule.
+//!
+//! A node id names either a standalone VM (also an instance of a Flexible scale
+//! set, which is an ordinary VM), updated with `PATCH .../virtualMachines/{vm}`,
+//! or, with `vmType: vmss`, an instance of a Uniform scale set named as IMDS
+//! names it, `<scale set>_<instance id>`, updated with
+//! `PUT .../virtualMachineScaleSets/{ss}/virtualMachines/{instance id}` (the
+//! Compute API has no PATCH for scale-set VMs).
 
 use std::sync::Arc;
 
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use super::config::VmType;
 use super::disks::{Sku, attached_vms, size_gib_of, sku_of, str_at};
 use super::{AzureBackend, VM_API_VERSION};
 use crate::backend::{Error, Result};
@@ -16,12 +23,77 @@ use crate::volume::VolumeId;
 /// LUNs Azure numbers data disks with; a VM size allows a prefix of them.
 const MAX_LUNS: u32 = 64;
 
-/// Whether `node` can name a VM: 1 to 64 letters, digits, `-`, `_`, `.`.
-fn vm_name_ok(node: &str) -> bool {
-    (1..=64).contains(&node.len())
-        && node
+/// Whether `name` can name a VM or a scale set: 1 to 64 letters, digits, `-`,
+/// `_`, `.`.
+fn vm_name_ok(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The VM a node id names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum NodeVm {
+    /// `virtualMachines/{name}`.
+    Standalone(String),
+    /// `virtualMachineScaleSets/{scale_set}/virtualMachines/{instance_id}`.
+    ScaleSetInstance {
+        scale_set: String,
+        instance_id: String,
+    },
+}
+
+impl NodeVm {
+    /// The VM `node` names under `vm_type`; `None` when it cannot name one.
+    /// VM names cannot hold `_` while IMDS names a Uniform instance
+    /// `<scale set>_<instance id>`, so the split at the last `_` is unambiguous.
+    pub(super) fn parse(node: &str, vm_type: VmType) -> Option<NodeVm> {
+        if !vm_name_ok(node) {
+            return None;
+        }
+        if vm_type == VmType::Vmss
+            && let Some((ss, id)) = node.rsplit_once('_')
+            && !ss.is_empty()
+            && !id.is_empty()
+            && id.chars().all(|c| c.is_ascii_digit())
+        {
+            return Some(NodeVm::ScaleSetInstance {
+                scale_set: ss.to_string(),
+                instance_id: id.to_string(),
+            });
+        }
+        Some(NodeVm::Standalone(node.to_string()))
+    }
+
+    fn path(&self, subscription: &str, rg: &str) -> String {
+        let base = format!(
+            "/subscriptions/{subscription}/resourceGroups/{rg}/providers/Microsoft.Compute"
+        );
+        match self {
+            NodeVm::Standalone(name) => format!("{base}/virtualMachines/{name}"),
+            NodeVm::ScaleSetInstance {
+                scale_set,
+                instance_id,
+            } => {
+                format!("{base}/virtualMachineScaleSets/{scale_set}/virtualMachines/{instance_id}")
+            }
+        }
+    }
+
+    /// The body that writes `entries` as the VM's data disks: a PATCH of a VM
+    /// carries only them; a scale-set VM's PUT also carries the resource's
+    /// required `location` (as cloud-provider-azure's scale-set update does).
+    fn update(&self, vm: &Value, entries: &[Value]) -> (Method, Value) {
+        let storage = json!({"storageProfile": {"dataDisks": entries}});
+        match self {
+            NodeVm::Standalone(_) => (Method::PATCH, json!({"properties": storage})),
+            NodeVm::ScaleSetInstance { .. } => (
+                Method::PUT,
+                json!({"location": vm.get("location").cloned().unwrap_or(Value::Null), "properties": storage}),
+            ),
+        }
+    }
 }
 
 fn data_disks(vm: &Value) -> Vec<Value> {
@@ -50,11 +122,8 @@ pub(super) fn free_lun(entries: &[Value]) -> Option<u32> {
 }
 
 impl AzureBackend {
-    fn vm_path(&self, vm: &str) -> String {
-        format!(
-            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{vm}",
-            self.subscription, self.resource_group
-        )
+    fn vm_path(&self, vm: &NodeVm) -> String {
+        vm.path(&self.subscription, &self.resource_group)
     }
 
     fn vm_lock(&self, vm: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -65,11 +134,11 @@ impl AzureBackend {
     /// Attaches the disk to VM `node` and returns its LUN; the LUN it already
     /// has when attached there.
     pub(super) async fn attach_disk(&self, id: &VolumeId, node: &str) -> Result<u32> {
-        if !vm_name_ok(node) {
+        let Some(target) = NodeVm::parse(node, self.vm_type) else {
             return Err(Error::NotFound(format!(
                 "node {node:?} cannot name an Azure VM (1 to 64 letters, digits, '-', '_', '.')"
             )));
-        }
+        };
         let disk_arm_id = self.disk_path(id);
         let disk = self
             .get_disk_json(id)
@@ -93,10 +162,17 @@ impl AzureBackend {
 
         let lock = self.vm_lock(node);
         let _held = lock.lock().await;
-        let path = self.vm_path(node);
+        let path = self.vm_path(&target);
         let vm = self.arm.get(&path, VM_API_VERSION).await?.ok_or_else(|| {
+            let hint = match (&target, self.vm_type) {
+                (NodeVm::Standalone(n), VmType::Standard | VmType::VmssFlex) if n.contains('_') => {
+                    " (a name <scale set>_<instance id> is an instance of a Uniform scale set: \
+                     set vmType: vmss in the Azure configuration)"
+                }
+                _ => "",
+            };
             Error::NotFound(format!(
-                "node {node:?}: VM not found in resource group {}",
+                "node {node:?}: VM not found in resource group {}{hint}",
                 self.resource_group
             ))
         })?;
@@ -120,11 +196,8 @@ impl AzureBackend {
             "caching": caching,
             "managedDisk": {"id": disk_arm_id},
         }));
-        let body = json!({"properties": {"storageProfile": {"dataDisks": entries}}});
-        let updated = self
-            .arm
-            .write(Method::PATCH, &path, VM_API_VERSION, &body)
-            .await?;
+        let (method, body) = target.update(&vm, &entries);
+        let updated = self.arm.write(method, &path, VM_API_VERSION, &body).await?;
         let attached = data_disks(&updated)
             .iter()
             .find(|e| is_disk(e, &disk_arm_id))
@@ -143,13 +216,13 @@ impl AzureBackend {
     /// Detaches the disk from VM `node`; a VM or disk that is gone, or a disk
     /// not attached there, is detached already.
     pub(super) async fn detach_disk(&self, id: &VolumeId, node: &str) -> Result<()> {
-        if !vm_name_ok(node) {
+        let Some(target) = NodeVm::parse(node, self.vm_type) else {
             return Ok(());
-        }
+        };
         let disk_arm_id = self.disk_path(id);
         let lock = self.vm_lock(node);
         let _held = lock.lock().await;
-        let path = self.vm_path(node);
+        let path = self.vm_path(&target);
         let Some(vm) = self.arm.get(&path, VM_API_VERSION).await? else {
             return Ok(());
         };
@@ -158,12 +231,8 @@ impl AzureBackend {
             return Ok(());
         };
         entry["toBeDetached"] = json!(true);
-        let body = json!({"properties": {"storageProfile": {"dataDisks": entries}}});
-        match self
-            .arm
-            .write(Method::PATCH, &path, VM_API_VERSION, &body)
-            .await
-        {
+        let (method, body) = target.update(&vm, &entries);
+        match self.arm.write(method, &path, VM_API_VERSION, &body).await {
             Ok(_) | Err(Error::NotFound(_)) => {
                 tracing::info!(volume = %id, %node, "disk detached");
                 Ok(())
@@ -192,5 +261,41 @@ mod tests {
         assert!(!vm_name_ok(""));
         assert!(!vm_name_ok("a/b"));
         assert!(!vm_name_ok(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn node_ids_name_standalone_vms_or_uniform_instances() {
+        let uniform = |ss: &str, id: &str| NodeVm::ScaleSetInstance {
+            scale_set: ss.into(),
+            instance_id: id.into(),
+        };
+        assert_eq!(
+            NodeVm::parse("aks-nodepool1-123-vmss_12", VmType::Vmss),
+            Some(uniform("aks-nodepool1-123-vmss", "12"))
+        );
+        // Not a Uniform instance name: a standalone VM, as in a mixed cluster.
+        for name in ["vm-1", "a_b", "_3", "x_"] {
+            assert_eq!(
+                NodeVm::parse(name, VmType::Vmss),
+                Some(NodeVm::Standalone(name.into())),
+                "{name}"
+            );
+        }
+        for t in [VmType::Standard, VmType::VmssFlex] {
+            assert_eq!(
+                NodeVm::parse("ss_0", t),
+                Some(NodeVm::Standalone("ss_0".into()))
+            );
+        }
+        assert_eq!(NodeVm::parse("a/b", VmType::Vmss), None);
+        let p = uniform("ss", "3").path("s", "rg");
+        assert_eq!(
+            p,
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/ss/virtualMachines/3"
+        );
+        assert_eq!(
+            super::super::disks::node_of_vm_id(&p.to_ascii_lowercase()).as_deref(),
+            Some("ss_3")
+        );
     }
 }
