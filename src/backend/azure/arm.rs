@@ -30,6 +30,14 @@ pub struct ArmClient {
     operation_timeout: Duration,
 }
 
+/// What a conditional write came to.
+pub enum Conditional {
+    /// Written; the resource as it is afterwards.
+    Done(Json),
+    /// Not written: the resource's etag is no longer the one sent.
+    Stale,
+}
+
 /// What a request answered, before LRO handling.
 struct Answer {
     status: StatusCode,
@@ -107,6 +115,32 @@ impl ArmClient {
             return Ok(done.body);
         }
         Ok(a.body)
+    }
+
+    /// [`write`](Self::write) on condition that the resource still has
+    /// `etag` (`If-Match`, as Compute 2024-07-01 documents for VMs and
+    /// scale-set VMs): [`Conditional::Stale`] when ARM answers 412 because
+    /// someone else changed it since it was read. Without an etag (a resource
+    /// that has none) the write is unconditional.
+    pub async fn write_if_match(
+        &self,
+        method: Method,
+        path: &str,
+        api_version: &str,
+        body: &Value,
+        etag: Option<&str>,
+    ) -> Result<Conditional, Error> {
+        let url = self.url(path, api_version);
+        let a = self.send_if(method, &url, Some(body), etag).await?;
+        if a.status == StatusCode::PRECONDITION_FAILED {
+            return Ok(Conditional::Stale);
+        }
+        let waited = self.wait(&a).await?.is_some();
+        if waited || a.status != StatusCode::OK {
+            let done = self.send(Method::GET, &url, None).await?;
+            return Ok(Conditional::Done(done.body));
+        }
+        Ok(Conditional::Done(a.body))
     }
 
     /// DELETE of a resource, waiting for its operation; a resource that does not
@@ -219,6 +253,18 @@ impl ArmClient {
 
     /// One request, retried as `self.retry` says; an error answer becomes [`Error`].
     async fn send(&self, method: Method, url: &str, body: Option<&Value>) -> Result<Answer, Error> {
+        self.send_if(method, url, body, None).await
+    }
+
+    /// [`send`](Self::send) with `If-Match: etag` when given; its 412 is then
+    /// an answer (the caller reads the resource again), not an error.
+    async fn send_if(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+        etag: Option<&str>,
+    ) -> Result<Answer, Error> {
         let max_attempts = self.retry.max_attempts.max(1);
         let mut attempt = 1;
         loop {
@@ -231,6 +277,9 @@ impl ArmClient {
             if let Some(body) = body {
                 req = req.json(body);
             }
+            if let Some(etag) = etag {
+                req = req.header("if-match", etag);
+            }
             let (err, wait) = match req.send().await {
                 Ok(resp) => {
                     let status = resp.status();
@@ -241,7 +290,9 @@ impl ArmClient {
                     } else {
                         serde_json::from_slice(&bytes).unwrap_or(Value::Null)
                     };
-                    if status.is_success() {
+                    if status.is_success()
+                        || (status == StatusCode::PRECONDITION_FAILED && etag.is_some())
+                    {
                         return Ok(Answer {
                             status,
                             headers,

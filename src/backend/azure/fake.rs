@@ -114,6 +114,15 @@ pub struct State {
     /// The VM (by name) whose instance metadata `GET /metadata/instance`
     /// answers; `None` answers 404 as IMDS does off Azure.
     pub imds_vm: Option<String>,
+    /// Disks (by lower-case ARM id) whose detach does not complete unless
+    /// forced: the update succeeds but the VM still lists them (with
+    /// `toBeDetached`), as a detach stuck in the guest looks; the reference
+    /// (cloud-provider-azure) then detaches again with `ForceDetach`.
+    pub stuck_detach: std::collections::BTreeSet<String>,
+    /// Another writer of a VM's disk list: right after the next GET of the VM
+    /// (lower-case path), disk `.1` (lower-case ARM id) is attached to it at
+    /// LUN `.2`, changing its etag.
+    pub foreign_attach: Option<(String, String, u64)>,
     /// Request shapes the real service would refuse or that we did not expect.
     pub problems: Vec<String>,
 }
@@ -163,7 +172,7 @@ impl FakeArm {
             s.vms.insert(
                 id.to_ascii_lowercase(),
                 json!({
-                    "id": id, "name": name, "location": LOCATION,
+                    "id": id, "name": name, "location": LOCATION, "etag": "\"1\"",
                     "type": "Microsoft.Compute/virtualMachines",
                     "properties": {
                         "hardwareProfile": {"vmSize": size},
@@ -190,7 +199,7 @@ impl FakeArm {
                 id.to_ascii_lowercase(),
                 json!({
                     "id": id, "name": format!("{scale_set}_{instance_id}"),
-                    "instanceId": instance_id, "location": LOCATION,
+                    "instanceId": instance_id, "location": LOCATION, "etag": "\"1\"",
                     "type": "Microsoft.Compute/virtualMachineScaleSets/virtualMachines",
                     "properties": {
                         "hardwareProfile": {"vmSize": size},
@@ -353,7 +362,7 @@ fn handle(s: &mut State, base: &str, r: &Seen) -> Reply {
                 ("snapshots", [], "GET") => list(s, base, &collection_path, r, true),
                 ("disks", [_], "GET") => get(&s.disks, &path, "disk"),
                 ("snapshots", [_], "GET") => get(&s.snapshots, &path, "snapshot"),
-                ("virtualmachines", [_], "GET") => get(&s.vms, &path, "virtual machine"),
+                ("virtualmachines", [_], "GET") => get_vm(s, &path),
                 ("disks", [name], "PUT") => put_disk(s, base, &r.path, name, r),
                 ("disks", [_], "PATCH") => patch_disk(s, base, &path, r),
                 ("disks", [_], "DELETE") => delete(s, base, &path, false),
@@ -363,9 +372,7 @@ fn handle(s: &mut State, base: &str, r: &Seen) -> Reply {
                 // Compute 2024-07-01, virtualMachineScaleSetVM.json: a
                 // scale-set VM is read with GET and updated with PUT
                 // (VirtualMachineScaleSetVMs_Update); there is no PATCH.
-                ("virtualmachinescalesets", [_, "virtualmachines", _], "GET") => {
-                    get(&s.vms, &path, "virtual machine scale set VM")
-                }
+                ("virtualmachinescalesets", [_, "virtualmachines", _], "GET") => get_vm(s, &path),
                 ("virtualmachinescalesets", [_, "virtualmachines", _], "PUT") => {
                     update_vm(s, base, &path, r, true)
                 }
@@ -521,6 +528,41 @@ fn get(map: &BTreeMap<String, Value>, path: &str, what: &str) -> Reply {
             ),
         ),
     }
+}
+
+/// GET of a VM or scale-set VM; then [`State::foreign_attach`] happens.
+fn get_vm(s: &mut State, path: &str) -> Reply {
+    let rep = get(&s.vms, path, "virtual machine");
+    if s.foreign_attach
+        .as_ref()
+        .is_some_and(|(vm, _, _)| vm == path)
+    {
+        let (_, disk, lun) = s.foreign_attach.take().expect("present");
+        let vm = s.vms.get_mut(path).expect("a VM");
+        let vm_id = vm["id"].clone();
+        let entry = json!({"lun": lun, "createOption": "Attach", "caching": "None",
+            "managedDisk": {"id": disk}, "toBeDetached": false});
+        vm["properties"]["storageProfile"]["dataDisks"]
+            .as_array_mut()
+            .expect("a list")
+            .push(entry);
+        bump_etag(vm);
+        if let Some(d) = s.disks.get_mut(&disk) {
+            d["managedBy"] = vm_id;
+            d["properties"]["diskState"] = json!("Attached");
+        }
+    }
+    rep
+}
+
+/// A VM's etag changes with every change of the VM (Compute 2024-07-01:
+/// "Etag is property returned in Create/Update/Get response of the VM").
+fn bump_etag(vm: &mut Value) {
+    let n: u64 = vm["etag"]
+        .as_str()
+        .and_then(|e| e.trim_matches('"').parse().ok())
+        .unwrap_or(0);
+    vm["etag"] = json!(format!("\"{}\"", n + 1));
 }
 
 fn list(s: &mut State, base: &str, collection: &str, r: &Seen, snapshots: bool) -> Reply {
@@ -981,6 +1023,16 @@ fn update_vm(s: &mut State, base: &str, path: &str, r: &Seen, put: bool) -> Repl
             "Operation 'Update VM' is not allowed since another operation is in progress on it.",
         );
     }
+    // Compute 2024-07-01 (VirtualMachines_Update, VirtualMachineScaleSetVMs_Update):
+    // `If-Match` with an etag that is no longer the VM's is refused with 412.
+    let if_match = r.header("if-match");
+    if !if_match.is_empty() && if_match != "*" && Some(if_match) != vm["etag"].as_str() {
+        return arm_error(
+            412,
+            "PreconditionFailed",
+            "The specified precondition 'If-Match' failed: the resource has changed.",
+        );
+    }
     let Some(entries) = body
         .pointer("/properties/storageProfile/dataDisks")
         .and_then(Value::as_array)
@@ -1016,8 +1068,28 @@ fn update_vm(s: &mut State, base: &str, path: &str, r: &Seen, put: bool) -> Repl
         let Some(disk) = s.disks.get(&disk_id) else {
             return arm_error(404, "NotFound", &format!("Disk '{disk_id}' was not found."));
         };
+        // Compute 2024-07-01 DataDisk.detachOption (DiskDetachOptionTypes):
+        // only `ForceDetach`, and only on a disk being detached.
+        let force = match e.get("detachOption") {
+            None => false,
+            Some(o) if o == "ForceDetach" && e.get("toBeDetached") == Some(&json!(true)) => true,
+            Some(o) => {
+                s.problems
+                    .push(format!("PATCH VM: detachOption {o} in {e}"));
+                return arm_error(
+                    400,
+                    "InvalidParameter",
+                    "detachOption must be ForceDetach on a disk being detached",
+                );
+            }
+        };
         if e.get("toBeDetached") == Some(&json!(true)) {
-            detach.push(disk_id);
+            if s.stuck_detach.contains(&disk_id) && !force {
+                kept.push(e.clone());
+                luns.insert(lun);
+            } else {
+                detach.push(disk_id);
+            }
             continue;
         }
         let caching = e["caching"].as_str().unwrap_or("");
@@ -1070,6 +1142,25 @@ fn update_vm(s: &mut State, base: &str, path: &str, r: &Seen, put: bool) -> Repl
             ),
         );
     }
+    // The list replaces the VM's: a disk it no longer names is detached
+    // (which is why a writer with a stale list detaches others' disks).
+    let named: Vec<String> = entries
+        .iter()
+        .filter_map(|e| e.pointer("/managedDisk/id").and_then(Value::as_str))
+        .map(str::to_ascii_lowercase)
+        .collect();
+    for e in vm
+        .pointer("/properties/storageProfile/dataDisks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(id) = e.pointer("/managedDisk/id").and_then(Value::as_str)
+            && !named.contains(&id.to_ascii_lowercase())
+        {
+            detach.push(id.to_ascii_lowercase());
+        }
+    }
     for id in attach {
         if let Some(d) = s.disks.get_mut(&id) {
             d["managedBy"] = json!(vm_id);
@@ -1087,6 +1178,7 @@ fn update_vm(s: &mut State, base: &str, path: &str, r: &Seen, put: bool) -> Repl
     let v = s.vms.get_mut(path).unwrap();
     v["properties"]["storageProfile"]["dataDisks"] = json!(kept);
     v["properties"]["provisioningState"] = json!("Updating");
+    bump_etag(v);
     let out = v.clone();
     s.busy.insert(path.to_string(), true);
     start_op(

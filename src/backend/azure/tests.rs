@@ -1187,3 +1187,101 @@ async fn flexible_scale_set_instances_are_ordinary_vms() {
     assert!(e.message().contains("vmType: vmss"), "{}", e.message());
     env.assert_clean();
 }
+
+fn disk_key(name: &str) -> String {
+    format!("/subscriptions/{SUB}/resourcegroups/{RG}/providers/microsoft.compute/disks/{name}")
+}
+
+fn vm_key(name: &str) -> String {
+    format!(
+        "/subscriptions/{SUB}/resourcegroups/{RG}/providers/microsoft.compute/virtualmachines/{name}"
+    )
+}
+
+/// A detach the VM does not complete is seen (the VM still lists the disk)
+/// and done again with `ForceDetach`.
+#[tokio::test]
+async fn a_detach_that_does_not_take_is_forced() {
+    let env = setup().await;
+    let v = env.create(create_req("pvc-stuck", GIB, &[])).await.unwrap();
+    env.publish(&v.volume_id, "node-a").await.unwrap();
+    env.fake
+        .with(|s| s.stuck_detach.insert(disk_key("pvc-stuck")));
+    let before = env.fake.request_count();
+    env.unpublish(&v.volume_id, "node-a").await.unwrap();
+    assert_eq!(env.vm_disks("node-a"), Vec::<Value>::new());
+    assert!(env.disk("pvc-stuck").get("managedBy").is_none());
+    let forced = env.fake.with(|s| {
+        s.requests[before..]
+            .iter()
+            .filter(|r| {
+                r.method == "PATCH" && String::from_utf8_lossy(&r.body).contains("\"ForceDetach\"")
+            })
+            .count()
+    });
+    assert_eq!(forced, 1);
+    env.assert_clean();
+}
+
+/// A disk listed on the VM that no longer exists makes ARM answer 404: that
+/// is not the detach's success while the VM exists; the vanished disk is
+/// dropped from the list and the detach done.
+#[tokio::test]
+async fn a_vanished_disk_on_the_vm_is_dropped_and_a_404_is_success_only_when_the_vm_is_gone() {
+    let env = setup().await;
+    let v = env.create(create_req("pvc-keep", GIB, &[])).await.unwrap();
+    let w = env.create(create_req("pvc-gone", GIB, &[])).await.unwrap();
+    env.publish(&v.volume_id, "node-a").await.unwrap();
+    env.publish(&w.volume_id, "node-a").await.unwrap();
+    env.fake.with(|s| s.disks.remove(&disk_key("pvc-gone")));
+    env.unpublish(&v.volume_id, "node-a").await.unwrap();
+    assert_eq!(env.vm_disks("node-a"), Vec::<Value>::new());
+    assert!(env.disk("pvc-keep").get("managedBy").is_none());
+    // Attach drops it as well.
+    env.fake.with(|s| s.disks.remove(&disk_key("pvc-gone")));
+    env.publish(&v.volume_id, "node-a").await.unwrap();
+    // The VM gone: detached.
+    env.fake.with(|s| s.vms.remove(&vm_key("node-a")));
+    env.unpublish(&v.volume_id, "node-a").await.unwrap();
+    env.assert_clean();
+}
+
+/// Another writer changed the VM's disk list between our read and write: the
+/// write carries the etag read (`If-Match`), ARM answers 412, and the list is
+/// read again, so the other writer's disk stays attached.
+#[tokio::test]
+async fn a_concurrent_writer_of_the_disk_list_is_not_overwritten() {
+    let env = setup().await;
+    let theirs = env
+        .create(create_req("pvc-theirs", GIB, &[]))
+        .await
+        .unwrap();
+    let ours = env.create(create_req("pvc-ours", GIB, &[])).await.unwrap();
+    env.fake.with(|s| {
+        s.foreign_attach = Some((vm_key("node-a"), disk_key("pvc-theirs"), 0));
+    });
+    let ctx = env.publish(&ours.volume_id, "node-a").await.unwrap();
+    assert_eq!(lun(&ctx), 1);
+    assert_eq!(env.vm_disks("node-a").len(), 2);
+    assert!(
+        env.disk("pvc-theirs")["managedBy"]
+            .as_str()
+            .unwrap()
+            .ends_with("/node-a")
+    );
+    let matched = env.fake.with(|s| {
+        s.requests
+            .iter()
+            .filter(|r| r.method == "PATCH" && !r.header("if-match").is_empty())
+            .count()
+    });
+    assert_eq!(matched, 2, "both writes carry If-Match");
+    // Our detach leaves their disk in place.
+    env.fake.with(|s| {
+        s.foreign_attach = None;
+    });
+    env.unpublish(&ours.volume_id, "node-a").await.unwrap();
+    assert_eq!(env.vm_disks("node-a").len(), 1);
+    let _ = theirs;
+    env.assert_clean();
+}

@@ -14,9 +14,10 @@ use std::sync::Arc;
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use super::arm::Conditional;
 use super::config::VmType;
-use super::disks::{Sku, attached_vms, size_gib_of, sku_of, str_at};
-use super::{AzureBackend, VM_API_VERSION};
+use super::disks::{Sku, attached_vms, disk_path, parse_arm_id, size_gib_of, sku_of, str_at};
+use super::{AzureBackend, DISKS_API_VERSION, VM_API_VERSION};
 use crate::backend::{Error, Result};
 use crate::volume::VolumeId;
 
@@ -121,6 +122,23 @@ pub(super) fn free_lun(entries: &[Value]) -> Option<u32> {
     (0..MAX_LUNS).find(|l| !entries.iter().any(|e| lun_of(e) == Some(*l)))
 }
 
+/// How many times a data-disk update is tried: again after a 412 (the VM
+/// changed since it was read), after dropping disks that no longer exist, and,
+/// for a detach, once more with `ForceDetach`.
+const UPDATE_ATTEMPTS: u32 = 4;
+
+/// What writing a VM's data-disk list came to.
+enum Written {
+    /// Written; the VM as it is afterwards.
+    Done(Value),
+    /// Not written: the VM changed since it was read (412 to our `If-Match`).
+    Stale,
+    /// ARM answered 404 and the VM itself is gone.
+    VmGone,
+    /// ARM answered 404 while the VM exists: a disk in the list does not.
+    Missing(String),
+}
+
 impl AzureBackend {
     fn vm_path(&self, vm: &NodeVm) -> String {
         vm.path(&self.subscription, &self.resource_group)
@@ -129,6 +147,57 @@ impl AzureBackend {
     fn vm_lock(&self, vm: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.vm_locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(vm.to_ascii_lowercase()).or_default().clone()
+    }
+
+    /// Writes `entries` as the data disks of `vm` (as read), on condition that
+    /// it has not changed since: its etag goes in `If-Match`, so that a
+    /// concurrent writer (an old leader, another tool) is never overwritten.
+    async fn write_disks(&self, target: &NodeVm, vm: &Value, entries: &[Value]) -> Result<Written> {
+        let path = self.vm_path(target);
+        let (method, body) = target.update(vm, entries);
+        let etag = vm.get("etag").and_then(Value::as_str);
+        match self
+            .arm
+            .write_if_match(method, &path, VM_API_VERSION, &body, etag)
+            .await
+        {
+            Ok(Conditional::Done(v)) => Ok(Written::Done(v)),
+            Ok(Conditional::Stale) => Ok(Written::Stale),
+            // A 404 of the update is the VM's only when the VM is gone.
+            Err(Error::NotFound(m)) => match self.arm.get(&path, VM_API_VERSION).await? {
+                None => Ok(Written::VmGone),
+                Some(_) => Ok(Written::Missing(m)),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes the entries whose managed disk no longer exists (as
+    /// cloud-provider-azure does before it retries an update that failed on
+    /// one); `keep` is never removed. How many were removed.
+    async fn drop_vanished(&self, entries: &mut Vec<Value>, keep: Option<&str>) -> Result<usize> {
+        let mut gone = Vec::new();
+        for entry in entries.iter() {
+            let Some(id) = str_at(entry, "/managedDisk/id") else {
+                continue;
+            };
+            if keep.is_some_and(|k| k.eq_ignore_ascii_case(id)) {
+                continue;
+            }
+            // Only an id of the form we know goes into a request path.
+            let Some((rg, name)) = parse_arm_id(id, "disks") else {
+                continue;
+            };
+            let path = disk_path(&self.subscription, rg, name);
+            if self.arm.get(&path, DISKS_API_VERSION).await?.is_none() {
+                gone.push(id.to_string());
+            }
+        }
+        entries.retain(|e| !gone.iter().any(|g| is_disk(e, g)));
+        if !gone.is_empty() {
+            tracing::warn!(disks = ?gone, "dropping data disks that no longer exist from the VM");
+        }
+        Ok(gone.len())
     }
 
     /// Attaches the disk to VM `node` and returns its LUN; the LUN it already
@@ -163,7 +232,7 @@ impl AzureBackend {
         let lock = self.vm_lock(node);
         let _held = lock.lock().await;
         let path = self.vm_path(&target);
-        let vm = self.arm.get(&path, VM_API_VERSION).await?.ok_or_else(|| {
+        let not_found = || {
             let hint = match (&target, self.vm_type) {
                 (NodeVm::Standalone(n), VmType::Standard | VmType::VmssFlex) if n.contains('_') => {
                     " (a name <scale set>_<instance id> is an instance of a Uniform scale set: \
@@ -175,46 +244,75 @@ impl AzureBackend {
                 "node {node:?}: VM not found in resource group {}{hint}",
                 self.resource_group
             ))
-        })?;
-        let mut entries = data_disks(&vm);
-        if let Some(entry) = entries.iter().find(|e| is_disk(e, &disk_arm_id)) {
-            if detaching(entry) {
-                return Err(Error::Aborted(format!(
-                    "volume {id} is being detached from {node}; retry"
+        };
+        let mut drop_missing = false;
+        for _ in 0..UPDATE_ATTEMPTS {
+            let vm = self
+                .arm
+                .get(&path, VM_API_VERSION)
+                .await?
+                .ok_or_else(not_found)?;
+            let mut entries = data_disks(&vm);
+            if let Some(entry) = entries.iter().find(|e| is_disk(e, &disk_arm_id)) {
+                if detaching(entry) {
+                    return Err(Error::Aborted(format!(
+                        "volume {id} is being detached from {node}; retry"
+                    )));
+                }
+                if let Some(lun) = lun_of(entry) {
+                    return Ok(lun);
+                }
+            }
+            if drop_missing && self.drop_vanished(&mut entries, Some(&disk_arm_id)).await? == 0 {
+                return Err(Error::NotFound(format!(
+                    "attaching volume {id} to {node}: ARM names a disk that does not exist, \
+                     and no disk listed on the VM is missing"
                 )));
             }
-            if let Some(lun) = lun_of(entry) {
-                return Ok(lun);
+            let lun = free_lun(&entries).ok_or_else(|| {
+                Error::ResourceExhausted(format!("VM {node} has no free LUN left"))
+            })?;
+            entries.push(json!({
+                "lun": lun,
+                "name": id.disk(),
+                "createOption": "Attach",
+                "caching": caching,
+                "managedDisk": {"id": disk_arm_id},
+            }));
+            match self.write_disks(&target, &vm, &entries).await? {
+                Written::Done(updated) => {
+                    let attached = data_disks(&updated)
+                        .iter()
+                        .find(|e| is_disk(e, &disk_arm_id))
+                        .and_then(lun_of);
+                    return match attached {
+                        Some(l) => {
+                            tracing::info!(volume = %id, %node, lun = l, caching, "disk attached");
+                            Ok(l)
+                        }
+                        None => Err(Error::Internal(format!(
+                            "VM {node} was updated but does not list volume {id} among its data disks"
+                        ))),
+                    };
+                }
+                Written::Stale => {
+                    tracing::info!(%node, "the VM changed since it was read; reading it again");
+                }
+                Written::VmGone => return Err(not_found()),
+                Written::Missing(m) => {
+                    tracing::warn!(%node, error = %m, "a data disk of the VM is missing");
+                    drop_missing = true;
+                }
             }
         }
-        let lun = free_lun(&entries)
-            .ok_or_else(|| Error::ResourceExhausted(format!("VM {node} has no free LUN left")))?;
-        entries.push(json!({
-            "lun": lun,
-            "name": id.disk(),
-            "createOption": "Attach",
-            "caching": caching,
-            "managedDisk": {"id": disk_arm_id},
-        }));
-        let (method, body) = target.update(&vm, &entries);
-        let updated = self.arm.write(method, &path, VM_API_VERSION, &body).await?;
-        let attached = data_disks(&updated)
-            .iter()
-            .find(|e| is_disk(e, &disk_arm_id))
-            .and_then(lun_of);
-        match attached {
-            Some(l) => {
-                tracing::info!(volume = %id, %node, lun = l, caching, "disk attached");
-                Ok(l)
-            }
-            None => Err(Error::Internal(format!(
-                "VM {node} was updated but does not list volume {id} among its data disks"
-            ))),
-        }
+        Err(Error::Aborted(format!(
+            "VM {node} kept changing while volume {id} was attached to it; retry"
+        )))
     }
 
     /// Detaches the disk from VM `node`; a VM or disk that is gone, or a disk
-    /// not attached there, is detached already.
+    /// not attached there, is detached already. The VM is read back: a disk
+    /// still listed after the update is detached again with `ForceDetach`.
     pub(super) async fn detach_disk(&self, id: &VolumeId, node: &str) -> Result<()> {
         let Some(target) = NodeVm::parse(node, self.vm_type) else {
             return Ok(());
@@ -223,22 +321,60 @@ impl AzureBackend {
         let lock = self.vm_lock(node);
         let _held = lock.lock().await;
         let path = self.vm_path(&target);
-        let Some(vm) = self.arm.get(&path, VM_API_VERSION).await? else {
-            return Ok(());
-        };
-        let mut entries = data_disks(&vm);
-        let Some(entry) = entries.iter_mut().find(|e| is_disk(e, &disk_arm_id)) else {
-            return Ok(());
-        };
-        entry["toBeDetached"] = json!(true);
-        let (method, body) = target.update(&vm, &entries);
-        match self.arm.write(method, &path, VM_API_VERSION, &body).await {
-            Ok(_) | Err(Error::NotFound(_)) => {
+        let mut force = false;
+        let mut drop_missing = false;
+        for _ in 0..UPDATE_ATTEMPTS {
+            let Some(vm) = self.arm.get(&path, VM_API_VERSION).await? else {
+                return Ok(());
+            };
+            let mut entries = data_disks(&vm);
+            if !entries.iter().any(|e| is_disk(e, &disk_arm_id)) {
                 tracing::info!(volume = %id, %node, "disk detached");
-                Ok(())
+                return Ok(());
             }
-            Err(e) => Err(e),
+            // The volume's own disk may be the missing one: then leaving it
+            // out of the list is its detach.
+            if drop_missing && self.drop_vanished(&mut entries, None).await? == 0 {
+                return Err(Error::Unavailable(format!(
+                    "detaching volume {id} from {node}: ARM names a disk that does not exist, \
+                     and no disk listed on the VM is missing; retry"
+                )));
+            }
+            if let Some(entry) = entries.iter_mut().find(|e| is_disk(e, &disk_arm_id)) {
+                entry["toBeDetached"] = json!(true);
+                if force {
+                    entry["detachOption"] = json!("ForceDetach");
+                }
+            }
+            match self.write_disks(&target, &vm, &entries).await? {
+                Written::Done(updated) => {
+                    if !data_disks(&updated)
+                        .iter()
+                        .any(|e| is_disk(e, &disk_arm_id))
+                    {
+                        tracing::info!(volume = %id, %node, force, "disk detached");
+                        return Ok(());
+                    }
+                    tracing::warn!(
+                        volume = %id, %node,
+                        "the VM still lists the disk after its detach; forcing the detach"
+                    );
+                    force = true;
+                }
+                Written::Stale => {
+                    tracing::info!(%node, "the VM changed since it was read; reading it again");
+                }
+                Written::VmGone => return Ok(()),
+                Written::Missing(m) => {
+                    tracing::warn!(%node, error = %m, "a data disk of the VM is missing");
+                    drop_missing = true;
+                }
+            }
         }
+        Err(Error::Unavailable(format!(
+            "volume {id} is still attached to {node} after {UPDATE_ATTEMPTS} detach attempts \
+             (the last one forced); retry"
+        )))
     }
 }
 
