@@ -1,6 +1,8 @@
-//! An Azure Resource Manager client: bearer tokens, retries of throttled (429),
-//! failed (5xx, connection) and conflicting (409 `Conflict`: another operation
-//! in progress) requests honouring `Retry-After`, long-running
+//! An Azure Resource Manager client: bearer tokens, retries of failed (5xx,
+//! connection) and conflicting (409 `Conflict`: another operation in progress)
+//! requests honouring `Retry-After`, a read gate and a write gate that a 429
+//! closes for its whole `Retry-After` (requests meanwhile answer UNAVAILABLE
+//! unsent), conditional writes (`If-Match`), long-running
 //! operations followed through `Azure-AsyncOperation` or `Location`, and ARM
 //! error bodies (`{"error":{"code","message"}}`) mapped to [`Error`] in one place
 //! ([`arm_error`]), their code and message kept.
@@ -28,6 +30,29 @@ pub struct ArmClient {
     retry: Retry,
     poll_interval: Duration,
     operation_timeout: Duration,
+    /// ARM throttles a subscription's reads and writes separately and says
+    /// for how long in `Retry-After`. Until then, requests of that kind are
+    /// not sent at all (they answer UNAVAILABLE at once), as the reference
+    /// (cloud-provider-azure) does: retrying into a throttled subscription
+    /// only extends the throttling. One client serves one subscription.
+    gates: std::sync::Mutex<Gates>,
+}
+
+/// Until when reads and writes are held back.
+#[derive(Default)]
+struct Gates {
+    read: Option<Instant>,
+    write: Option<Instant>,
+}
+
+impl Gates {
+    fn slot(&mut self, method: &Method) -> &mut Option<Instant> {
+        if *method == Method::GET || *method == Method::HEAD {
+            &mut self.read
+        } else {
+            &mut self.write
+        }
+    }
 }
 
 /// What a conditional write came to.
@@ -63,6 +88,29 @@ impl ArmClient {
             retry,
             poll_interval,
             operation_timeout,
+            gates: Default::default(),
+        }
+    }
+
+    /// How long requests of `method`'s kind are still held back.
+    fn gate_closed_for(&self, method: &Method) -> Option<Duration> {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = gates.slot(method);
+        let left = slot.and_then(|until| until.checked_duration_since(Instant::now()));
+        if left.is_none() {
+            *slot = None;
+        }
+        left.filter(|d| !d.is_zero())
+    }
+
+    /// Holds back requests of `method`'s kind for `wait` (never shortening a
+    /// longer hold).
+    fn close_gate(&self, method: &Method, wait: Duration) {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = gates.slot(method);
+        let until = Instant::now() + wait;
+        if slot.is_none_or(|u| u < until) {
+            *slot = Some(until);
         }
     }
 
@@ -172,7 +220,9 @@ impl ArmClient {
         if let Some(status_url) = header("azure-asyncoperation") {
             let status_url = self.same_origin(&status_url)?;
             loop {
-                self.sleep_until(delay, deadline, &status_url).await?;
+                let held = self.gate_closed_for(&Method::GET).unwrap_or_default();
+                self.sleep_until(delay.max(held), deadline, &status_url)
+                    .await?;
                 let poll = self.send(Method::GET, &status_url, None).await?;
                 let state = poll
                     .body
@@ -193,7 +243,9 @@ impl ArmClient {
         {
             let location = self.same_origin(&location)?;
             loop {
-                self.sleep_until(delay, deadline, &location).await?;
+                let held = self.gate_closed_for(&Method::GET).unwrap_or_default();
+                self.sleep_until(delay.max(held), deadline, &location)
+                    .await?;
                 let poll = self.send(Method::GET, &location, None).await?;
                 if poll.status != StatusCode::ACCEPTED {
                     return Ok(Some(poll.body));
@@ -268,6 +320,19 @@ impl ArmClient {
         let max_attempts = self.retry.max_attempts.max(1);
         let mut attempt = 1;
         loop {
+            if let Some(left) = self.gate_closed_for(&method) {
+                return Err(Error::Unavailable(format!(
+                    "ARM throttled this subscription's {}; not sending {method} {} for another {}s \
+                     (its Retry-After); retry later",
+                    if method == Method::GET {
+                        "reads"
+                    } else {
+                        "writes"
+                    },
+                    strip_query(url),
+                    left.as_secs_f64().ceil() as u64
+                )));
+            }
             let token = auth::token(self.credential.as_ref(), &self.scope).await?;
             let mut req = self
                 .http
@@ -307,8 +372,19 @@ impl ArmClient {
                             code_and_message(&json).0.as_deref(),
                             Some("Conflict" | "AnotherOperationInProgress" | "OperationPreempted")
                         );
-                    let transient =
-                        status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || busy;
+                    if status == StatusCode::TOO_MANY_REQUESTS {
+                        // The whole Retry-After, however long: the gate stays
+                        // closed for every request of this kind meanwhile.
+                        let wait = retry_after(&headers).unwrap_or(self.retry.max_delay);
+                        self.close_gate(&method, wait);
+                        tracing::warn!(
+                            %method,
+                            retry_after_s = wait.as_secs(),
+                            "ARM throttled the subscription; holding back requests of this kind"
+                        );
+                        return Err(err);
+                    }
+                    let transient = status.is_server_error() || busy;
                     if !transient {
                         return Err(err);
                     }

@@ -101,6 +101,13 @@ pub struct State {
     pub requests: Vec<Seen>,
     /// Requests answered 429 before the next ones go through.
     pub throttle: u32,
+    /// Writes (PUT, PATCH, DELETE, POST) answered 429 before the next ones go
+    /// through; reads are not affected, as ARM counts a subscription's reads
+    /// and writes apart (`x-ms-ratelimit-remaining-subscription-reads` and
+    /// `-writes`).
+    pub throttle_writes: u32,
+    /// The `Retry-After` (seconds) of a 429.
+    pub retry_after_secs: u64,
     /// Requests answered 503 before the next ones go through.
     pub unavailable: u32,
     pub injections: Vec<Injection>,
@@ -137,6 +144,7 @@ impl FakeArm {
         let state = Arc::new(Mutex::new(State {
             polls: 1,
             page_size: 2,
+            retry_after_secs: 1,
             ..Default::default()
         }));
         let st = state.clone();
@@ -283,10 +291,16 @@ fn handle(s: &mut State, base: &str, r: &Seen) -> Reply {
             "The access token is invalid.",
         );
     }
-    if s.throttle > 0 {
-        s.throttle -= 1;
+    let write = r.method != "GET";
+    if s.throttle > 0 || (write && s.throttle_writes > 0) {
+        if s.throttle > 0 {
+            s.throttle -= 1;
+        } else {
+            s.throttle_writes -= 1;
+        }
         let mut rep = arm_error(429, "TooManyRequests", "The request is being throttled.");
-        rep.headers.push(("retry-after".into(), "1".into()));
+        rep.headers
+            .push(("retry-after".into(), s.retry_after_secs.to_string()));
         return rep;
     }
     if s.unavailable > 0 {

@@ -588,12 +588,9 @@ async fn zones_follow_the_accessibility_requirements() {
 }
 
 #[tokio::test]
-async fn throttling_and_server_errors_are_retried() {
+async fn server_errors_are_retried() {
     let env = setup().await;
-    env.fake.with(|s| {
-        s.throttle = 2;
-        s.unavailable = 1;
-    });
+    env.fake.with(|s| s.unavailable = 2);
     let before = env.fake.request_count();
     env.create(create_req("pvc-t", GIB, &[])).await.unwrap();
     let calls: Vec<String> = env
@@ -602,49 +599,74 @@ async fn throttling_and_server_errors_are_retried() {
         .into_iter()
         .filter(|c| !c.contains("/oauth2/"))
         .collect();
-    // GET answered 429, 429, 503, then 404; PUT; polls; final GET.
-    assert!(calls.len() >= 7, "{calls:?}");
+    // GET answered 503, 503, then 404; PUT; polls; final GET.
+    assert!(calls.len() >= 6, "{calls:?}");
     assert!(
-        calls[..4]
+        calls[..3]
             .iter()
             .all(|c| c.starts_with("GET") && c.ends_with("/disks/pvc-t"))
     );
-    // Throttled past the retries: UNAVAILABLE, with ARM's words.
-    env.fake.with(|s| s.throttle = 100);
-    let e = env
-        .create(create_req("pvc-t2", GIB, &[]))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable);
-    assert!(e.message().contains("TooManyRequests"), "{}", e.message());
-    env.fake.with(|s| s.throttle = 0);
     env.assert_clean();
 }
 
+/// A 429 closes the subscription's read gate or write gate for the whole
+/// Retry-After, however much longer than the retry cap it is: requests of
+/// that kind answer UNAVAILABLE unsent meanwhile, the other kind goes on.
 #[tokio::test]
-async fn retry_after_is_honoured() {
+async fn a_throttled_subscription_is_left_alone_for_the_whole_retry_after() {
     let fake = FakeArm::start().await;
-    let mut c = config(&fake, CLIENT_SECRET);
-    c.retry.max_delay = Duration::from_secs(5);
+    // The retry cap (20 ms in tests) is far below ARM's Retry-After.
+    let c = config(&fake, CLIENT_SECRET);
+    assert!(c.retry.max_delay < Duration::from_secs(1));
     let b = backend(&fake, &c);
-    // Warm the token cache so that only ARM's wait is timed.
-    assert!(
-        b.get_disk(&"azure:rg-1:x".parse().unwrap())
-            .await
-            .unwrap()
-            .is_none()
-    );
-    fake.with(|s| s.throttle = 1);
+    let id: crate::volume::VolumeId = "azure:rg-1:x".parse().unwrap();
+    // Warm the token cache.
+    assert!(b.get_disk(&id).await.unwrap().is_none());
+    fake.with(|s| {
+        s.throttle = 1;
+        s.retry_after_secs = 2;
+    });
     let start = Instant::now();
+    let e = b.get_disk(&id).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(e.message().contains("TooManyRequests"), "{}", e.message());
+    // Held back, unsent, until the Retry-After has passed.
+    let sent = fake.request_count();
+    let e = b.get_disk(&id).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.message().contains("Retry-After"), "{}", e.message());
+    assert_eq!(fake.request_count(), sent);
+    // Writes have their own gate: a delete goes out (and answers 204).
+    b.arm
+        .delete(
+            &super::disks::disk_path(SUB, RG, "nothing"),
+            super::DISKS_API_VERSION,
+        )
+        .await
+        .unwrap();
+    assert_eq!(fake.request_count(), sent + 1);
+    while b.get_disk(&id).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
-        b.get_disk(&"azure:rg-1:x".parse().unwrap())
-            .await
-            .unwrap()
-            .is_none()
+        start.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        start.elapsed()
     );
-    let waited = start.elapsed();
-    assert!(waited >= Duration::from_millis(950), "{waited:?}");
-    assert!(waited < Duration::from_secs(4), "{waited:?}");
+    // A throttled write closes only the write gate.
+    fake.with(|s| s.throttle_writes = 1);
+    let e = b
+        .arm
+        .delete(
+            &super::disks::disk_path(SUB, RG, "nothing"),
+            super::DISKS_API_VERSION,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(b.get_disk(&id).await.unwrap().is_none());
+    assert!(fake.problems().is_empty());
 }
 
 #[tokio::test]
