@@ -789,6 +789,21 @@ fn put_disk(s: &mut State, base: &str, raw_path: &str, name: &str, r: &Seen) -> 
                         &format!("Source resource '{src}' was not found."),
                     );
                 }
+                // ARM copies a zonal disk only into its own zone (the
+                // reference driver's clones stay in their source's zone).
+                _ if s.disks.get(&src.to_ascii_lowercase()).is_some_and(|d| {
+                    d.get("zones").is_some_and(|z| Some(z) != body.get("zones"))
+                }) =>
+                {
+                    return arm_error(
+                        400,
+                        "InvalidParameter",
+                        &format!(
+                            "The source disk '{src}' is in zones {}; a copy must be in the same zone.",
+                            s.disks[&src.to_ascii_lowercase()]["zones"]
+                        ),
+                    );
+                }
                 Some(src_size) if src_size > size => {
                     return arm_error(
                         400,

@@ -204,8 +204,11 @@ impl AzureBackend {
         )))
     }
 
-    /// Where a clone or restore copies from: its ARM id and size in bytes.
-    async fn resolve_source(&self, source: &DiskSource) -> Result<(String, u64)> {
+    /// Where a clone or restore copies from: its ARM id, its size in bytes,
+    /// and for a clone of a zonal disk that disk's zone, which the copy must be
+    /// in (ARM copies a zonal disk only within its zone). A snapshot can be
+    /// restored into any zone of its region.
+    async fn resolve_source(&self, source: &DiskSource) -> Result<(String, u64, Option<String>)> {
         match source {
             DiskSource::Snapshot(id) => {
                 self.ours(id)?;
@@ -224,7 +227,7 @@ impl AzureBackend {
                         "source snapshot {id} is not ready to restore from yet"
                     )));
                 }
-                Ok((self.snapshot_path(id), parsed.size_bytes))
+                Ok((self.snapshot_path(id), parsed.size_bytes, None))
             }
             DiskSource::Disk(id) => {
                 self.ours(id)?;
@@ -232,7 +235,11 @@ impl AzureBackend {
                     .get_disk_json(id)
                     .await?
                     .ok_or_else(|| Error::NotFound(format!("source volume {id} does not exist")))?;
-                Ok((self.disk_path(id), size_gib_of(&disk) * GIB))
+                Ok((
+                    self.disk_path(id),
+                    size_gib_of(&disk) * GIB,
+                    zone_of(&disk).map(str::to_string),
+                ))
             }
         }
     }
@@ -326,12 +333,29 @@ impl DiskBackend for AzureBackend {
             .unwrap_or_else(|| self.resource_group.clone());
         let name = resource_name(&spec.name);
         let id = VolumeId::new(BackendKind::Azure, &rg, &name)?;
-        let zone = self.pick_zone(spec.accessibility.as_ref())?;
         let source = match &spec.source {
             Some(s) => Some(self.resolve_source(s).await?),
             None => None,
         };
-        let source_bytes = source.as_ref().map_or(0, |(_, b)| *b);
+        let zone = match source.as_ref().and_then(|(_, _, z)| z.as_deref()) {
+            // A clone stays in its source's zone: the requested topology must
+            // admit it (as the GCP backend requires of a zonal source).
+            Some(z) => {
+                let here = zone_topology(&self.location, z);
+                if let Some(req) = &spec.accessibility
+                    && !req.admits(&here)
+                {
+                    return Err(Error::ResourceExhausted(format!(
+                        "the source volume is in zone {}, which none of the requisite topologies \
+                         {:?} admits; Azure copies a zonal disk only within its zone",
+                        here[TOPOLOGY_ZONE], req.requisite
+                    )));
+                }
+                Some(z.to_string())
+            }
+            None => self.pick_zone(spec.accessibility.as_ref())?,
+        };
+        let source_bytes = source.as_ref().map_or(0, |(_, b, _)| *b);
         // The source's size is whole GiB already: compare what the request rounds to.
         if spec.capacity_bytes != 0
             && params.sku.round_gib(spec.capacity_bytes)? * GIB < source_bytes
@@ -403,7 +427,7 @@ impl DiskBackend for AzureBackend {
             zone.as_deref(),
             &params,
             gib,
-            source.as_ref().map(|(arm_id, _)| arm_id.as_str()),
+            source.as_ref().map(|(arm_id, _, _)| arm_id.as_str()),
             &self.disk_tags(spec)?,
         );
         let created = self

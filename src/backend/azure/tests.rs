@@ -1307,3 +1307,63 @@ async fn a_concurrent_writer_of_the_disk_list_is_not_overwritten() {
     let _ = theirs;
     env.assert_clean();
 }
+
+fn zone_topo(z: &str) -> Topology {
+    Topology {
+        segments: HashMap::from([(TOPOLOGY_ZONE.to_string(), z.to_string())]),
+    }
+}
+
+fn in_zones(req: &mut CreateVolumeRequest, zones: &[&str]) {
+    req.accessibility_requirements = Some(TopologyRequirement {
+        requisite: zones.iter().map(|z| zone_topo(z)).collect(),
+        preferred: zones.iter().map(|z| zone_topo(z)).collect(),
+    });
+}
+
+/// ARM copies a zonal disk only within its zone: a clone is pinned to its
+/// source's zone, and a topology that excludes that zone is
+/// RESOURCE_EXHAUSTED; a snapshot restores into any zone.
+#[tokio::test]
+async fn clones_stay_in_their_sources_zone() {
+    let env = setup().await;
+    let mut src = create_req("pvc-src", GIB, &[]);
+    in_zones(&mut src, &["eastus-2"]);
+    let src = env.create(src).await.unwrap();
+    let clone_of = |name: &str| {
+        let mut r = create_req(name, GIB, &[]);
+        r.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(SourceType::Volume(VolumeSource {
+                volume_id: src.volume_id.clone(),
+            })),
+        });
+        r
+    };
+    // No topology asked: the source's zone.
+    let c = env.create(clone_of("pvc-clone")).await.unwrap();
+    assert_eq!(env.disk("pvc-clone")["zones"], json!(["2"]));
+    assert_eq!(c.accessible_topology, vec![zone_topo("eastus-2")]);
+    // A topology admitting it, not first: still the source's zone.
+    let mut r = clone_of("pvc-clone2");
+    in_zones(&mut r, &["eastus-1", "eastus-2"]);
+    env.create(r).await.unwrap();
+    assert_eq!(env.disk("pvc-clone2")["zones"], json!(["2"]));
+    // A topology that excludes it.
+    let mut r = clone_of("pvc-clone3");
+    in_zones(&mut r, &["eastus-1"]);
+    let e = env.create(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("eastus-2"), "{}", e.message());
+    // A snapshot of it restores into another zone.
+    let snap = env.snapshot(&src.volume_id, "snap-z").await.unwrap();
+    let mut r = create_req("pvc-restored", GIB, &[]);
+    r.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: snap.snapshot_id,
+        })),
+    });
+    in_zones(&mut r, &["eastus-1"]);
+    env.create(r).await.unwrap();
+    assert_eq!(env.disk("pvc-restored")["zones"], json!(["1"]));
+    env.assert_clean();
+}
