@@ -756,6 +756,23 @@ fn put_disk(s: &mut State, base: &str, raw_path: &str, name: &str, r: &Seen) -> 
             return bad(format!("zones {z} is not one of [\"1\"], [\"2\"], [\"3\"]"));
         }
     }
+    // DiskRP 2024-03-02: zone-redundant SKUs take no zones; Premium SSD v2
+    // and Ultra disks need one.
+    if sku.is_zone_redundant() && body.get("zones").is_some() {
+        return bad(format!("{} disks take no zones", sku.as_str()));
+    }
+    if sku.needs_zone() && body.get("zones").is_none() {
+        return bad(format!("{} disks need a zone", sku.as_str()));
+    }
+    // DiskRP 2024-03-02 enums NetworkAccessPolicy and PublicNetworkAccess;
+    // the driver's own rule: new disks are closed to the network.
+    let props = &body["properties"];
+    if props["networkAccessPolicy"] != "DenyAll" || props["publicNetworkAccess"] != "Disabled" {
+        return bad(format!(
+            "networkAccessPolicy {} / publicNetworkAccess {}: expected DenyAll / Disabled",
+            props["networkAccessPolicy"], props["publicNetworkAccess"]
+        ));
+    }
     let perf = ["diskIOPSReadWrite", "diskMBpsReadWrite"];
     if !sku.is_performance_tier() && perf.iter().any(|k| body["properties"].get(k).is_some()) {
         return bad(format!(

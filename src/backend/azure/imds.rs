@@ -202,6 +202,18 @@ pub struct NodeFacts {
     pub max_volumes: i64,
 }
 
+impl NodeFacts {
+    /// The node's topology segments: its zone, or for a VM in no zone the key
+    /// with an empty value (as Azure's disk CSI driver publishes it), which
+    /// is what disks in no zone are accessible from.
+    pub fn topology(&self) -> std::collections::BTreeMap<String, String> {
+        std::collections::BTreeMap::from([(
+            super::TOPOLOGY_ZONE.to_string(),
+            self.zone.clone().unwrap_or_default(),
+        )])
+    }
+}
+
 /// The node's facts from IMDS at `endpoint`, each replaced by what the operator
 /// gave (`node_id`, `max_volumes`).
 pub async fn node_facts(
@@ -340,6 +352,24 @@ mod tests {
             }
         );
         assert_eq!(hits.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            facts.topology(),
+            std::collections::BTreeMap::from([(
+                super::super::TOPOLOGY_ZONE.to_string(),
+                "westeurope-3".to_string()
+            )])
+        );
+        let regional = NodeFacts {
+            zone: None,
+            ..facts.clone()
+        };
+        assert_eq!(
+            regional.topology(),
+            std::collections::BTreeMap::from([(
+                super::super::TOPOLOGY_ZONE.to_string(),
+                String::new()
+            )])
+        );
         let given = node_facts(&base, Some("n1".into()), Some(3)).await.unwrap();
         assert_eq!((given.node_id.as_str(), given.max_volumes), ("n1", 3));
     }

@@ -16,8 +16,10 @@
 //!   CreateVolume finds the disk it created; tags record the CO name, the driver
 //!   name and the volume options ([`disks::TAG_NAME`] and friends).
 //! - **Topology**: a zonal disk is accessible from `topology.cryptdisk.csi.io/zone`
-//!   = `<location>-<zone>`, the value the node plugin reads from IMDS; a regional
-//!   disk reports no topology (accessible from every node).
+//!   = `<location>-<zone>`, the value the node plugin reads from IMDS; a disk in
+//!   no zone from `zone=""`, what nodes in no zone publish (ARM attaches it to
+//!   VMs in no zone only); a zone-redundant disk (`Premium_ZRS`,
+//!   `StandardSSD_ZRS`) reports no topology (accessible from every node).
 //! - **Attach** ([`vm`]) updates the VM (standalone, an instance of a Flexible
 //!   scale set, which is an ordinary VM, or with `vmType: vmss` an instance of a
 //!   Uniform scale set, node id `<scale set>_<instance id>`) with a data disk at
@@ -170,15 +172,38 @@ impl AzureBackend {
         self.arm.get(&self.disk_path(id), DISKS_API_VERSION).await
     }
 
-    /// The zone a new disk goes to: the first preferred zone the requisite
-    /// admits, else the first requisite zone; none when nothing asks for one.
-    fn pick_zone(&self, req: Option<&TopologyRequirement>) -> Result<Option<String>> {
-        let Some(req) = req else { return Ok(None) };
+    /// The zone a new disk of `sku` goes to: the first preferred topology the
+    /// requisite admits, else the first requisite one; `None` (no zone) for a
+    /// topology whose zone is empty (nodes in no zone), when nothing asks for
+    /// a zone, and always for zone-redundant SKUs. Premium SSD v2 and Ultra
+    /// exist only in a zone: a topology without one is passed over, and
+    /// nothing to pick from is an error.
+    fn pick_zone(&self, req: Option<&TopologyRequirement>, sku: Sku) -> Result<Option<String>> {
+        if sku.is_zone_redundant() {
+            return Ok(None);
+        }
+        let Some(req) = req.filter(|r| !r.requisite.is_empty() || !r.preferred.is_empty()) else {
+            if sku.needs_zone() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} disks exist only in an availability zone, and no topology names one: \
+                     use volumeBindingMode WaitForFirstConsumer or allowedTopologies with {}",
+                    sku.as_str(),
+                    TOPOLOGY_ZONE
+                )));
+            }
+            return Ok(None);
+        };
         let prefix = format!("{}-", self.location);
+        // Some(zone) for a topology a disk can be created for: Some(None) for
+        // no zone, None for another region's zone (or no zone for a SKU that
+        // needs one).
         let zone = |t: &Topology| -> Option<Option<String>> {
-            match t.get(TOPOLOGY_ZONE) {
+            match t.get(TOPOLOGY_ZONE).map(String::as_str) {
                 // A segment map without our key does not constrain the zone.
+                None if sku.needs_zone() => None,
                 None => Some(None),
+                Some("") if sku.needs_zone() => None,
+                Some("") => Some(None),
                 Some(v) => v.strip_prefix(&prefix).map(|z| Some(z.to_string())),
             }
         };
@@ -194,13 +219,19 @@ impl AzureBackend {
                 return Ok(z);
             }
         }
-        if req.requisite.is_empty() {
+        if req.requisite.is_empty() && !sku.needs_zone() {
             return Ok(None);
         }
         Err(Error::ResourceExhausted(format!(
             "none of the requisite topologies {:?} is a zone of {}, where this controller \
-             creates disks",
-            req.requisite, self.location
+             creates disks{}",
+            req.requisite,
+            self.location,
+            if sku.needs_zone() {
+                format!(" ({} disks exist only in a zone)", sku.as_str())
+            } else {
+                String::new()
+            }
         )))
     }
 
@@ -353,7 +384,7 @@ impl DiskBackend for AzureBackend {
                 }
                 Some(z.to_string())
             }
-            None => self.pick_zone(spec.accessibility.as_ref())?,
+            None => self.pick_zone(spec.accessibility.as_ref(), params.sku)?,
         };
         let source_bytes = source.as_ref().map_or(0, |(_, b, _)| *b);
         // The source's size is whole GiB already: compare what the request rounds to.
@@ -700,7 +731,9 @@ impl DiskBackend for AzureBackend {
     ) -> Result<u64> {
         DiskParams::parse(params)?;
         let prefix = format!("{}-", self.location);
+        // Nodes in no zone publish the key with an empty value.
         if let Some(zone) = topology.and_then(|t| t.get(TOPOLOGY_ZONE))
+            && !zone.is_empty()
             && !zone.starts_with(&prefix)
         {
             return Ok(0);

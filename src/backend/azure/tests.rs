@@ -245,13 +245,17 @@ async fn each_sku_rounds_the_size_it_creates() {
         ("PremiumV2_LRS", GIB, 2),
         ("UltraSSD_LRS", GIB, 4),
         ("UltraSSD_LRS", 6 * GIB, 7),
+        ("Premium_ZRS", GIB, 2),
+        ("StandardSSD_ZRS", GIB, 2),
     ];
     for (i, (sku, bytes, gib)) in cases.into_iter().enumerate() {
         let name = format!("pvc-sku-{i}");
-        let v = env
-            .create(create_req(&name, bytes, &[("skuName", sku)]))
-            .await
-            .unwrap();
+        let mut req = create_req(&name, bytes, &[("skuName", sku)]);
+        if sku.contains("V2") || sku.contains("Ultra") {
+            // They exist only in a zone.
+            in_zones(&mut req, &["eastus-1"]);
+        }
+        let v = env.create(req).await.unwrap();
         assert_eq!(v.volume_id, format!("azure:{RG}:{name}"));
         assert_eq!(
             v.capacity_bytes, bytes,
@@ -279,7 +283,11 @@ async fn full_controller_lifecycle() {
     let id = v.volume_id.clone();
     assert_eq!(id, format!("azure:{RG}:pvc-a"));
     assert_eq!(v.volume_context["cryptdisk.csi.io/integrity"], "false");
-    assert!(v.accessible_topology.is_empty(), "a regional disk");
+    assert_eq!(
+        v.accessible_topology,
+        vec![zone_topo("")],
+        "a disk in no zone, for nodes in no zone"
+    );
     let disk = env.disk("pvc-a");
     assert_eq!(disk["properties"]["diskSizeGB"], 11);
     assert_eq!(disk["tags"]["kubernetes.io-created-for-pv-name"], "pvc-a");
@@ -348,10 +356,9 @@ async fn full_controller_lifecycle() {
     let e = env.publish(&id, "node-b").await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     // An Ultra disk takes the next LUN, with no host caching.
-    let ultra = env
-        .create(create_req("pvc-ultra", GIB, &[("skuName", "UltraSSD_LRS")]))
-        .await
-        .unwrap();
+    let mut ultra = create_req("pvc-ultra", GIB, &[("skuName", "UltraSSD_LRS")]);
+    in_zones(&mut ultra, &["eastus-1"]);
+    let ultra = env.create(ultra).await.unwrap();
     assert_eq!(
         lun(&env.publish(&ultra.volume_id, "node-a").await.unwrap()),
         1
@@ -755,7 +762,7 @@ async fn arm_errors_reach_the_co_with_their_code_and_message() {
     }
 
     for (params, what) in [
-        (vec![("skuName", "Premium_ZRS")], "skuName"),
+        (vec![("skuName", "Premium_GRS")], "skuName"),
         (vec![("diskEncryptionSetID", "x")], "diskEncryptionSetID"),
     ] {
         let e = env
@@ -1365,5 +1372,59 @@ async fn clones_stay_in_their_sources_zone() {
     in_zones(&mut r, &["eastus-1"]);
     env.create(r).await.unwrap();
     assert_eq!(env.disk("pvc-restored")["zones"], json!(["1"]));
+    env.assert_clean();
+}
+
+/// Topology as Azure's disk CSI driver has it: nodes in no zone publish
+/// `zone=""`, and disks in no zone are accessible from there only; zone-
+/// redundant SKUs are regional and accessible from everywhere; Premium SSD v2
+/// and Ultra need a zone; new disks are closed to the network.
+#[tokio::test]
+async fn regional_disks_zone_redundant_skus_and_zone_only_skus() {
+    let env = setup().await;
+    // No topology asked: a disk in no zone, for nodes in no zone.
+    let v = env.create(create_req("pvc-reg", GIB, &[])).await.unwrap();
+    assert!(env.disk("pvc-reg").get("zones").is_none());
+    assert_eq!(v.accessible_topology, vec![zone_topo("")]);
+    let props = &env.disk("pvc-reg")["properties"];
+    assert_eq!(props["networkAccessPolicy"], "DenyAll");
+    assert_eq!(props["publicNetworkAccess"], "Disabled");
+    // Asked for by nodes in no zone.
+    let mut r = create_req("pvc-reg2", GIB, &[]);
+    in_zones(&mut r, &[""]);
+    let v = env.create(r).await.unwrap();
+    assert!(env.disk("pvc-reg2").get("zones").is_none());
+    assert_eq!(v.accessible_topology, vec![zone_topo("")]);
+    // Zone-redundant: no zone whatever the topology, accessible everywhere.
+    let mut r = create_req("pvc-zrs", GIB, &[("skuName", "Premium_ZRS")]);
+    in_zones(&mut r, &["eastus-1"]);
+    let v = env.create(r).await.unwrap();
+    assert!(env.disk("pvc-zrs").get("zones").is_none());
+    assert_eq!(v.accessible_topology, vec![]);
+    // Premium SSD v2 without a zone: refused; a zone is picked past "".
+    let e = env
+        .create(create_req("pvc-v2", GIB, &[("skuName", "PremiumV2_LRS")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    let mut r = create_req("pvc-v2", GIB, &[("skuName", "PremiumV2_LRS")]);
+    in_zones(&mut r, &["", "eastus-3"]);
+    env.create(r).await.unwrap();
+    assert_eq!(env.disk("pvc-v2")["zones"], json!(["3"]));
+    let mut r = create_req("pvc-u", GIB, &[("skuName", "UltraSSD_LRS")]);
+    in_zones(&mut r, &[""]);
+    let e = env.create(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    // Capacity for nodes in no zone.
+    let here = env
+        .ctl
+        .get_capacity(Request::new(GetCapacityRequest {
+            accessible_topology: Some(zone_topo("")),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(here.available_capacity > 0);
     env.assert_clean();
 }
