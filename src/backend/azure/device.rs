@@ -264,6 +264,26 @@ pub async fn wait_for_lun(
     }
 }
 
+/// The device of the volume's disk at LUN `lun`, whichever way the VM shows
+/// it (SCSI or NVMe, standalone VM or scale-set instance): waited for as
+/// [`wait_for_lun`] does, then confirmed through IMDS as
+/// [`check_disk_at_lun`] does, so that a device found by LUN is used only when
+/// the disk the controller attached there is the volume's.
+pub async fn verified_device(
+    roots: &DeviceRoots,
+    check: &ImdsCheck,
+    id: &VolumeId,
+    lun: u32,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<PathBuf, Error> {
+    let dev = wait_for_lun(roots, lun, timeout, poll).await?;
+    // Asked once the device is there, so that the attachment IMDS shows is the
+    // one the device came from.
+    check_disk_at_lun(check, id, lun).await?;
+    Ok(dev)
+}
+
 /// Where and how patiently the node asks IMDS which disk is at a LUN.
 #[derive(Clone, Debug)]
 pub struct ImdsCheck {

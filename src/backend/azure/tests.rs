@@ -1060,6 +1060,68 @@ mod lun_identity {
         })
     }
 
+    /// On an NVMe-only size in a Uniform scale set: the device found by LUN
+    /// (namespace LUN + 2) is used only when IMDS, asked as the scale-set
+    /// instance, lists the volume's disk at that LUN.
+    #[tokio::test]
+    async fn nvme_devices_of_a_scale_set_instance_are_checked_against_imds() {
+        use crate::backend::azure::device::{
+            AZURE_NVME_REMOTE_MODEL, DeviceRoots, fake_nvme_namespace, verified_device,
+        };
+        let env = setup_with(|c| c.vm_type = VmType::Vmss).await;
+        env.fake
+            .add_scale_set_vm("pool-vmss", "0", "Standard_D4s_v6");
+        let mut vols = Vec::new();
+        for name in ["pvc-nv-a", "pvc-nv-b"] {
+            let v = env.create(create_req(name, GIB, &[])).await.unwrap();
+            let ctx = env.publish(&v.volume_id, "pool-vmss_0").await.unwrap();
+            vols.push((v.volume_id.parse::<VolumeId>().unwrap(), lun(&ctx)));
+        }
+        env.fake.with(|s| s.imds_vm = Some("pool-vmss_0".into()));
+        let t = tempfile::tempdir().unwrap();
+        fake_nvme_namespace(t.path(), "nvme0", AZURE_NVME_REMOTE_MODEL, "nvme0n1", 1);
+        for (_, l) in &vols {
+            let ns = format!("nvme0n{}", l + 2);
+            fake_nvme_namespace(t.path(), "nvme0", AZURE_NVME_REMOTE_MODEL, &ns, l + 2);
+        }
+        let roots = DeviceRoots {
+            dev: t.path().join("dev"),
+            sys: t.path().join("sys"),
+        };
+        let wait = |id: VolumeId, l: u32| {
+            let roots = roots.clone();
+            let check = imds(&env.fake);
+            async move {
+                verified_device(
+                    &roots,
+                    &check,
+                    &id,
+                    l,
+                    Duration::from_millis(200),
+                    Duration::from_millis(10),
+                )
+                .await
+            }
+        };
+        let (a, la) = vols[0].clone();
+        let (b, lb) = vols[1].clone();
+        assert_eq!(
+            wait(a.clone(), la).await.unwrap(),
+            t.path().join(format!("dev/nvme0n{}", la + 2))
+        );
+        assert_eq!(
+            wait(b.clone(), lb).await.unwrap(),
+            t.path().join(format!("dev/nvme0n{}", lb + 2))
+        );
+        // Volume a's publish context naming b's LUN: the device is there, but
+        // it is not a's disk.
+        let e = wait(a.clone(), lb).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+        assert!(e.message().contains("pool-vmss_0"), "{}", e.message());
+        assert_eq!(imds_calls(&env), 3);
+        env.assert_clean();
+    }
+
     /// Two volumes published to node-a, IMDS answering as node-a.
     async fn two_published() -> (Env, VolumeId, u32, VolumeId, u32) {
         let env = setup().await;
