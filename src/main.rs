@@ -749,10 +749,7 @@ async fn node_identity(
                 .map_err(|e| format!("--cloud azure: {e}"))?;
             cryptdisk_csi::csi::validate::node_id("node id", &facts.node_id)
                 .map_err(|e| format!("--cloud azure: {}", e.message()))?;
-            let topology = facts
-                .zone
-                .map(|zone| BTreeMap::from([(azure::TOPOLOGY_ZONE.to_string(), zone)]))
-                .unwrap_or_default();
+            let topology = facts.topology();
             Ok((
                 NodeIdArgs {
                     node_id: Some(facts.node_id),

@@ -217,18 +217,17 @@ impl NodeService {
             BackendKind::Azure => {
                 use crate::backend::azure::device;
                 let lun = device::lun_from_context(publish_context)?;
-                let dev = device::wait_for_lun(
+                // The LUN comes from the request: only IMDS can say whose disk
+                // is there, which `verified_device` asks before handing it out.
+                Ok(device::verified_device(
                     &device::DeviceRoots::host(),
+                    &device::ImdsCheck::from_env(),
+                    id,
                     lun,
                     Duration::from_secs(60),
                     Duration::from_millis(250),
                 )
-                .await?;
-                // The LUN comes from the request: only IMDS can say whose disk
-                // is there. Asked once the device is there, so that the
-                // attachment it shows is the one the device came from.
-                device::check_disk_at_lun(&device::ImdsCheck::from_env(), id, lun).await?;
-                Ok(dev)
+                .await?)
             }
             BackendKind::Gcp => {
                 crate::backend::gcp::node::block_device(

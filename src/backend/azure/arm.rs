@@ -1,6 +1,8 @@
-//! An Azure Resource Manager client: bearer tokens, retries of throttled (429),
-//! failed (5xx, connection) and conflicting (409 `Conflict`: another operation
-//! in progress) requests honouring `Retry-After`, long-running
+//! An Azure Resource Manager client: bearer tokens, retries of failed (5xx,
+//! connection) and conflicting (409 `Conflict`: another operation in progress)
+//! requests honouring `Retry-After`, a read gate and a write gate that a 429
+//! closes for its whole `Retry-After` (requests meanwhile answer UNAVAILABLE
+//! unsent), conditional writes (`If-Match`), long-running
 //! operations followed through `Azure-AsyncOperation` or `Location`, and ARM
 //! error bodies (`{"error":{"code","message"}}`) mapped to [`Error`] in one place
 //! ([`arm_error`]), their code and message kept.
@@ -28,6 +30,37 @@ pub struct ArmClient {
     retry: Retry,
     poll_interval: Duration,
     operation_timeout: Duration,
+    /// ARM throttles a subscription's reads and writes separately and says
+    /// for how long in `Retry-After`. Until then, requests of that kind are
+    /// not sent at all (they answer UNAVAILABLE at once), as the reference
+    /// (cloud-provider-azure) does: retrying into a throttled subscription
+    /// only extends the throttling. One client serves one subscription.
+    gates: std::sync::Mutex<Gates>,
+}
+
+/// Until when reads and writes are held back.
+#[derive(Default)]
+struct Gates {
+    read: Option<Instant>,
+    write: Option<Instant>,
+}
+
+impl Gates {
+    fn slot(&mut self, method: &Method) -> &mut Option<Instant> {
+        if *method == Method::GET || *method == Method::HEAD {
+            &mut self.read
+        } else {
+            &mut self.write
+        }
+    }
+}
+
+/// What a conditional write came to.
+pub enum Conditional {
+    /// Written; the resource as it is afterwards.
+    Done(Json),
+    /// Not written: the resource's etag is no longer the one sent.
+    Stale,
 }
 
 /// What a request answered, before LRO handling.
@@ -55,6 +88,29 @@ impl ArmClient {
             retry,
             poll_interval,
             operation_timeout,
+            gates: Default::default(),
+        }
+    }
+
+    /// How long requests of `method`'s kind are still held back.
+    fn gate_closed_for(&self, method: &Method) -> Option<Duration> {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = gates.slot(method);
+        let left = slot.and_then(|until| until.checked_duration_since(Instant::now()));
+        if left.is_none() {
+            *slot = None;
+        }
+        left.filter(|d| !d.is_zero())
+    }
+
+    /// Holds back requests of `method`'s kind for `wait` (never shortening a
+    /// longer hold).
+    fn close_gate(&self, method: &Method, wait: Duration) {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = gates.slot(method);
+        let until = Instant::now() + wait;
+        if slot.is_none_or(|u| u < until) {
+            *slot = Some(until);
         }
     }
 
@@ -109,6 +165,32 @@ impl ArmClient {
         Ok(a.body)
     }
 
+    /// [`write`](Self::write) on condition that the resource still has
+    /// `etag` (`If-Match`, as Compute 2024-07-01 documents for VMs and
+    /// scale-set VMs): [`Conditional::Stale`] when ARM answers 412 because
+    /// someone else changed it since it was read. Without an etag (a resource
+    /// that has none) the write is unconditional.
+    pub async fn write_if_match(
+        &self,
+        method: Method,
+        path: &str,
+        api_version: &str,
+        body: &Value,
+        etag: Option<&str>,
+    ) -> Result<Conditional, Error> {
+        let url = self.url(path, api_version);
+        let a = self.send_if(method, &url, Some(body), etag).await?;
+        if a.status == StatusCode::PRECONDITION_FAILED {
+            return Ok(Conditional::Stale);
+        }
+        let waited = self.wait(&a).await?.is_some();
+        if waited || a.status != StatusCode::OK {
+            let done = self.send(Method::GET, &url, None).await?;
+            return Ok(Conditional::Done(done.body));
+        }
+        Ok(Conditional::Done(a.body))
+    }
+
     /// DELETE of a resource, waiting for its operation; a resource that does not
     /// exist is deleted already.
     pub async fn delete(&self, path: &str, api_version: &str) -> Result<(), Error> {
@@ -138,7 +220,9 @@ impl ArmClient {
         if let Some(status_url) = header("azure-asyncoperation") {
             let status_url = self.same_origin(&status_url)?;
             loop {
-                self.sleep_until(delay, deadline, &status_url).await?;
+                let held = self.gate_closed_for(&Method::GET).unwrap_or_default();
+                self.sleep_until(delay.max(held), deadline, &status_url)
+                    .await?;
                 let poll = self.send(Method::GET, &status_url, None).await?;
                 let state = poll
                     .body
@@ -159,7 +243,9 @@ impl ArmClient {
         {
             let location = self.same_origin(&location)?;
             loop {
-                self.sleep_until(delay, deadline, &location).await?;
+                let held = self.gate_closed_for(&Method::GET).unwrap_or_default();
+                self.sleep_until(delay.max(held), deadline, &location)
+                    .await?;
                 let poll = self.send(Method::GET, &location, None).await?;
                 if poll.status != StatusCode::ACCEPTED {
                     return Ok(Some(poll.body));
@@ -219,9 +305,34 @@ impl ArmClient {
 
     /// One request, retried as `self.retry` says; an error answer becomes [`Error`].
     async fn send(&self, method: Method, url: &str, body: Option<&Value>) -> Result<Answer, Error> {
+        self.send_if(method, url, body, None).await
+    }
+
+    /// [`send`](Self::send) with `If-Match: etag` when given; its 412 is then
+    /// an answer (the caller reads the resource again), not an error.
+    async fn send_if(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+        etag: Option<&str>,
+    ) -> Result<Answer, Error> {
         let max_attempts = self.retry.max_attempts.max(1);
         let mut attempt = 1;
         loop {
+            if let Some(left) = self.gate_closed_for(&method) {
+                return Err(Error::Unavailable(format!(
+                    "ARM throttled this subscription's {}; not sending {method} {} for another {}s \
+                     (its Retry-After); retry later",
+                    if method == Method::GET {
+                        "reads"
+                    } else {
+                        "writes"
+                    },
+                    strip_query(url),
+                    left.as_secs_f64().ceil() as u64
+                )));
+            }
             let token = auth::token(self.credential.as_ref(), &self.scope).await?;
             let mut req = self
                 .http
@@ -230,6 +341,9 @@ impl ArmClient {
                 .header("accept", "application/json");
             if let Some(body) = body {
                 req = req.json(body);
+            }
+            if let Some(etag) = etag {
+                req = req.header("if-match", etag);
             }
             let (err, wait) = match req.send().await {
                 Ok(resp) => {
@@ -241,7 +355,9 @@ impl ArmClient {
                     } else {
                         serde_json::from_slice(&bytes).unwrap_or(Value::Null)
                     };
-                    if status.is_success() {
+                    if status.is_success()
+                        || (status == StatusCode::PRECONDITION_FAILED && etag.is_some())
+                    {
                         return Ok(Answer {
                             status,
                             headers,
@@ -256,8 +372,19 @@ impl ArmClient {
                             code_and_message(&json).0.as_deref(),
                             Some("Conflict" | "AnotherOperationInProgress" | "OperationPreempted")
                         );
-                    let transient =
-                        status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || busy;
+                    if status == StatusCode::TOO_MANY_REQUESTS {
+                        // The whole Retry-After, however long: the gate stays
+                        // closed for every request of this kind meanwhile.
+                        let wait = retry_after(&headers).unwrap_or(self.retry.max_delay);
+                        self.close_gate(&method, wait);
+                        tracing::warn!(
+                            %method,
+                            retry_after_s = wait.as_secs(),
+                            "ARM throttled the subscription; holding back requests of this kind"
+                        );
+                        return Err(err);
+                    }
+                    let transient = status.is_server_error() || busy;
                     if !transient {
                         return Err(err);
                     }

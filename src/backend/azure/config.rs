@@ -64,14 +64,21 @@ impl Cloud {
     }
 }
 
-/// `vmType` of azure.json: nodes are standalone VMs or VMSS (Flex) instances.
-/// Both are attached to through `Microsoft.Compute/virtualMachines`, since a
-/// Flexible scale set's instances are ordinary VMs; Uniform scale sets'
-/// instance API is not served.
+/// `vmType` of azure.json, as cloud-provider-azure reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmType {
+    /// `standard` (or unset): standalone VMs, attached to through
+    /// `Microsoft.Compute/virtualMachines/{name}`.
     Standard,
+    /// `vmss`: Virtual Machine Scale Sets in Uniform orchestration (AKS node
+    /// pools). A node named `<scale set>_<instance id>` (the name IMDS gives a
+    /// Uniform instance) is updated through
+    /// `virtualMachineScaleSets/{ss}/virtualMachines/{instance id}`; any other
+    /// node as a standalone VM, as cloud-provider-azure falls back to
+    /// availability-set VMs in a `vmss` cluster.
     Vmss,
+    /// `vmssflex`: Flexible scale sets, whose instances are ordinary VMs.
+    VmssFlex,
 }
 
 /// How to get ARM tokens, in the order they are chosen.
@@ -195,10 +202,12 @@ impl AzureConfig {
             .as_str()
         {
             "" | "standard" => VmType::Standard,
-            "vmss" | "vmssflex" => VmType::Vmss,
+            "vmss" => VmType::Vmss,
+            "vmssflex" => VmType::VmssFlex,
             other => {
                 return Err(format!(
-                    "vmType {other:?} is not \"standard\" or \"vmss\" (Flexible scale sets)"
+                    "vmType {other:?} is not \"standard\", \"vmss\" (Uniform scale sets) or \
+                     \"vmssflex\" (Flexible scale sets)"
                 ));
             }
         };

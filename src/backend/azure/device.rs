@@ -1,9 +1,12 @@
 //! Node side: the block device of an attached data disk, found by its LUN.
 //!
-//! Azure's udev rules link `/dev/disk/azure/scsi1/lun<N>` to a data disk; where
-//! they are missing, the SCSI devices in sysfs are scanned for a Microsoft
-//! "Virtual Disk" at LUN N that is not the OS or resource disk. Several
-//! candidates are an error, never a guess. The roots are injectable so that
+//! Azure's udev rules link `/dev/disk/azure/scsi1/lun<N>` to a SCSI data disk
+//! and (azure-vm-utils, on NVMe-only sizes such as the v6 families)
+//! `/dev/disk/azure/data/by-lun/<N>` to an NVMe one; where they are missing,
+//! the SCSI devices in sysfs are scanned for a Microsoft "Virtual Disk" at LUN
+//! N that is not the OS or resource disk, then the namespaces of Azure's
+//! remote-disk NVMe controller for namespace N + 2. Several candidates are an
+//! error, never a guess. The roots are injectable so that
 //! tests run against a fake tree.
 //!
 //! The SCSI device itself does not say which managed disk it is: a data disk
@@ -63,13 +66,80 @@ pub fn lun_from_context(context: &HashMap<String, String>) -> Result<u32, Error>
         })
 }
 
-/// The device of LUN `lun`, if it is there now.
+/// The model string of the NVMe controller through which NVMe-only VM sizes
+/// (the v6 families) present remote disks (azure-vm-utils' udev rules match it);
+/// its local temporary disks come from another ("Microsoft NVMe Direct Disk").
+pub const AZURE_NVME_REMOTE_MODEL: &str = "MSFT NVMe Accelerator v1.0";
+
+/// On that controller namespace 1 is the OS disk and data disk LUN N is
+/// namespace N + 2.
+const NVME_NSID_OF_LUN0: u32 = 2;
+
+/// The device of LUN `lun`, if it is there now: Azure's udev links for SCSI
+/// (`scsi1/lun<N>`) and NVMe (`data/by-lun/<N>`) data disks, else a scan of
+/// the SCSI devices, else of the Azure NVMe controller's namespaces.
 pub fn find_by_lun(roots: &DeviceRoots, lun: u32) -> Result<Option<PathBuf>, Error> {
-    let link = roots.dev.join(format!("disk/azure/scsi1/lun{lun}"));
-    if link.symlink_metadata().is_ok() {
-        // A dangling link means the device node is not there yet.
-        return Ok(std::fs::canonicalize(&link).ok());
+    for link in [
+        roots.dev.join(format!("disk/azure/scsi1/lun{lun}")),
+        roots.dev.join(format!("disk/azure/data/by-lun/{lun}")),
+    ] {
+        if link.symlink_metadata().is_ok() {
+            // A dangling link means the device node is not there yet.
+            return Ok(std::fs::canonicalize(&link).ok());
+        }
     }
+    if let Some(dev) = find_scsi(roots, lun)? {
+        return Ok(Some(dev));
+    }
+    find_nvme(roots, lun)
+}
+
+/// The data disk at NVMe namespace `lun + 2` of an Azure remote-disk NVMe
+/// controller (`/sys/class/nvme/nvme<C>` with that model); several candidates
+/// are an error.
+fn find_nvme(roots: &DeviceRoots, lun: u32) -> Result<Option<PathBuf>, Error> {
+    let Ok(controllers) = std::fs::read_dir(roots.sys.join("class/nvme")) else {
+        return Ok(None);
+    };
+    let nsid = (lun + NVME_NSID_OF_LUN0).to_string();
+    let mut found = BTreeSet::new();
+    for ctrl in controllers.flatten() {
+        let dir = ctrl.path();
+        let model = std::fs::read_to_string(dir.join("model")).unwrap_or_default();
+        if model.trim() != AZURE_NVME_REMOTE_MODEL {
+            continue;
+        }
+        let Ok(namespaces) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for ns in namespaces.flatten() {
+            let name = ns.file_name().to_string_lossy().into_owned();
+            // Namespaces are the `nvme<C>n<N>` (or `nvme<S>c<C>n<N>`) entries.
+            if !name.starts_with("nvme") || !name.contains('n') {
+                continue;
+            }
+            let id = std::fs::read_to_string(ns.path().join("nsid")).unwrap_or_default();
+            if id.trim() == nsid {
+                found.insert(name);
+            }
+        }
+    }
+    match found.len() {
+        0 => Ok(None),
+        1 => {
+            let path = roots.dev.join(found.into_iter().next().expect("one"));
+            Ok(path.exists().then_some(path))
+        }
+        _ => Err(Error::FailedPrecondition(format!(
+            "LUN {lun} (NVMe namespace {nsid}) matches several namespaces ({}); not guessing \
+             which is the volume (install azure-vm-utils for /dev/disk/azure/data/by-lun)",
+            found.into_iter().collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// The SCSI data disk at LUN `lun` (see [`find_by_lun`]).
+fn find_scsi(roots: &DeviceRoots, lun: u32) -> Result<Option<PathBuf>, Error> {
     let excluded = os_and_resource_disks(roots);
     let dir = roots.sys.join("class/scsi_device");
     let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -129,16 +199,25 @@ fn os_and_resource_disks(roots: &DeviceRoots) -> BTreeSet<String> {
         .collect()
 }
 
-/// Asks every SCSI host to scan for new devices (what udev does on a hot-add;
-/// a no-op where hot-add already worked).
+/// Asks every SCSI host and NVMe controller to scan for new devices (what udev
+/// does on a hot-add; a no-op where hot-add already worked).
 pub fn rescan(roots: &DeviceRoots) {
-    let Ok(hosts) = std::fs::read_dir(roots.sys.join("class/scsi_host")) else {
-        return;
-    };
-    for host in hosts.flatten() {
-        let scan = host.path().join("scan");
-        if let Err(e) = std::fs::write(&scan, "- - -") {
-            tracing::debug!(path = %scan.display(), error = %e, "SCSI rescan");
+    if let Ok(hosts) = std::fs::read_dir(roots.sys.join("class/scsi_host")) {
+        for host in hosts.flatten() {
+            let scan = host.path().join("scan");
+            if let Err(e) = std::fs::write(&scan, "- - -") {
+                tracing::debug!(path = %scan.display(), error = %e, "SCSI rescan");
+            }
+        }
+    }
+    if let Ok(ctrls) = std::fs::read_dir(roots.sys.join("class/nvme")) {
+        for ctrl in ctrls.flatten() {
+            let scan = ctrl.path().join("rescan_controller");
+            if scan.exists()
+                && let Err(e) = std::fs::write(&scan, "1")
+            {
+                tracing::debug!(path = %scan.display(), error = %e, "NVMe rescan");
+            }
         }
     }
 }
@@ -164,18 +243,45 @@ pub async fn wait_for_lun(
         }
         if Instant::now() >= deadline {
             return Err(Error::Unavailable(format!(
-                "no device for LUN {lun} appeared within {}s (no {} and no SCSI disk at that \
-                 LUN in {}); is the disk attached to this VM?",
+                "no device for LUN {lun} appeared within {}s (no {} or {}, no SCSI disk at \
+                 that LUN in {} and no NVMe namespace {} of an Azure NVMe controller in {}); \
+                 is the disk attached to this VM?",
                 timeout.as_secs(),
                 roots
                     .dev
                     .join(format!("disk/azure/scsi1/lun{lun}"))
                     .display(),
-                roots.sys.join("class/scsi_device").display()
+                roots
+                    .dev
+                    .join(format!("disk/azure/data/by-lun/{lun}"))
+                    .display(),
+                roots.sys.join("class/scsi_device").display(),
+                lun + NVME_NSID_OF_LUN0,
+                roots.sys.join("class/nvme").display()
             )));
         }
         tokio::time::sleep(poll).await;
     }
+}
+
+/// The device of the volume's disk at LUN `lun`, whichever way the VM shows
+/// it (SCSI or NVMe, standalone VM or scale-set instance): waited for as
+/// [`wait_for_lun`] does, then confirmed through IMDS as
+/// [`check_disk_at_lun`] does, so that a device found by LUN is used only when
+/// the disk the controller attached there is the volume's.
+pub async fn verified_device(
+    roots: &DeviceRoots,
+    check: &ImdsCheck,
+    id: &VolumeId,
+    lun: u32,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<PathBuf, Error> {
+    let dev = wait_for_lun(roots, lun, timeout, poll).await?;
+    // Asked once the device is there, so that the attachment IMDS shows is the
+    // one the device came from.
+    check_disk_at_lun(check, id, lun).await?;
+    Ok(dev)
 }
 
 /// Where and how patiently the node asks IMDS which disk is at a LUN.
@@ -301,10 +407,68 @@ pub(crate) fn fake_scsi_disk(
     std::fs::write(root.join("dev").join(block), b"").unwrap();
 }
 
+/// Used by tests: a fake NVMe namespace `ns` (id `nsid`) of controller `ctrl`
+/// with model `model`, and its device node.
+#[cfg(test)]
+pub(crate) fn fake_nvme_namespace(
+    root: &std::path::Path,
+    ctrl: &str,
+    model: &str,
+    ns: &str,
+    nsid: u32,
+) {
+    let dir = root.join("sys/class/nvme").join(ctrl);
+    std::fs::create_dir_all(dir.join(ns)).unwrap();
+    std::fs::write(dir.join("model"), format!("{model}                    \n")).unwrap();
+    std::fs::write(dir.join(ns).join("nsid"), format!("{nsid}\n")).unwrap();
+    std::fs::create_dir_all(root.join("dev")).unwrap();
+    std::fs::write(root.join("dev").join(ns), b"").unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn nvme_data_disks_by_their_udev_link_or_namespace_id() {
+        let t = tempfile::tempdir().unwrap();
+        // OS disk (namespace 1) and data disks at LUN 0 and 3 (namespaces 2 and 5)
+        // of the remote-disk controller; a local disk on another controller
+        // whose namespace 2 is not a data disk.
+        fake_nvme_namespace(t.path(), "nvme0", AZURE_NVME_REMOTE_MODEL, "nvme0n1", 1);
+        fake_nvme_namespace(t.path(), "nvme0", AZURE_NVME_REMOTE_MODEL, "nvme0n2", 2);
+        fake_nvme_namespace(t.path(), "nvme0", AZURE_NVME_REMOTE_MODEL, "nvme0n5", 5);
+        fake_nvme_namespace(
+            t.path(),
+            "nvme1",
+            "Microsoft NVMe Direct Disk v2",
+            "nvme1n2",
+            2,
+        );
+        let r = roots(t.path());
+        assert_eq!(
+            find_by_lun(&r, 0).unwrap(),
+            Some(t.path().join("dev/nvme0n2"))
+        );
+        assert_eq!(
+            find_by_lun(&r, 3).unwrap(),
+            Some(t.path().join("dev/nvme0n5"))
+        );
+        assert_eq!(find_by_lun(&r, 1).unwrap(), None);
+        // azure-vm-utils' link wins over the scan.
+        std::fs::write(t.path().join("dev/nvme0n9"), b"").unwrap();
+        link(t.path(), "data/by-lun/1", "../../../../nvme0n9");
+        assert_eq!(
+            find_by_lun(&r, 1).unwrap(),
+            Some(t.path().join("dev/nvme0n9").canonicalize().unwrap())
+        );
+        // Two remote controllers with that namespace: no guess.
+        fake_nvme_namespace(t.path(), "nvme2", AZURE_NVME_REMOTE_MODEL, "nvme2n5", 5);
+        let e = find_by_lun(&r, 3).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("nvme2n5"), "{}", e.message());
+    }
 
     fn roots(dir: &Path) -> DeviceRoots {
         DeviceRoots {

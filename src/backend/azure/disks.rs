@@ -45,15 +45,20 @@ pub enum Sku {
     PremiumLrs,
     PremiumV2Lrs,
     UltraSsdLrs,
+    /// Zone-redundant: regional, attachable from every zone of the region.
+    PremiumZrs,
+    StandardSsdZrs,
 }
 
 impl Sku {
-    pub const ALL: [Sku; 5] = [
+    pub const ALL: [Sku; 7] = [
         Sku::StandardLrs,
         Sku::StandardSsdLrs,
         Sku::PremiumLrs,
         Sku::PremiumV2Lrs,
         Sku::UltraSsdLrs,
+        Sku::PremiumZrs,
+        Sku::StandardSsdZrs,
     ];
     pub const DEFAULT: Sku = Sku::StandardSsdLrs;
 
@@ -64,7 +69,20 @@ impl Sku {
             Sku::PremiumLrs => "Premium_LRS",
             Sku::PremiumV2Lrs => "PremiumV2_LRS",
             Sku::UltraSsdLrs => "UltraSSD_LRS",
+            Sku::PremiumZrs => "Premium_ZRS",
+            Sku::StandardSsdZrs => "StandardSSD_ZRS",
         }
+    }
+
+    /// Zone-redundant storage: the disk is in no zone (ARM takes no `zones`
+    /// for it) and every node of the region can attach it.
+    pub fn is_zone_redundant(self) -> bool {
+        matches!(self, Sku::PremiumZrs | Sku::StandardSsdZrs)
+    }
+
+    /// Premium SSD v2 and Ultra disks exist only in a zone.
+    pub fn needs_zone(self) -> bool {
+        self.is_performance_tier()
     }
 
     /// A SKU name, case-insensitive as ARM takes it.
@@ -83,7 +101,11 @@ impl Sku {
     /// Smallest and largest size in GiB.
     pub fn size_limits_gib(self) -> (u64, u64) {
         match self {
-            Sku::StandardLrs | Sku::StandardSsdLrs | Sku::PremiumLrs => (1, 32_767),
+            Sku::StandardLrs
+            | Sku::StandardSsdLrs
+            | Sku::PremiumLrs
+            | Sku::PremiumZrs
+            | Sku::StandardSsdZrs => (1, 32_767),
             Sku::PremiumV2Lrs => (1, 65_536),
             Sku::UltraSsdLrs => (4, 65_536),
         }
@@ -336,12 +358,37 @@ pub fn zone_of(resource: &Value) -> Option<&str> {
         .and_then(Value::as_str)
 }
 
-/// Node ids (VM names) a disk is attached to.
+/// The node id of a VM's ARM id: a VM's name, or for an instance of a Uniform
+/// scale set (`.../virtualMachineScaleSets/{ss}/virtualMachines/{instance id}`)
+/// `<ss>_<instance id>`, the name IMDS gives that instance.
+pub fn node_of_vm_id(id: &str) -> Option<String> {
+    if let Some((_, name)) = parse_arm_id(id, "virtualMachines") {
+        return Some(name.to_string());
+    }
+    let parts: Vec<&str> = id.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        [subs, _, rgs, _, providers, ns, sets, ss, vms, instance]
+            if subs.eq_ignore_ascii_case("subscriptions")
+                && rgs.eq_ignore_ascii_case("resourceGroups")
+                && providers.eq_ignore_ascii_case("providers")
+                && ns.eq_ignore_ascii_case("Microsoft.Compute")
+                && sets.eq_ignore_ascii_case("virtualMachineScaleSets")
+                && vms.eq_ignore_ascii_case("virtualMachines")
+                && !instance.is_empty()
+                && instance.chars().all(|c| c.is_ascii_digit()) =>
+        {
+            Some(format!("{ss}_{instance}"))
+        }
+        _ => None,
+    }
+}
+
+/// Node ids a disk is attached to (see [`node_of_vm_id`]).
 pub fn attached_vms(disk: &Value) -> Vec<String> {
     let mut vms: Vec<String> = Vec::new();
     let mut add = |id: &str| {
-        if let Some((_, name)) = parse_arm_id(id, "virtualMachines") {
-            vms.push(name.to_string());
+        if let Some(node) = node_of_vm_id(id) {
+            vms.push(node);
         }
     };
     if let Some(id) = disk.get("managedBy").and_then(Value::as_str) {
@@ -378,10 +425,7 @@ pub fn to_disk(disk: &Value, driver: &str, location: &str) -> Option<Disk> {
     let id_text = disk.get("id").and_then(Value::as_str)?;
     let (rg, name) = parse_arm_id(id_text, "disks")?;
     let id = VolumeId::new(BackendKind::Azure, rg, name).ok()?;
-    let topology = match zone_of(disk) {
-        Some(z) => vec![zone_topology(location, z)],
-        None => Vec::new(),
-    };
+    let topology = disk_topology(location, disk);
     // Only a disk created empty can carry the record: a copy's tag (copied by
     // hand, or set by anything else) is ignored.
     let created_empty = source_of(disk).is_none()
@@ -407,6 +451,24 @@ pub fn to_disk(disk: &Value, driver: &str, location: &str) -> Option<Disk> {
 
 pub fn zone_topology(location: &str, zone: &str) -> Topology {
     Topology::from([(TOPOLOGY_ZONE.to_string(), format!("{location}-{zone}"))])
+}
+
+/// The topology of a node in no zone, and of the disks only it can attach:
+/// the zone key with an empty value, as Azure's disk CSI driver publishes it.
+pub fn regional_topology() -> Topology {
+    Topology::from([(TOPOLOGY_ZONE.to_string(), String::new())])
+}
+
+/// Where a disk can be attached from: a zonal disk from its zone; a
+/// zone-redundant one from everywhere (no topology); any other disk in no zone
+/// only from VMs in no zone (ARM attaches a disk without zones to a VM without
+/// zones only).
+pub fn disk_topology(location: &str, disk: &Value) -> Vec<Topology> {
+    match zone_of(disk) {
+        Some(z) => vec![zone_topology(location, z)],
+        None if sku_of(disk).is_some_and(Sku::is_zone_redundant) => Vec::new(),
+        None => vec![regional_topology()],
+    }
 }
 
 /// A resource's [`TAG_USABLE`]; absent (or not a number) on disks from before it
@@ -462,7 +524,14 @@ pub fn disk_body(
         None => json!({"createOption": "Empty"}),
         Some(id) => json!({"createOption": "Copy", "sourceResourceId": id}),
     };
-    let mut properties = json!({"creationData": creation, "diskSizeGB": size_gib});
+    // No public endpoint and no export through SAS: the disk holds ciphertext,
+    // but nothing needs it reachable outside the VMs it is attached to.
+    let mut properties = json!({
+        "creationData": creation,
+        "diskSizeGB": size_gib,
+        "networkAccessPolicy": "DenyAll",
+        "publicNetworkAccess": "Disabled",
+    });
     if let Some(iops) = params.iops {
         properties["diskIOPSReadWrite"] = json!(iops);
     }
@@ -528,8 +597,16 @@ mod tests {
         );
         let v2 = p(&[("skuName", "PremiumV2_LRS"), ("diskIOPSReadWrite", "5000")]).unwrap();
         assert_eq!(v2.iops, Some(5000));
+        assert_eq!(
+            p(&[("skuName", "premium_zrs")]).unwrap().sku,
+            Sku::PremiumZrs
+        );
+        assert_eq!(
+            p(&[("skuName", "StandardSSD_ZRS")]).unwrap().sku,
+            Sku::StandardSsdZrs
+        );
         for bad in [
-            vec![("skuName", "Premium_ZRS")],
+            vec![("skuName", "Premium_GRS")],
             vec![("zone", "1")],
             vec![("diskIOPSReadWrite", "5000")],
             vec![("skuName", "UltraSSD_LRS"), ("diskMBpsReadWrite", "-1")],

@@ -101,6 +101,13 @@ pub struct State {
     pub requests: Vec<Seen>,
     /// Requests answered 429 before the next ones go through.
     pub throttle: u32,
+    /// Writes (PUT, PATCH, DELETE, POST) answered 429 before the next ones go
+    /// through; reads are not affected, as ARM counts a subscription's reads
+    /// and writes apart (`x-ms-ratelimit-remaining-subscription-reads` and
+    /// `-writes`).
+    pub throttle_writes: u32,
+    /// The `Retry-After` (seconds) of a 429.
+    pub retry_after_secs: u64,
     /// Requests answered 503 before the next ones go through.
     pub unavailable: u32,
     pub injections: Vec<Injection>,
@@ -114,6 +121,15 @@ pub struct State {
     /// The VM (by name) whose instance metadata `GET /metadata/instance`
     /// answers; `None` answers 404 as IMDS does off Azure.
     pub imds_vm: Option<String>,
+    /// Disks (by lower-case ARM id) whose detach does not complete unless
+    /// forced: the update succeeds but the VM still lists them (with
+    /// `toBeDetached`), as a detach stuck in the guest looks; the reference
+    /// (cloud-provider-azure) then detaches again with `ForceDetach`.
+    pub stuck_detach: std::collections::BTreeSet<String>,
+    /// Another writer of a VM's disk list: right after the next GET of the VM
+    /// (lower-case path), disk `.1` (lower-case ARM id) is attached to it at
+    /// LUN `.2`, changing its etag.
+    pub foreign_attach: Option<(String, String, u64)>,
     /// Request shapes the real service would refuse or that we did not expect.
     pub problems: Vec<String>,
 }
@@ -128,6 +144,7 @@ impl FakeArm {
         let state = Arc::new(Mutex::new(State {
             polls: 1,
             page_size: 2,
+            retry_after_secs: 1,
             ..Default::default()
         }));
         let st = state.clone();
@@ -163,8 +180,35 @@ impl FakeArm {
             s.vms.insert(
                 id.to_ascii_lowercase(),
                 json!({
-                    "id": id, "name": name, "location": LOCATION,
+                    "id": id, "name": name, "location": LOCATION, "etag": "\"1\"",
                     "type": "Microsoft.Compute/virtualMachines",
+                    "properties": {
+                        "hardwareProfile": {"vmSize": size},
+                        "storageProfile": {"dataDisks": []},
+                        "provisioningState": "Succeeded",
+                    }
+                }),
+            );
+        });
+    }
+
+    /// Adds instance `instance_id` of the Uniform scale set `scale_set`, of
+    /// `size`, with no data disks. As ARM shows a scale-set VM
+    /// (Compute 2024-07-01, virtualMachineScaleSetVM.json): its id is under
+    /// `virtualMachineScaleSets/{ss}/virtualMachines/{instance id}`, its `name`
+    /// is `<ss>_<instance id>` (also what IMDS calls it), and it has an
+    /// `instanceId`.
+    pub fn add_scale_set_vm(&self, scale_set: &str, instance_id: &str, size: &str) {
+        let id = format!(
+            "/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/virtualMachineScaleSets/{scale_set}/virtualMachines/{instance_id}"
+        );
+        self.with(|s| {
+            s.vms.insert(
+                id.to_ascii_lowercase(),
+                json!({
+                    "id": id, "name": format!("{scale_set}_{instance_id}"),
+                    "instanceId": instance_id, "location": LOCATION, "etag": "\"1\"",
+                    "type": "Microsoft.Compute/virtualMachineScaleSets/virtualMachines",
                     "properties": {
                         "hardwareProfile": {"vmSize": size},
                         "storageProfile": {"dataDisks": []},
@@ -247,10 +291,16 @@ fn handle(s: &mut State, base: &str, r: &Seen) -> Reply {
             "The access token is invalid.",
         );
     }
-    if s.throttle > 0 {
-        s.throttle -= 1;
+    let write = r.method != "GET";
+    if s.throttle > 0 || (write && s.throttle_writes > 0) {
+        if s.throttle > 0 {
+            s.throttle -= 1;
+        } else {
+            s.throttle_writes -= 1;
+        }
         let mut rep = arm_error(429, "TooManyRequests", "The request is being throttled.");
-        rep.headers.push(("retry-after".into(), "1".into()));
+        rep.headers
+            .push(("retry-after".into(), s.retry_after_secs.to_string()));
         return rep;
     }
     if s.unavailable > 0 {
@@ -312,7 +362,7 @@ fn handle(s: &mut State, base: &str, r: &Seen) -> Reply {
                         return bad;
                     }
                 }
-                ("virtualmachines", _) => {
+                ("virtualmachines" | "virtualmachinescalesets", _) => {
                     if let Some(bad) = want_api(VM_API_VERSION) {
                         s.problems
                             .push(format!("{} {path}: api-version {api:?}", r.method));
@@ -326,13 +376,20 @@ fn handle(s: &mut State, base: &str, r: &Seen) -> Reply {
                 ("snapshots", [], "GET") => list(s, base, &collection_path, r, true),
                 ("disks", [_], "GET") => get(&s.disks, &path, "disk"),
                 ("snapshots", [_], "GET") => get(&s.snapshots, &path, "snapshot"),
-                ("virtualmachines", [_], "GET") => get(&s.vms, &path, "virtual machine"),
+                ("virtualmachines", [_], "GET") => get_vm(s, &path),
                 ("disks", [name], "PUT") => put_disk(s, base, &r.path, name, r),
                 ("disks", [_], "PATCH") => patch_disk(s, base, &path, r),
                 ("disks", [_], "DELETE") => delete(s, base, &path, false),
                 ("snapshots", [name], "PUT") => put_snapshot(s, base, &r.path, name, r),
                 ("snapshots", [_], "DELETE") => delete(s, base, &path, true),
-                ("virtualmachines", [_], "PATCH") => patch_vm(s, base, &path, r),
+                ("virtualmachines", [_], "PATCH") => update_vm(s, base, &path, r, false),
+                // Compute 2024-07-01, virtualMachineScaleSetVM.json: a
+                // scale-set VM is read with GET and updated with PUT
+                // (VirtualMachineScaleSetVMs_Update); there is no PATCH.
+                ("virtualmachinescalesets", [_, "virtualmachines", _], "GET") => get_vm(s, &path),
+                ("virtualmachinescalesets", [_, "virtualmachines", _], "PUT") => {
+                    update_vm(s, base, &path, r, true)
+                }
                 _ => {
                     s.problems.push(format!("no route {} {path}", r.method));
                     arm_error(
@@ -485,6 +542,41 @@ fn get(map: &BTreeMap<String, Value>, path: &str, what: &str) -> Reply {
             ),
         ),
     }
+}
+
+/// GET of a VM or scale-set VM; then [`State::foreign_attach`] happens.
+fn get_vm(s: &mut State, path: &str) -> Reply {
+    let rep = get(&s.vms, path, "virtual machine");
+    if s.foreign_attach
+        .as_ref()
+        .is_some_and(|(vm, _, _)| vm == path)
+    {
+        let (_, disk, lun) = s.foreign_attach.take().expect("present");
+        let vm = s.vms.get_mut(path).expect("a VM");
+        let vm_id = vm["id"].clone();
+        let entry = json!({"lun": lun, "createOption": "Attach", "caching": "None",
+            "managedDisk": {"id": disk}, "toBeDetached": false});
+        vm["properties"]["storageProfile"]["dataDisks"]
+            .as_array_mut()
+            .expect("a list")
+            .push(entry);
+        bump_etag(vm);
+        if let Some(d) = s.disks.get_mut(&disk) {
+            d["managedBy"] = vm_id;
+            d["properties"]["diskState"] = json!("Attached");
+        }
+    }
+    rep
+}
+
+/// A VM's etag changes with every change of the VM (Compute 2024-07-01:
+/// "Etag is property returned in Create/Update/Get response of the VM").
+fn bump_etag(vm: &mut Value) {
+    let n: u64 = vm["etag"]
+        .as_str()
+        .and_then(|e| e.trim_matches('"').parse().ok())
+        .unwrap_or(0);
+    vm["etag"] = json!(format!("\"{}\"", n + 1));
 }
 
 fn list(s: &mut State, base: &str, collection: &str, r: &Seen, snapshots: bool) -> Reply {
@@ -664,6 +756,23 @@ fn put_disk(s: &mut State, base: &str, raw_path: &str, name: &str, r: &Seen) -> 
             return bad(format!("zones {z} is not one of [\"1\"], [\"2\"], [\"3\"]"));
         }
     }
+    // DiskRP 2024-03-02: zone-redundant SKUs take no zones; Premium SSD v2
+    // and Ultra disks need one.
+    if sku.is_zone_redundant() && body.get("zones").is_some() {
+        return bad(format!("{} disks take no zones", sku.as_str()));
+    }
+    if sku.needs_zone() && body.get("zones").is_none() {
+        return bad(format!("{} disks need a zone", sku.as_str()));
+    }
+    // DiskRP 2024-03-02 enums NetworkAccessPolicy and PublicNetworkAccess;
+    // the driver's own rule: new disks are closed to the network.
+    let props = &body["properties"];
+    if props["networkAccessPolicy"] != "DenyAll" || props["publicNetworkAccess"] != "Disabled" {
+        return bad(format!(
+            "networkAccessPolicy {} / publicNetworkAccess {}: expected DenyAll / Disabled",
+            props["networkAccessPolicy"], props["publicNetworkAccess"]
+        ));
+    }
     let perf = ["diskIOPSReadWrite", "diskMBpsReadWrite"];
     if !sku.is_performance_tier() && perf.iter().any(|k| body["properties"].get(k).is_some()) {
         return bad(format!(
@@ -695,6 +804,21 @@ fn put_disk(s: &mut State, base: &str, raw_path: &str, name: &str, r: &Seen) -> 
                         404,
                         "NotFound",
                         &format!("Source resource '{src}' was not found."),
+                    );
+                }
+                // ARM copies a zonal disk only into its own zone (the
+                // reference driver's clones stay in their source's zone).
+                _ if s.disks.get(&src.to_ascii_lowercase()).is_some_and(|d| {
+                    d.get("zones").is_some_and(|z| Some(z) != body.get("zones"))
+                }) =>
+                {
+                    return arm_error(
+                        400,
+                        "InvalidParameter",
+                        &format!(
+                            "The source disk '{src}' is in zones {}; a copy must be in the same zone.",
+                            s.disks[&src.to_ascii_lowercase()]["zones"]
+                        ),
                     );
                 }
                 Some(src_size) if src_size > size => {
@@ -919,7 +1043,10 @@ fn put_snapshot(s: &mut State, base: &str, raw_path: &str, name: &str, r: &Seen)
     )
 }
 
-fn patch_vm(s: &mut State, base: &str, path: &str, r: &Seen) -> Reply {
+/// `PATCH` of a VM (VirtualMachines_Update) or `PUT` of a scale-set VM
+/// (VirtualMachineScaleSetVMs_Update, whose body is a whole resource with its
+/// required `location`): the data-disk list replaces the VM's.
+fn update_vm(s: &mut State, base: &str, path: &str, r: &Seen, put: bool) -> Reply {
     let Some(body) = body_json(s, r) else {
         return arm_error(
             400,
@@ -930,11 +1057,26 @@ fn patch_vm(s: &mut State, base: &str, path: &str, r: &Seen) -> Reply {
     let Some(vm) = s.vms.get(path).cloned() else {
         return get(&s.vms, path, "virtual machine");
     };
+    if put && body["location"] != LOCATION {
+        s.problems
+            .push(format!("PUT scale-set VM: location {}", body["location"]));
+        return arm_error(400, "InvalidParameter", "location is required");
+    }
     if s.busy.contains_key(path) {
         return arm_error(
             409,
             "Conflict",
             "Operation 'Update VM' is not allowed since another operation is in progress on it.",
+        );
+    }
+    // Compute 2024-07-01 (VirtualMachines_Update, VirtualMachineScaleSetVMs_Update):
+    // `If-Match` with an etag that is no longer the VM's is refused with 412.
+    let if_match = r.header("if-match");
+    if !if_match.is_empty() && if_match != "*" && Some(if_match) != vm["etag"].as_str() {
+        return arm_error(
+            412,
+            "PreconditionFailed",
+            "The specified precondition 'If-Match' failed: the resource has changed.",
         );
     }
     let Some(entries) = body
@@ -972,8 +1114,28 @@ fn patch_vm(s: &mut State, base: &str, path: &str, r: &Seen) -> Reply {
         let Some(disk) = s.disks.get(&disk_id) else {
             return arm_error(404, "NotFound", &format!("Disk '{disk_id}' was not found."));
         };
+        // Compute 2024-07-01 DataDisk.detachOption (DiskDetachOptionTypes):
+        // only `ForceDetach`, and only on a disk being detached.
+        let force = match e.get("detachOption") {
+            None => false,
+            Some(o) if o == "ForceDetach" && e.get("toBeDetached") == Some(&json!(true)) => true,
+            Some(o) => {
+                s.problems
+                    .push(format!("PATCH VM: detachOption {o} in {e}"));
+                return arm_error(
+                    400,
+                    "InvalidParameter",
+                    "detachOption must be ForceDetach on a disk being detached",
+                );
+            }
+        };
         if e.get("toBeDetached") == Some(&json!(true)) {
-            detach.push(disk_id);
+            if s.stuck_detach.contains(&disk_id) && !force {
+                kept.push(e.clone());
+                luns.insert(lun);
+            } else {
+                detach.push(disk_id);
+            }
             continue;
         }
         let caching = e["caching"].as_str().unwrap_or("");
@@ -1026,6 +1188,25 @@ fn patch_vm(s: &mut State, base: &str, path: &str, r: &Seen) -> Reply {
             ),
         );
     }
+    // The list replaces the VM's: a disk it no longer names is detached
+    // (which is why a writer with a stale list detaches others' disks).
+    let named: Vec<String> = entries
+        .iter()
+        .filter_map(|e| e.pointer("/managedDisk/id").and_then(Value::as_str))
+        .map(str::to_ascii_lowercase)
+        .collect();
+    for e in vm
+        .pointer("/properties/storageProfile/dataDisks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(id) = e.pointer("/managedDisk/id").and_then(Value::as_str)
+            && !named.contains(&id.to_ascii_lowercase())
+        {
+            detach.push(id.to_ascii_lowercase());
+        }
+    }
     for id in attach {
         if let Some(d) = s.disks.get_mut(&id) {
             d["managedBy"] = json!(vm_id);
@@ -1043,6 +1224,7 @@ fn patch_vm(s: &mut State, base: &str, path: &str, r: &Seen) -> Reply {
     let v = s.vms.get_mut(path).unwrap();
     v["properties"]["storageProfile"]["dataDisks"] = json!(kept);
     v["properties"]["provisioningState"] = json!("Updating");
+    bump_etag(v);
     let out = v.clone();
     s.busy.insert(path.to_string(), true);
     start_op(

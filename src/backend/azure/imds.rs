@@ -148,22 +148,69 @@ pub async fn instance(
     Err(ImdsError::Unavailable(last))
 }
 
+/// Sizes whose data-disk limit no family rule below gives, as Azure's size
+/// pages (and the reference driver's table) list them: the small M sizes and
+/// the GPU sizes AKS node pools commonly use.
+const DATA_DISK_LIMITS: &[(&str, u32)] = &[
+    ("m8ms", 8),
+    ("m8-2ms", 8),
+    ("m8-4ms", 8),
+    ("m16ms", 16),
+    ("m16-4ms", 16),
+    ("m16-8ms", 16),
+    ("m32ts", 32),
+    ("m32ls", 32),
+    ("m32ms", 32),
+    ("m32-8ms", 32),
+    ("m32-16ms", 32),
+    ("m32ms_v2", 32),
+    ("m32dms_v2", 32),
+    ("nc4as_t4_v3", 8),
+    ("nc8as_t4_v3", 16),
+    ("nc16as_t4_v3", 32),
+    ("nc64as_t4_v3", 32),
+    ("nc6s_v3", 12),
+    ("nc12s_v3", 24),
+    ("nc24s_v3", 32),
+    ("nc24rs_v3", 32),
+    ("nc24ads_a100_v4", 8),
+    ("nc48ads_a100_v4", 16),
+    ("nc96ads_a100_v4", 32),
+    ("nc40ads_h100_v5", 8),
+    ("nc80adis_h100_v5", 16),
+    ("nd96asr_v4", 16),
+    ("nd96amsr_a100_v4", 16),
+    ("nd96isr_h100_v5", 16),
+    ("nv6ads_a10_v5", 4),
+    ("nv12ads_a10_v5", 8),
+    ("nv18ads_a10_v5", 16),
+    ("nv36ads_a10_v5", 32),
+    ("nv72ads_a10_v5", 32),
+];
+
 /// The most data disks a VM size takes, for the common sizes; `None` for a
-/// size this table does not know (use [`DEFAULT_MAX_DATA_DISKS`]).
+/// size neither the table nor the rules know (use [`DEFAULT_MAX_DATA_DISKS`]).
 ///
-/// Rules, from Azure's size pages: the B series and the v2 D/DS series have
-/// their own tables; the D, E, F and L families from v3 (and Fsv2) on take two
-/// data disks per vCPU, at most 32; the M series 64.
+/// [`DATA_DISK_LIMITS`] first; then the family rules of Azure's size pages:
+/// the B series and the v1/v2 D and DS series have their own steps; the D, E,
+/// F and L families from v2/v3 to v5, the AMD v6 sizes (`a` among the feature
+/// letters) and the confidential DC/EC v5 take two data disks per vCPU, at
+/// most 32; the Intel and Arm v6 D and E sizes take 8 at 2 vCPUs, then three
+/// per vCPU up to 48, and 64 from 32 vCPUs; the other M sizes 64.
 pub fn max_data_disks(vm_size: &str) -> Option<u32> {
     let size = vm_size.trim().to_ascii_lowercase();
     let name = size.strip_prefix("standard_")?;
+    if let Some((_, n)) = DATA_DISK_LIMITS.iter().find(|(s, _)| *s == name) {
+        return Some(*n);
+    }
     let (base, version) = match name.rsplit_once("_v") {
         Some((b, v)) if v.chars().all(|c| c.is_ascii_digit()) && !v.is_empty() => {
             (b, v.parse::<u32>().ok()?)
         }
         _ => (name, 1),
     };
-    // The family letters, the vCPU count, then feature letters (a, d, s, m, ...).
+    // The family letters, the vCPU count, then (after a constrained count
+    // `-N`) feature letters (a, d, s, m, l, p, ...).
     let family: String = base
         .chars()
         .take_while(|c| c.is_ascii_alphabetic())
@@ -171,6 +218,15 @@ pub fn max_data_disks(vm_size: &str) -> Option<u32> {
     let rest = &base[family.len()..];
     let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
     let n: u32 = digits.parse().ok()?;
+    let features: String = rest[digits.len()..]
+        .chars()
+        .filter(|c| c.is_ascii_alphabetic())
+        .collect();
+    // A suffix after another '_' (a GPU model) is not a family this knows.
+    if base.contains('_') {
+        return None;
+    }
+    let two_per_vcpu = (2 * n).clamp(2, 32);
     match (family.as_str(), version) {
         ("b", _) => Some(match n {
             1 => 2,
@@ -187,7 +243,13 @@ pub fn max_data_disks(vm_size: &str) -> Option<u32> {
             5 | 15 => Some(64),
             _ => None,
         },
-        ("d" | "e" | "l", 3..) | ("f", 2..) => Some((2 * n).clamp(2, 32)),
+        ("d" | "e" | "f", 6) if features.contains('a') => Some(two_per_vcpu),
+        ("d" | "e", 6) => Some(match n {
+            0..=2 => 8,
+            3..=31 => (3 * n).min(48),
+            _ => 64,
+        }),
+        ("d" | "e" | "l", 3..=5) | ("f" | "l", 2) | ("dc" | "ec", 5) => Some(two_per_vcpu),
         ("m", _) => Some(64),
         _ => None,
     }
@@ -200,6 +262,18 @@ pub struct NodeFacts {
     /// `<location>-<zone>`, for [`super::TOPOLOGY_ZONE`]; `None` outside zones.
     pub zone: Option<String>,
     pub max_volumes: i64,
+}
+
+impl NodeFacts {
+    /// The node's topology segments: its zone, or for a VM in no zone the key
+    /// with an empty value (as Azure's disk CSI driver publishes it), which
+    /// is what disks in no zone are accessible from.
+    pub fn topology(&self) -> std::collections::BTreeMap<String, String> {
+        std::collections::BTreeMap::from([(
+            super::TOPOLOGY_ZONE.to_string(),
+            self.zone.clone().unwrap_or_default(),
+        )])
+    }
 }
 
 /// The node's facts from IMDS at `endpoint`, each replaced by what the operator
@@ -257,7 +331,31 @@ mod tests {
             ("Standard_L8s_v3", Some(16)),
             ("Standard_M128ms", Some(64)),
             ("standard_d4s_v5", Some(8)),
-            ("Standard_NC24ads_A100_v4", None),
+            // From the reference driver's table: sizes the old rules got wrong.
+            ("Standard_M8ms", Some(8)),
+            ("Standard_M16ms", Some(16)),
+            ("Standard_M32ls", Some(32)),
+            ("Standard_M64s_v2", Some(64)),
+            ("Standard_D2s_v6", Some(8)),
+            ("Standard_D4ds_v6", Some(12)),
+            ("Standard_D8pds_v6", Some(24)),
+            ("Standard_D16s_v6", Some(48)),
+            ("Standard_D32lds_v6", Some(64)),
+            ("Standard_D96s_v6", Some(64)),
+            ("Standard_D2as_v6", Some(4)),
+            ("Standard_D16ads_v6", Some(32)),
+            ("Standard_E4s_v6", Some(12)),
+            ("Standard_E20s_v6", Some(48)),
+            ("Standard_E48ds_v6", Some(64)),
+            ("Standard_E8-2s_v6", Some(24)),
+            ("Standard_E4-2s_v5", Some(8)),
+            ("Standard_F4as_v6", Some(8)),
+            ("Standard_F64als_v6", Some(32)),
+            ("Standard_L8s_v2", Some(16)),
+            ("Standard_DC4ads_v5", Some(8)),
+            ("Standard_NC24ads_A100_v4", Some(8)),
+            ("Standard_NC4as_T4_v3", Some(8)),
+            ("Standard_ND40rs_v2", None),
             ("Basic_A0", None),
             ("", None),
         ];
@@ -340,6 +438,24 @@ mod tests {
             }
         );
         assert_eq!(hits.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            facts.topology(),
+            std::collections::BTreeMap::from([(
+                super::super::TOPOLOGY_ZONE.to_string(),
+                "westeurope-3".to_string()
+            )])
+        );
+        let regional = NodeFacts {
+            zone: None,
+            ..facts.clone()
+        };
+        assert_eq!(
+            regional.topology(),
+            std::collections::BTreeMap::from([(
+                super::super::TOPOLOGY_ZONE.to_string(),
+                String::new()
+            )])
+        );
         let given = node_facts(&base, Some("n1".into()), Some(3)).await.unwrap();
         assert_eq!((given.node_id.as_str(), given.max_volumes), ("n1", 3));
     }

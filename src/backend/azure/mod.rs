@@ -16,12 +16,15 @@
 //!   CreateVolume finds the disk it created; tags record the CO name, the driver
 //!   name and the volume options ([`disks::TAG_NAME`] and friends).
 //! - **Topology**: a zonal disk is accessible from `topology.cryptdisk.csi.io/zone`
-//!   = `<location>-<zone>`, the value the node plugin reads from IMDS; a regional
-//!   disk reports no topology (accessible from every node).
-//! - **Attach** ([`vm`]) updates the VM (standalone, or an instance of a
-//!   Flexible scale set, which is an ordinary VM) with a data disk at the lowest
-//!   free LUN; attaches to one VM are serialized here, since ARM refuses
-//!   concurrent updates of one VM. The LUN goes to the node in the publish
+//!   = `<location>-<zone>`, the value the node plugin reads from IMDS; a disk in
+//!   no zone from `zone=""`, what nodes in no zone publish (ARM attaches it to
+//!   VMs in no zone only); a zone-redundant disk (`Premium_ZRS`,
+//!   `StandardSSD_ZRS`) reports no topology (accessible from every node).
+//! - **Attach** ([`vm`]) updates the VM (standalone, an instance of a Flexible
+//!   scale set, which is an ordinary VM, or with `vmType: vmss` an instance of a
+//!   Uniform scale set, node id `<scale set>_<instance id>`) with a data disk at
+//!   the lowest free LUN; attaches to one VM are serialized here, since ARM
+//!   refuses concurrent updates of one VM. The LUN goes to the node in the publish
 //!   context under [`PUBLISH_LUN`]; the node finds the device by it ([`device`]).
 //!
 //! ARM operations and api-versions used (the fake in `fake.rs` checks them):
@@ -31,6 +34,7 @@
 //! | Disks: get, create or update, update, delete, list by resource group | `GET`/`PUT`/`PATCH`/`DELETE` `.../providers/Microsoft.Compute/disks[/{name}]` | [`DISKS_API_VERSION`] |
 //! | Snapshots: get, create (incremental), delete, list by resource group | `GET`/`PUT`/`DELETE` `.../providers/Microsoft.Compute/snapshots[/{name}]` | [`DISKS_API_VERSION`] |
 //! | Virtual machines: get, update (data disks) | `GET`/`PATCH` `.../providers/Microsoft.Compute/virtualMachines/{name}` | [`VM_API_VERSION`] |
+//! | Scale set VMs (Uniform): get, update (data disks) | `GET`/`PUT` `.../providers/Microsoft.Compute/virtualMachineScaleSets/{ss}/virtualMachines/{instance id}` | [`VM_API_VERSION`] |
 //! | long-running operations | `GET` of `Azure-AsyncOperation` or `Location` | as handed out |
 //! | IMDS instance metadata (node) | `GET /metadata/instance` | [`imds::IMDS_INSTANCE_API_VERSION`] |
 
@@ -77,6 +81,8 @@ pub struct AzureBackend {
     resource_group: String,
     location: String,
     driver: String,
+    /// How node ids name VMs (standalone, Uniform or Flexible scale sets).
+    vm_type: config::VmType,
     /// One lock per VM: its data-disk list is read, changed and written whole.
     vm_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -127,6 +133,7 @@ impl AzureBackend {
             resource_group: config.resource_group.clone(),
             location: config.location.clone(),
             driver: config.driver_name.clone(),
+            vm_type: config.vm_type,
             vm_locks: Default::default(),
         }
     }
@@ -165,15 +172,38 @@ impl AzureBackend {
         self.arm.get(&self.disk_path(id), DISKS_API_VERSION).await
     }
 
-    /// The zone a new disk goes to: the first preferred zone the requisite
-    /// admits, else the first requisite zone; none when nothing asks for one.
-    fn pick_zone(&self, req: Option<&TopologyRequirement>) -> Result<Option<String>> {
-        let Some(req) = req else { return Ok(None) };
+    /// The zone a new disk of `sku` goes to: the first preferred topology the
+    /// requisite admits, else the first requisite one; `None` (no zone) for a
+    /// topology whose zone is empty (nodes in no zone), when nothing asks for
+    /// a zone, and always for zone-redundant SKUs. Premium SSD v2 and Ultra
+    /// exist only in a zone: a topology without one is passed over, and
+    /// nothing to pick from is an error.
+    fn pick_zone(&self, req: Option<&TopologyRequirement>, sku: Sku) -> Result<Option<String>> {
+        if sku.is_zone_redundant() {
+            return Ok(None);
+        }
+        let Some(req) = req.filter(|r| !r.requisite.is_empty() || !r.preferred.is_empty()) else {
+            if sku.needs_zone() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} disks exist only in an availability zone, and no topology names one: \
+                     use volumeBindingMode WaitForFirstConsumer or allowedTopologies with {}",
+                    sku.as_str(),
+                    TOPOLOGY_ZONE
+                )));
+            }
+            return Ok(None);
+        };
         let prefix = format!("{}-", self.location);
+        // Some(zone) for a topology a disk can be created for: Some(None) for
+        // no zone, None for another region's zone (or no zone for a SKU that
+        // needs one).
         let zone = |t: &Topology| -> Option<Option<String>> {
-            match t.get(TOPOLOGY_ZONE) {
+            match t.get(TOPOLOGY_ZONE).map(String::as_str) {
                 // A segment map without our key does not constrain the zone.
+                None if sku.needs_zone() => None,
                 None => Some(None),
+                Some("") if sku.needs_zone() => None,
+                Some("") => Some(None),
                 Some(v) => v.strip_prefix(&prefix).map(|z| Some(z.to_string())),
             }
         };
@@ -189,18 +219,27 @@ impl AzureBackend {
                 return Ok(z);
             }
         }
-        if req.requisite.is_empty() {
+        if req.requisite.is_empty() && !sku.needs_zone() {
             return Ok(None);
         }
         Err(Error::ResourceExhausted(format!(
             "none of the requisite topologies {:?} is a zone of {}, where this controller \
-             creates disks",
-            req.requisite, self.location
+             creates disks{}",
+            req.requisite,
+            self.location,
+            if sku.needs_zone() {
+                format!(" ({} disks exist only in a zone)", sku.as_str())
+            } else {
+                String::new()
+            }
         )))
     }
 
-    /// Where a clone or restore copies from: its ARM id and size in bytes.
-    async fn resolve_source(&self, source: &DiskSource) -> Result<(String, u64)> {
+    /// Where a clone or restore copies from: its ARM id, its size in bytes,
+    /// and for a clone of a zonal disk that disk's zone, which the copy must be
+    /// in (ARM copies a zonal disk only within its zone). A snapshot can be
+    /// restored into any zone of its region.
+    async fn resolve_source(&self, source: &DiskSource) -> Result<(String, u64, Option<String>)> {
         match source {
             DiskSource::Snapshot(id) => {
                 self.ours(id)?;
@@ -219,7 +258,7 @@ impl AzureBackend {
                         "source snapshot {id} is not ready to restore from yet"
                     )));
                 }
-                Ok((self.snapshot_path(id), parsed.size_bytes))
+                Ok((self.snapshot_path(id), parsed.size_bytes, None))
             }
             DiskSource::Disk(id) => {
                 self.ours(id)?;
@@ -227,7 +266,11 @@ impl AzureBackend {
                     .get_disk_json(id)
                     .await?
                     .ok_or_else(|| Error::NotFound(format!("source volume {id} does not exist")))?;
-                Ok((self.disk_path(id), size_gib_of(&disk) * GIB))
+                Ok((
+                    self.disk_path(id),
+                    size_gib_of(&disk) * GIB,
+                    zone_of(&disk).map(str::to_string),
+                ))
             }
         }
     }
@@ -321,12 +364,29 @@ impl DiskBackend for AzureBackend {
             .unwrap_or_else(|| self.resource_group.clone());
         let name = resource_name(&spec.name);
         let id = VolumeId::new(BackendKind::Azure, &rg, &name)?;
-        let zone = self.pick_zone(spec.accessibility.as_ref())?;
         let source = match &spec.source {
             Some(s) => Some(self.resolve_source(s).await?),
             None => None,
         };
-        let source_bytes = source.as_ref().map_or(0, |(_, b)| *b);
+        let zone = match source.as_ref().and_then(|(_, _, z)| z.as_deref()) {
+            // A clone stays in its source's zone: the requested topology must
+            // admit it (as the GCP backend requires of a zonal source).
+            Some(z) => {
+                let here = zone_topology(&self.location, z);
+                if let Some(req) = &spec.accessibility
+                    && !req.admits(&here)
+                {
+                    return Err(Error::ResourceExhausted(format!(
+                        "the source volume is in zone {}, which none of the requisite topologies \
+                         {:?} admits; Azure copies a zonal disk only within its zone",
+                        here[TOPOLOGY_ZONE], req.requisite
+                    )));
+                }
+                Some(z.to_string())
+            }
+            None => self.pick_zone(spec.accessibility.as_ref(), params.sku)?,
+        };
+        let source_bytes = source.as_ref().map_or(0, |(_, b, _)| *b);
         // The source's size is whole GiB already: compare what the request rounds to.
         if spec.capacity_bytes != 0
             && params.sku.round_gib(spec.capacity_bytes)? * GIB < source_bytes
@@ -398,7 +458,7 @@ impl DiskBackend for AzureBackend {
             zone.as_deref(),
             &params,
             gib,
-            source.as_ref().map(|(arm_id, _)| arm_id.as_str()),
+            source.as_ref().map(|(arm_id, _, _)| arm_id.as_str()),
             &self.disk_tags(spec)?,
         );
         let created = self
@@ -671,7 +731,9 @@ impl DiskBackend for AzureBackend {
     ) -> Result<u64> {
         DiskParams::parse(params)?;
         let prefix = format!("{}-", self.location);
+        // Nodes in no zone publish the key with an empty value.
         if let Some(zone) = topology.and_then(|t| t.get(TOPOLOGY_ZONE))
+            && !zone.is_empty()
             && !zone.starts_with(&prefix)
         {
             return Ok(0);

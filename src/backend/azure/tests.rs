@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use tonic::{Code, Request};
 
 use super::auth::{self, ReqwestTransport};
-use super::config::{AzureConfig, ENV_ARM_ENDPOINT, ENV_AUTHORITY_HOST};
+use super::config::{AzureConfig, ENV_ARM_ENDPOINT, ENV_AUTHORITY_HOST, VmType};
 use super::fake::*;
 use super::{AzureBackend, PUBLISH_LUN, TOPOLOGY_ZONE};
 use crate::backend::DiskBackend;
@@ -74,10 +74,17 @@ fn backend(fake: &FakeArm, c: &AzureConfig) -> Arc<AzureBackend> {
 }
 
 async fn setup() -> Env {
+    setup_with(|_| {}).await
+}
+
+/// [`setup`] with the configuration changed by `tune`.
+async fn setup_with(tune: impl FnOnce(&mut AzureConfig)) -> Env {
     let fake = FakeArm::start().await;
     fake.add_vm("node-a", "Standard_D4s_v5");
     fake.add_vm("node-b", "Standard_B1s");
-    let b = backend(&fake, &config(&fake, CLIENT_SECRET));
+    let mut c = config(&fake, CLIENT_SECRET);
+    tune(&mut c);
+    let b = backend(&fake, &c);
     Env {
         fake,
         ctl: Arc::new(ControllerService::new(b, None)),
@@ -238,13 +245,17 @@ async fn each_sku_rounds_the_size_it_creates() {
         ("PremiumV2_LRS", GIB, 2),
         ("UltraSSD_LRS", GIB, 4),
         ("UltraSSD_LRS", 6 * GIB, 7),
+        ("Premium_ZRS", GIB, 2),
+        ("StandardSSD_ZRS", GIB, 2),
     ];
     for (i, (sku, bytes, gib)) in cases.into_iter().enumerate() {
         let name = format!("pvc-sku-{i}");
-        let v = env
-            .create(create_req(&name, bytes, &[("skuName", sku)]))
-            .await
-            .unwrap();
+        let mut req = create_req(&name, bytes, &[("skuName", sku)]);
+        if sku.contains("V2") || sku.contains("Ultra") {
+            // They exist only in a zone.
+            in_zones(&mut req, &["eastus-1"]);
+        }
+        let v = env.create(req).await.unwrap();
         assert_eq!(v.volume_id, format!("azure:{RG}:{name}"));
         assert_eq!(
             v.capacity_bytes, bytes,
@@ -272,7 +283,11 @@ async fn full_controller_lifecycle() {
     let id = v.volume_id.clone();
     assert_eq!(id, format!("azure:{RG}:pvc-a"));
     assert_eq!(v.volume_context["cryptdisk.csi.io/integrity"], "false");
-    assert!(v.accessible_topology.is_empty(), "a regional disk");
+    assert_eq!(
+        v.accessible_topology,
+        vec![zone_topo("")],
+        "a disk in no zone, for nodes in no zone"
+    );
     let disk = env.disk("pvc-a");
     assert_eq!(disk["properties"]["diskSizeGB"], 11);
     assert_eq!(disk["tags"]["kubernetes.io-created-for-pv-name"], "pvc-a");
@@ -341,10 +356,9 @@ async fn full_controller_lifecycle() {
     let e = env.publish(&id, "node-b").await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     // An Ultra disk takes the next LUN, with no host caching.
-    let ultra = env
-        .create(create_req("pvc-ultra", GIB, &[("skuName", "UltraSSD_LRS")]))
-        .await
-        .unwrap();
+    let mut ultra = create_req("pvc-ultra", GIB, &[("skuName", "UltraSSD_LRS")]);
+    in_zones(&mut ultra, &["eastus-1"]);
+    let ultra = env.create(ultra).await.unwrap();
     assert_eq!(
         lun(&env.publish(&ultra.volume_id, "node-a").await.unwrap()),
         1
@@ -581,12 +595,9 @@ async fn zones_follow_the_accessibility_requirements() {
 }
 
 #[tokio::test]
-async fn throttling_and_server_errors_are_retried() {
+async fn server_errors_are_retried() {
     let env = setup().await;
-    env.fake.with(|s| {
-        s.throttle = 2;
-        s.unavailable = 1;
-    });
+    env.fake.with(|s| s.unavailable = 2);
     let before = env.fake.request_count();
     env.create(create_req("pvc-t", GIB, &[])).await.unwrap();
     let calls: Vec<String> = env
@@ -595,49 +606,74 @@ async fn throttling_and_server_errors_are_retried() {
         .into_iter()
         .filter(|c| !c.contains("/oauth2/"))
         .collect();
-    // GET answered 429, 429, 503, then 404; PUT; polls; final GET.
-    assert!(calls.len() >= 7, "{calls:?}");
+    // GET answered 503, 503, then 404; PUT; polls; final GET.
+    assert!(calls.len() >= 6, "{calls:?}");
     assert!(
-        calls[..4]
+        calls[..3]
             .iter()
             .all(|c| c.starts_with("GET") && c.ends_with("/disks/pvc-t"))
     );
-    // Throttled past the retries: UNAVAILABLE, with ARM's words.
-    env.fake.with(|s| s.throttle = 100);
-    let e = env
-        .create(create_req("pvc-t2", GIB, &[]))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable);
-    assert!(e.message().contains("TooManyRequests"), "{}", e.message());
-    env.fake.with(|s| s.throttle = 0);
     env.assert_clean();
 }
 
+/// A 429 closes the subscription's read gate or write gate for the whole
+/// Retry-After, however much longer than the retry cap it is: requests of
+/// that kind answer UNAVAILABLE unsent meanwhile, the other kind goes on.
 #[tokio::test]
-async fn retry_after_is_honoured() {
+async fn a_throttled_subscription_is_left_alone_for_the_whole_retry_after() {
     let fake = FakeArm::start().await;
-    let mut c = config(&fake, CLIENT_SECRET);
-    c.retry.max_delay = Duration::from_secs(5);
+    // The retry cap (20 ms in tests) is far below ARM's Retry-After.
+    let c = config(&fake, CLIENT_SECRET);
+    assert!(c.retry.max_delay < Duration::from_secs(1));
     let b = backend(&fake, &c);
-    // Warm the token cache so that only ARM's wait is timed.
-    assert!(
-        b.get_disk(&"azure:rg-1:x".parse().unwrap())
-            .await
-            .unwrap()
-            .is_none()
-    );
-    fake.with(|s| s.throttle = 1);
+    let id: crate::volume::VolumeId = "azure:rg-1:x".parse().unwrap();
+    // Warm the token cache.
+    assert!(b.get_disk(&id).await.unwrap().is_none());
+    fake.with(|s| {
+        s.throttle = 1;
+        s.retry_after_secs = 2;
+    });
     let start = Instant::now();
+    let e = b.get_disk(&id).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(e.message().contains("TooManyRequests"), "{}", e.message());
+    // Held back, unsent, until the Retry-After has passed.
+    let sent = fake.request_count();
+    let e = b.get_disk(&id).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.message().contains("Retry-After"), "{}", e.message());
+    assert_eq!(fake.request_count(), sent);
+    // Writes have their own gate: a delete goes out (and answers 204).
+    b.arm
+        .delete(
+            &super::disks::disk_path(SUB, RG, "nothing"),
+            super::DISKS_API_VERSION,
+        )
+        .await
+        .unwrap();
+    assert_eq!(fake.request_count(), sent + 1);
+    while b.get_disk(&id).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
-        b.get_disk(&"azure:rg-1:x".parse().unwrap())
-            .await
-            .unwrap()
-            .is_none()
+        start.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        start.elapsed()
     );
-    let waited = start.elapsed();
-    assert!(waited >= Duration::from_millis(950), "{waited:?}");
-    assert!(waited < Duration::from_secs(4), "{waited:?}");
+    // A throttled write closes only the write gate.
+    fake.with(|s| s.throttle_writes = 1);
+    let e = b
+        .arm
+        .delete(
+            &super::disks::disk_path(SUB, RG, "nothing"),
+            super::DISKS_API_VERSION,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(b.get_disk(&id).await.unwrap().is_none());
+    assert!(fake.problems().is_empty());
 }
 
 #[tokio::test]
@@ -726,7 +762,7 @@ async fn arm_errors_reach_the_co_with_their_code_and_message() {
     }
 
     for (params, what) in [
-        (vec![("skuName", "Premium_ZRS")], "skuName"),
+        (vec![("skuName", "Premium_GRS")], "skuName"),
         (vec![("diskEncryptionSetID", "x")], "diskEncryptionSetID"),
     ] {
         let e = env
@@ -1024,6 +1060,68 @@ mod lun_identity {
         })
     }
 
+    /// On an NVMe-only size in a Uniform scale set: the device found by LUN
+    /// (namespace LUN + 2) is used only when IMDS, asked as the scale-set
+    /// instance, lists the volume's disk at that LUN.
+    #[tokio::test]
+    async fn nvme_devices_of_a_scale_set_instance_are_checked_against_imds() {
+        use crate::backend::azure::device::{
+            AZURE_NVME_REMOTE_MODEL, DeviceRoots, fake_nvme_namespace, verified_device,
+        };
+        let env = setup_with(|c| c.vm_type = VmType::Vmss).await;
+        env.fake
+            .add_scale_set_vm("pool-vmss", "0", "Standard_D4s_v6");
+        let mut vols = Vec::new();
+        for name in ["pvc-nv-a", "pvc-nv-b"] {
+            let v = env.create(create_req(name, GIB, &[])).await.unwrap();
+            let ctx = env.publish(&v.volume_id, "pool-vmss_0").await.unwrap();
+            vols.push((v.volume_id.parse::<VolumeId>().unwrap(), lun(&ctx)));
+        }
+        env.fake.with(|s| s.imds_vm = Some("pool-vmss_0".into()));
+        let t = tempfile::tempdir().unwrap();
+        fake_nvme_namespace(t.path(), "nvme0", AZURE_NVME_REMOTE_MODEL, "nvme0n1", 1);
+        for (_, l) in &vols {
+            let ns = format!("nvme0n{}", l + 2);
+            fake_nvme_namespace(t.path(), "nvme0", AZURE_NVME_REMOTE_MODEL, &ns, l + 2);
+        }
+        let roots = DeviceRoots {
+            dev: t.path().join("dev"),
+            sys: t.path().join("sys"),
+        };
+        let wait = |id: VolumeId, l: u32| {
+            let roots = roots.clone();
+            let check = imds(&env.fake);
+            async move {
+                verified_device(
+                    &roots,
+                    &check,
+                    &id,
+                    l,
+                    Duration::from_millis(200),
+                    Duration::from_millis(10),
+                )
+                .await
+            }
+        };
+        let (a, la) = vols[0].clone();
+        let (b, lb) = vols[1].clone();
+        assert_eq!(
+            wait(a.clone(), la).await.unwrap(),
+            t.path().join(format!("dev/nvme0n{}", la + 2))
+        );
+        assert_eq!(
+            wait(b.clone(), lb).await.unwrap(),
+            t.path().join(format!("dev/nvme0n{}", lb + 2))
+        );
+        // Volume a's publish context naming b's LUN: the device is there, but
+        // it is not a's disk.
+        let e = wait(a.clone(), lb).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+        assert!(e.message().contains("pool-vmss_0"), "{}", e.message());
+        assert_eq!(imds_calls(&env), 3);
+        env.assert_clean();
+    }
+
     /// Two volumes published to node-a, IMDS answering as node-a.
     async fn two_published() -> (Env, VolumeId, u32, VolumeId, u32) {
         let env = setup().await;
@@ -1119,4 +1217,276 @@ mod lun_identity {
         assert_eq!(e.code(), Code::Unavailable, "{e}");
         assert_eq!(imds_calls(&env), 2);
     }
+}
+
+/// AKS node pools are Uniform scale sets (`vmType: vmss`): their instances,
+/// named `<scale set>_<instance id>` by IMDS, are updated through the scale-set
+/// VM API, and a disk attached there names the instance in `managedBy`.
+#[tokio::test]
+async fn uniform_scale_set_instances_are_attached_through_the_scale_set_vm_api() {
+    let env = setup_with(|c| c.vm_type = VmType::Vmss).await;
+    env.fake
+        .add_scale_set_vm("aks-pool1-12345678-vmss", "3", "Standard_D4s_v5");
+    let node = "aks-pool1-12345678-vmss_3";
+    let v = env.create(create_req("pvc-ss", GIB, &[])).await.unwrap();
+    let before = env.fake.request_count();
+    let ctx = env.publish(&v.volume_id, node).await.unwrap();
+    assert_eq!(lun(&ctx), 0);
+    let calls = env.fake.calls_since(before);
+    assert!(
+        calls.iter().any(|c| c
+            == "PUT /subscriptions/sub-1/resourcegroups/rg-1/providers/microsoft.compute/virtualmachinescalesets/aks-pool1-12345678-vmss/virtualmachines/3"),
+        "{calls:?}"
+    );
+    assert!(
+        env.disk("pvc-ss")["managedBy"]
+            .as_str()
+            .unwrap()
+            .ends_with("/virtualMachineScaleSets/aks-pool1-12345678-vmss/virtualMachines/3")
+    );
+    // The instance is read back from managedBy: published there, refused
+    // elsewhere, and a second publish is idempotent.
+    assert_eq!(
+        env.list_all(0).await,
+        vec![(v.volume_id.clone(), vec![node.to_string()])]
+    );
+    let e = env.publish(&v.volume_id, "node-a").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains(node), "{}", e.message());
+    assert_eq!(env.publish(&v.volume_id, node).await.unwrap(), ctx);
+    env.unpublish(&v.volume_id, node).await.unwrap();
+    assert!(env.disk("pvc-ss").get("managedBy").is_none());
+    // Standalone VMs keep working in a vmss cluster.
+    env.publish(&v.volume_id, "node-a").await.unwrap();
+    env.unpublish(&v.volume_id, "node-a").await.unwrap();
+    env.assert_clean();
+}
+
+/// Flexible scale sets' instances are ordinary VMs (`vmType: vmssflex`).
+#[tokio::test]
+async fn flexible_scale_set_instances_are_ordinary_vms() {
+    let env = setup_with(|c| c.vm_type = VmType::VmssFlex).await;
+    let v = env.create(create_req("pvc-fx", GIB, &[])).await.unwrap();
+    env.publish(&v.volume_id, "node-a").await.unwrap();
+    assert_eq!(env.vm_disks("node-a").len(), 1);
+    // A Uniform instance name is not served without vmType: vmss, and says so.
+    let e = env.publish(&v.volume_id, "ss_1").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    env.unpublish(&v.volume_id, "node-a").await.unwrap();
+    let e = env.publish(&v.volume_id, "ss_1").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    assert!(e.message().contains("vmType: vmss"), "{}", e.message());
+    env.assert_clean();
+}
+
+fn disk_key(name: &str) -> String {
+    format!("/subscriptions/{SUB}/resourcegroups/{RG}/providers/microsoft.compute/disks/{name}")
+}
+
+fn vm_key(name: &str) -> String {
+    format!(
+        "/subscriptions/{SUB}/resourcegroups/{RG}/providers/microsoft.compute/virtualmachines/{name}"
+    )
+}
+
+/// A detach the VM does not complete is seen (the VM still lists the disk)
+/// and done again with `ForceDetach`.
+#[tokio::test]
+async fn a_detach_that_does_not_take_is_forced() {
+    let env = setup().await;
+    let v = env.create(create_req("pvc-stuck", GIB, &[])).await.unwrap();
+    env.publish(&v.volume_id, "node-a").await.unwrap();
+    env.fake
+        .with(|s| s.stuck_detach.insert(disk_key("pvc-stuck")));
+    let before = env.fake.request_count();
+    env.unpublish(&v.volume_id, "node-a").await.unwrap();
+    assert_eq!(env.vm_disks("node-a"), Vec::<Value>::new());
+    assert!(env.disk("pvc-stuck").get("managedBy").is_none());
+    let forced = env.fake.with(|s| {
+        s.requests[before..]
+            .iter()
+            .filter(|r| {
+                r.method == "PATCH" && String::from_utf8_lossy(&r.body).contains("\"ForceDetach\"")
+            })
+            .count()
+    });
+    assert_eq!(forced, 1);
+    env.assert_clean();
+}
+
+/// A disk listed on the VM that no longer exists makes ARM answer 404: that
+/// is not the detach's success while the VM exists; the vanished disk is
+/// dropped from the list and the detach done.
+#[tokio::test]
+async fn a_vanished_disk_on_the_vm_is_dropped_and_a_404_is_success_only_when_the_vm_is_gone() {
+    let env = setup().await;
+    let v = env.create(create_req("pvc-keep", GIB, &[])).await.unwrap();
+    let w = env.create(create_req("pvc-gone", GIB, &[])).await.unwrap();
+    env.publish(&v.volume_id, "node-a").await.unwrap();
+    env.publish(&w.volume_id, "node-a").await.unwrap();
+    env.fake.with(|s| s.disks.remove(&disk_key("pvc-gone")));
+    env.unpublish(&v.volume_id, "node-a").await.unwrap();
+    assert_eq!(env.vm_disks("node-a"), Vec::<Value>::new());
+    assert!(env.disk("pvc-keep").get("managedBy").is_none());
+    // Attach drops it as well.
+    env.fake.with(|s| s.disks.remove(&disk_key("pvc-gone")));
+    env.publish(&v.volume_id, "node-a").await.unwrap();
+    // The VM gone: detached.
+    env.fake.with(|s| s.vms.remove(&vm_key("node-a")));
+    env.unpublish(&v.volume_id, "node-a").await.unwrap();
+    env.assert_clean();
+}
+
+/// Another writer changed the VM's disk list between our read and write: the
+/// write carries the etag read (`If-Match`), ARM answers 412, and the list is
+/// read again, so the other writer's disk stays attached.
+#[tokio::test]
+async fn a_concurrent_writer_of_the_disk_list_is_not_overwritten() {
+    let env = setup().await;
+    let theirs = env
+        .create(create_req("pvc-theirs", GIB, &[]))
+        .await
+        .unwrap();
+    let ours = env.create(create_req("pvc-ours", GIB, &[])).await.unwrap();
+    env.fake.with(|s| {
+        s.foreign_attach = Some((vm_key("node-a"), disk_key("pvc-theirs"), 0));
+    });
+    let ctx = env.publish(&ours.volume_id, "node-a").await.unwrap();
+    assert_eq!(lun(&ctx), 1);
+    assert_eq!(env.vm_disks("node-a").len(), 2);
+    assert!(
+        env.disk("pvc-theirs")["managedBy"]
+            .as_str()
+            .unwrap()
+            .ends_with("/node-a")
+    );
+    let matched = env.fake.with(|s| {
+        s.requests
+            .iter()
+            .filter(|r| r.method == "PATCH" && !r.header("if-match").is_empty())
+            .count()
+    });
+    assert_eq!(matched, 2, "both writes carry If-Match");
+    // Our detach leaves their disk in place.
+    env.fake.with(|s| {
+        s.foreign_attach = None;
+    });
+    env.unpublish(&ours.volume_id, "node-a").await.unwrap();
+    assert_eq!(env.vm_disks("node-a").len(), 1);
+    let _ = theirs;
+    env.assert_clean();
+}
+
+fn zone_topo(z: &str) -> Topology {
+    Topology {
+        segments: HashMap::from([(TOPOLOGY_ZONE.to_string(), z.to_string())]),
+    }
+}
+
+fn in_zones(req: &mut CreateVolumeRequest, zones: &[&str]) {
+    req.accessibility_requirements = Some(TopologyRequirement {
+        requisite: zones.iter().map(|z| zone_topo(z)).collect(),
+        preferred: zones.iter().map(|z| zone_topo(z)).collect(),
+    });
+}
+
+/// ARM copies a zonal disk only within its zone: a clone is pinned to its
+/// source's zone, and a topology that excludes that zone is
+/// RESOURCE_EXHAUSTED; a snapshot restores into any zone.
+#[tokio::test]
+async fn clones_stay_in_their_sources_zone() {
+    let env = setup().await;
+    let mut src = create_req("pvc-src", GIB, &[]);
+    in_zones(&mut src, &["eastus-2"]);
+    let src = env.create(src).await.unwrap();
+    let clone_of = |name: &str| {
+        let mut r = create_req(name, GIB, &[]);
+        r.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(SourceType::Volume(VolumeSource {
+                volume_id: src.volume_id.clone(),
+            })),
+        });
+        r
+    };
+    // No topology asked: the source's zone.
+    let c = env.create(clone_of("pvc-clone")).await.unwrap();
+    assert_eq!(env.disk("pvc-clone")["zones"], json!(["2"]));
+    assert_eq!(c.accessible_topology, vec![zone_topo("eastus-2")]);
+    // A topology admitting it, not first: still the source's zone.
+    let mut r = clone_of("pvc-clone2");
+    in_zones(&mut r, &["eastus-1", "eastus-2"]);
+    env.create(r).await.unwrap();
+    assert_eq!(env.disk("pvc-clone2")["zones"], json!(["2"]));
+    // A topology that excludes it.
+    let mut r = clone_of("pvc-clone3");
+    in_zones(&mut r, &["eastus-1"]);
+    let e = env.create(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("eastus-2"), "{}", e.message());
+    // A snapshot of it restores into another zone.
+    let snap = env.snapshot(&src.volume_id, "snap-z").await.unwrap();
+    let mut r = create_req("pvc-restored", GIB, &[]);
+    r.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(SourceType::Snapshot(SnapshotSource {
+            snapshot_id: snap.snapshot_id,
+        })),
+    });
+    in_zones(&mut r, &["eastus-1"]);
+    env.create(r).await.unwrap();
+    assert_eq!(env.disk("pvc-restored")["zones"], json!(["1"]));
+    env.assert_clean();
+}
+
+/// Topology as Azure's disk CSI driver has it: nodes in no zone publish
+/// `zone=""`, and disks in no zone are accessible from there only; zone-
+/// redundant SKUs are regional and accessible from everywhere; Premium SSD v2
+/// and Ultra need a zone; new disks are closed to the network.
+#[tokio::test]
+async fn regional_disks_zone_redundant_skus_and_zone_only_skus() {
+    let env = setup().await;
+    // No topology asked: a disk in no zone, for nodes in no zone.
+    let v = env.create(create_req("pvc-reg", GIB, &[])).await.unwrap();
+    assert!(env.disk("pvc-reg").get("zones").is_none());
+    assert_eq!(v.accessible_topology, vec![zone_topo("")]);
+    let props = &env.disk("pvc-reg")["properties"];
+    assert_eq!(props["networkAccessPolicy"], "DenyAll");
+    assert_eq!(props["publicNetworkAccess"], "Disabled");
+    // Asked for by nodes in no zone.
+    let mut r = create_req("pvc-reg2", GIB, &[]);
+    in_zones(&mut r, &[""]);
+    let v = env.create(r).await.unwrap();
+    assert!(env.disk("pvc-reg2").get("zones").is_none());
+    assert_eq!(v.accessible_topology, vec![zone_topo("")]);
+    // Zone-redundant: no zone whatever the topology, accessible everywhere.
+    let mut r = create_req("pvc-zrs", GIB, &[("skuName", "Premium_ZRS")]);
+    in_zones(&mut r, &["eastus-1"]);
+    let v = env.create(r).await.unwrap();
+    assert!(env.disk("pvc-zrs").get("zones").is_none());
+    assert_eq!(v.accessible_topology, vec![]);
+    // Premium SSD v2 without a zone: refused; a zone is picked past "".
+    let e = env
+        .create(create_req("pvc-v2", GIB, &[("skuName", "PremiumV2_LRS")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    let mut r = create_req("pvc-v2", GIB, &[("skuName", "PremiumV2_LRS")]);
+    in_zones(&mut r, &["", "eastus-3"]);
+    env.create(r).await.unwrap();
+    assert_eq!(env.disk("pvc-v2")["zones"], json!(["3"]));
+    let mut r = create_req("pvc-u", GIB, &[("skuName", "UltraSSD_LRS")]);
+    in_zones(&mut r, &[""]);
+    let e = env.create(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    // Capacity for nodes in no zone.
+    let here = env
+        .ctl
+        .get_capacity(Request::new(GetCapacityRequest {
+            accessible_topology: Some(zone_topo("")),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(here.available_capacity > 0);
+    env.assert_clean();
 }
