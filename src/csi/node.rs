@@ -214,6 +214,7 @@ impl NodeService {
                 }
                 Ok(mount::loopdev::attach(&image).await?)
             }
+            #[cfg(feature = "azure")]
             BackendKind::Azure => {
                 use crate::backend::azure::device;
                 let lun = device::lun_from_context(publish_context)?;
@@ -230,6 +231,7 @@ impl NodeService {
                 device::check_disk_at_lun(&device::ImdsCheck::from_env(), id, lun).await?;
                 Ok(dev)
             }
+            #[cfg(feature = "gcp")]
             BackendKind::Gcp => {
                 crate::backend::gcp::node::block_device(
                     &crate::backend::gcp::node::DeviceRoots::default(),
@@ -239,6 +241,12 @@ impl NodeService {
                 )
                 .await
             }
+            // A volume of a cloud this build left out (Cargo features).
+            #[allow(unreachable_patterns)]
+            other => Err(Status::failed_precondition(format!(
+                "volume {id}: this build has no {other} backend (built without the Cargo \
+                 feature `{other}`)"
+            ))),
         }
     }
 
