@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod cloud;
 pub mod config;
 pub mod crypt;
 pub mod csi;

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use cryptdisk_csi::backend::LocalBackend;
+#[cfg(feature = "azure")]
 use cryptdisk_csi::backend::azure::{self, AzureBackend};
+#[cfg(feature = "gcp")]
 use cryptdisk_csi::backend::gcp::{self, GcpBackend, GcpConfig};
 use cryptdisk_csi::config::{DriverName, Endpoint};
 use cryptdisk_csi::crypt::MapperName;
@@ -319,7 +321,7 @@ struct ControllerArgs {
     /// the variables say it all. Only with --backend azure.
     #[arg(
         long,
-        default_value = azure::config::DEFAULT_CONFIG_FILE,
+        default_value = AZURE_CONFIG_FILE,
         env = "CRYPTDISK_AZURE_CONFIG_FILE"
     )]
     azure_config_file: PathBuf,
@@ -545,6 +547,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Where cloud-provider-azure's config file sits on AKS nodes (the same as
+/// `backend::azure::config::DEFAULT_CONFIG_FILE`, which builds without the
+/// `azure` feature do not have).
+const AZURE_CONFIG_FILE: &str = "/etc/kubernetes/azure.json";
+
+/// The error of a build that left out a cloud backend.
+#[cfg_attr(all(feature = "azure", feature = "gcp"), allow(dead_code))]
+fn not_built(flag: &str, feature: &str) -> Box<dyn std::error::Error> {
+    format!(
+        "{flag} {feature}: this build has no {feature} support (built without the Cargo \
+         feature `{feature}`; the release image has every backend)"
+    )
+    .into()
+}
+
 async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Controller(args) => {
@@ -710,12 +727,21 @@ fn controller_service(
             let backend = LocalBackend::open(&local.data_dir, &node, local.capacity_bytes)?;
             Ok(ControllerService::new(Arc::new(backend), Some(vec![node])))
         }
-        other => Err(format!("--backend {other:?}: expected local or gcp").into()),
+        other => Err(format!("--backend {other:?}: expected local, azure or gcp").into()),
     }
+}
+
+#[cfg(not(feature = "gcp"))]
+async fn gcp_controller(
+    _args: &GcpArgs,
+    _driver_name: &str,
+) -> Result<ControllerService, Box<dyn std::error::Error>> {
+    Err(not_built("--backend", "gcp"))
 }
 
 /// The gcp backend, its project and default zone from the flags or the
 /// metadata server.
+#[cfg(feature = "gcp")]
 async fn gcp_controller(
     args: &GcpArgs,
     driver_name: &str,
@@ -742,63 +768,93 @@ async fn node_identity(
 ) -> Result<(NodeIdArgs, BTreeMap<String, String>), Box<dyn std::error::Error>> {
     match cloud {
         Cloud::Local => Ok((args, BTreeMap::new())),
-        Cloud::Azure => {
-            let imds = azure::config::imds_endpoint(|k| std::env::var(k).ok());
-            let facts = azure::imds::node_facts(&imds, args.node_id.clone(), args.max_volumes)
-                .await
-                .map_err(|e| format!("--cloud azure: {e}"))?;
-            cryptdisk_csi::csi::validate::node_id("node id", &facts.node_id)
-                .map_err(|e| format!("--cloud azure: {}", e.message()))?;
-            let topology = facts.topology();
-            Ok((
-                NodeIdArgs {
-                    node_id: Some(facts.node_id),
-                    max_volumes: Some(facts.max_volumes),
-                    ..args
-                },
-                topology,
-            ))
-        }
-        Cloud::Gcp => {
-            let metadata = gcp::metadata::Metadata::from_env()?;
-            let node = match args.node_id.as_deref() {
-                Some(id) => gcp::NodeName::parse(id).ok_or_else(|| {
-                    format!(
-                        "--node-id {id:?}: with --cloud gcp a node id is <zone>.<instance>, \
-                         which the controller needs to attach disks"
-                    )
-                })?,
-                None => gcp::NodeName {
-                    zone: metadata.zone().await?,
-                    instance: metadata.instance_name().await?,
-                },
-            };
-            let node_id = node.to_string();
-            cryptdisk_csi::csi::validate::node_id("node id", &node_id)
-                .map_err(|e| e.message().to_string())?;
-            let max_volumes = match args.max_volumes {
-                Some(m) => m,
-                None => {
-                    let machine_type = metadata.machine_type().await?;
-                    let max = gcp::node::max_volumes_for(&machine_type);
-                    tracing::info!(%machine_type, max_volumes = max, "attach limit");
-                    max
-                }
-            };
-            let topology = BTreeMap::from([(gcp::TOPOLOGY_ZONE.to_string(), node.zone.clone())]);
-            Ok((
-                NodeIdArgs {
-                    node_id: Some(node_id),
-                    max_volumes: Some(max_volumes),
-                    ..args
-                },
-                topology,
-            ))
-        }
+        Cloud::Azure => azure_node_identity(args).await,
+        Cloud::Gcp => gcp_node_identity(args).await,
     }
 }
 
+type NodeFacts = (NodeIdArgs, BTreeMap<String, String>);
+
+#[cfg(not(feature = "azure"))]
+async fn azure_node_identity(_args: NodeIdArgs) -> Result<NodeFacts, Box<dyn std::error::Error>> {
+    Err(not_built("--cloud", "azure"))
+}
+
+/// Node id, zone and attach limit of an Azure VM, from IMDS.
+#[cfg(feature = "azure")]
+async fn azure_node_identity(args: NodeIdArgs) -> Result<NodeFacts, Box<dyn std::error::Error>> {
+    let imds = azure::config::imds_endpoint(|k| std::env::var(k).ok());
+    let facts = azure::imds::node_facts(&imds, args.node_id.clone(), args.max_volumes)
+        .await
+        .map_err(|e| format!("--cloud azure: {e}"))?;
+    cryptdisk_csi::csi::validate::node_id("node id", &facts.node_id)
+        .map_err(|e| format!("--cloud azure: {}", e.message()))?;
+    let topology = facts.topology();
+    Ok((
+        NodeIdArgs {
+            node_id: Some(facts.node_id),
+            max_volumes: Some(facts.max_volumes),
+            ..args
+        },
+        topology,
+    ))
+}
+
+#[cfg(not(feature = "gcp"))]
+async fn gcp_node_identity(_args: NodeIdArgs) -> Result<NodeFacts, Box<dyn std::error::Error>> {
+    Err(not_built("--cloud", "gcp"))
+}
+
+/// Node id (`<zone>.<instance>`), zone and attach limit of a GCE VM, from the
+/// metadata server.
+#[cfg(feature = "gcp")]
+async fn gcp_node_identity(args: NodeIdArgs) -> Result<NodeFacts, Box<dyn std::error::Error>> {
+    let metadata = gcp::metadata::Metadata::from_env()?;
+    let node = match args.node_id.as_deref() {
+        Some(id) => gcp::NodeName::parse(id).ok_or_else(|| {
+            format!(
+                "--node-id {id:?}: with --cloud gcp a node id is <zone>.<instance>, \
+                 which the controller needs to attach disks"
+            )
+        })?,
+        None => gcp::NodeName {
+            zone: metadata.zone().await?,
+            instance: metadata.instance_name().await?,
+        },
+    };
+    let node_id = node.to_string();
+    cryptdisk_csi::csi::validate::node_id("node id", &node_id)
+        .map_err(|e| e.message().to_string())?;
+    let max_volumes = match args.max_volumes {
+        Some(m) => m,
+        None => {
+            let machine_type = metadata.machine_type().await?;
+            let max = gcp::node::max_volumes_for(&machine_type);
+            tracing::info!(%machine_type, max_volumes = max, "attach limit");
+            max
+        }
+    };
+    let topology = BTreeMap::from([(gcp::TOPOLOGY_ZONE.to_string(), node.zone.clone())]);
+    Ok((
+        NodeIdArgs {
+            node_id: Some(node_id),
+            max_volumes: Some(max_volumes),
+            ..args
+        },
+        topology,
+    ))
+}
+
+#[cfg(not(feature = "azure"))]
+fn azure_controller(
+    _config_file: &std::path::Path,
+    _driver: &DriverName,
+) -> Result<ControllerService, Box<dyn std::error::Error>> {
+    Err(not_built("--backend", "azure"))
+}
+
 /// The controller of the Azure backend, configured from azure.json and the environment.
+#[cfg(feature = "azure")]
 fn azure_controller(
     config_file: &std::path::Path,
     driver: &DriverName,

@@ -15,7 +15,9 @@
 //! routing error and fails with [`Error::InvalidArgument`]; as a list filter it
 //! simply matches nothing.
 
+#[cfg(feature = "azure")]
 pub mod azure;
+#[cfg(feature = "gcp")]
 pub mod gcp;
 pub mod local;
 

@@ -214,6 +214,7 @@ impl NodeService {
                 }
                 Ok(mount::loopdev::attach(&image).await?)
             }
+            #[cfg(feature = "azure")]
             BackendKind::Azure => {
                 use crate::backend::azure::device;
                 let lun = device::lun_from_context(publish_context)?;
@@ -229,6 +230,7 @@ impl NodeService {
                 )
                 .await?)
             }
+            #[cfg(feature = "gcp")]
             BackendKind::Gcp => {
                 crate::backend::gcp::node::block_device(
                     &crate::backend::gcp::node::DeviceRoots::default(),
@@ -238,6 +240,12 @@ impl NodeService {
                 )
                 .await
             }
+            // A volume of a cloud this build left out (Cargo features).
+            #[allow(unreachable_patterns)]
+            other => Err(Status::failed_precondition(format!(
+                "volume {id}: this build has no {other} backend (built without the Cargo \
+                 feature `{other}`)"
+            ))),
         }
     }
 

@@ -27,7 +27,7 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::backend::gcp::metadata;
+use crate::cloud::gcp_metadata as metadata;
 
 /// Key Vault REST API version used for `unwrapKey`.
 pub const AZURE_KEYVAULT_API_VERSION: &str = "7.4";
@@ -562,7 +562,7 @@ fn base(url: &str) -> &str {
 /// A client with the request time limit and no redirects. Metadata servers are
 /// reached directly: a proxy from the environment must not see their tokens.
 fn client(cfg: &WrapConfig, metadata: bool) -> Result<reqwest::Client, WrapError> {
-    let mut builder = reqwest::Client::builder()
+    let mut builder = crate::cloud::http_client_builder()
         .timeout(cfg.timeout)
         .connect_timeout(cfg.timeout)
         .redirect(reqwest::redirect::Policy::none());

@@ -303,7 +303,7 @@ impl Drop for Cluster {
 impl Api {
     pub fn new(server: &str, ca_pem: &str, token: &str) -> Result<Api, String> {
         let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).map_err(|e| e.to_string())?;
-        let http = reqwest::Client::builder()
+        let http = cryptdisk_csi::cloud::http_client_builder()
             .add_root_certificate(ca)
             .tls_built_in_root_certs(false)
             .timeout(Duration::from_secs(30))

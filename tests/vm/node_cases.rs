@@ -1269,24 +1269,43 @@ impl cryptdisk_csi::proto::kms::api_server::Api for SlowKms {
     }
 }
 
-pub struct Process(std::process::Child);
+/// A driver process a case started, with the file its stderr goes to.
+pub struct Process(std::process::Child, PathBuf);
 
 impl Drop for Process {
     fn drop(&mut self) {
+        // A process that ended before the case stopped it died on its own
+        // (a crash, a panic, a signal): its log is about to go with the case's
+        // directory, so its last lines go to the tier's output.
+        if let Ok(Some(status)) = self.0.try_wait() {
+            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "    {} ended on its own ({status}); its last log lines:",
+                self.1.display()
+            );
+            for line in tail.iter().rev() {
+                eprintln!("      {line}");
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
 pub fn spawn(dir: &Path, log: &str, args: &[String]) -> Result<Process, String> {
-    let log = check!(std::fs::File::create(dir.join(log)));
-    Ok(Process(check!(
-        std::process::Command::new(env!("CARGO_BIN_EXE_cryptdisk-csi"))
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-    )))
+    let path = dir.join(log);
+    let log = check!(std::fs::File::create(&path));
+    Ok(Process(
+        check!(
+            std::process::Command::new(env!("CARGO_BIN_EXE_cryptdisk-csi"))
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+        ),
+        path,
+    ))
 }
 
 pub async fn wait_socket(path: &Path) -> CaseResult {

@@ -90,7 +90,7 @@ pub async fn instance(
 ) -> Result<Instance, ImdsError> {
     let url = format!("{}/metadata/instance", endpoint.trim_end_matches('/'));
     // IMDS is reached directly: a proxy from the environment must not see it.
-    let client = reqwest::Client::builder()
+    let client = crate::cloud::http_client_builder()
         .no_proxy()
         .timeout(Duration::from_secs(10))
         .build()

@@ -94,7 +94,7 @@ impl AzureBackend {
         // Managed identity tokens come from IMDS, which is reached directly: a
         // proxy from the environment must not see them.
         let token_http = match config.credentials {
-            config::Credentials::ManagedIdentity { .. } => reqwest::Client::builder()
+            config::Credentials::ManagedIdentity { .. } => crate::cloud::http_client_builder()
                 .timeout(config.request_timeout)
                 .redirect(reqwest::redirect::Policy::none())
                 .no_proxy()
@@ -141,7 +141,7 @@ impl AzureBackend {
     /// The HTTP client of ARM and of token requests: time-limited, no redirects
     /// (a bearer token must not follow one).
     pub fn http_client(config: &AzureConfig) -> Result<reqwest::Client> {
-        reqwest::Client::builder()
+        crate::cloud::http_client_builder()
             .timeout(config.request_timeout)
             .connect_timeout(config.request_timeout)
             .redirect(reqwest::redirect::Policy::none())

@@ -137,6 +137,4 @@ pub fn anonymous_credentials() -> Credentials {
 /// rustls needs one process-wide crypto provider; the project links ring only
 /// (tonic's TLS uses it too), so it is installed before any Google client is
 /// built. Installing twice is harmless.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+pub use crate::cloud::install_crypto_provider;
