@@ -23,7 +23,6 @@ use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::storage::v1::VolumeAttachment;
-use kube::Resource as _;
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use kube::runtime::reflector::store::{Store, Writer};
 use kube::runtime::watcher;
@@ -503,7 +502,7 @@ impl KubeAuthorizer {
         }
         let review = TokenReview {
             spec: TokenReviewSpec {
-                token: Some(token.to_string()),
+                token: token.to_string(),
                 audiences: Some(vec![self.settings.audience.clone()]),
             },
             ..Default::default()
