@@ -17,6 +17,7 @@ use cryptdisk_csi::crypt::MapperName;
 use cryptdisk_csi::csi::controller::ControllerService;
 use cryptdisk_csi::csi::identity::IdentityService;
 use cryptdisk_csi::csi::node::{NodeConfig, NodeService, TOPOLOGY_NODE};
+use cryptdisk_csi::kms::authz::{Authorizer, NoneAuthorizer};
 use cryptdisk_csi::kms::client::{GrpcKeySource, KmsAddress};
 use cryptdisk_csi::kms::server::{KmsService, MasterSecret};
 use cryptdisk_csi::kms::tls::TlsFiles;
@@ -513,6 +514,78 @@ struct KmsArgs {
     /// process's file descriptor limit allows.
     #[arg(long, default_value_t = server::accept::DEFAULT_MAX_CONNECTIONS, env = "CRYPTDISK_KMS_MAX_CONNECTIONS")]
     max_connections: usize,
+
+    /// Who may have a volume's key (GetVolumeKey): `kubernetes` (the node a
+    /// VolumeAttachment of the volume's PV names, proven by a TokenReview of
+    /// its bound service-account token), `local` (the volumes the local
+    /// backend in --local-state has published to this machine) or `none` (no
+    /// check at all: with --insecure on loopback or a unix socket, for tests).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "kubernetes",
+        env = "CRYPTDISK_KMS_AUTHORIZER"
+    )]
+    authorizer: AuthorizerKind,
+
+    /// Kubeconfig for `--authorizer kubernetes`; default: the pod's in-cluster
+    /// service account.
+    #[arg(long, env = "CRYPTDISK_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+
+    /// The audience node tokens must be issued for (the projected token's
+    /// `audience`).
+    #[arg(
+        long,
+        default_value = "cryptdisk-kms",
+        env = "CRYPTDISK_KMS_TOKEN_AUDIENCE"
+    )]
+    token_audience: String,
+
+    /// NAMESPACE/NAME of the node plugin's service account: tokens of any other
+    /// account are refused.
+    #[arg(
+        long,
+        default_value = "kube-system/cryptdisk-node",
+        env = "CRYPTDISK_KMS_NODE_SERVICE_ACCOUNT"
+    )]
+    node_service_account: String,
+
+    /// The CSI driver whose VolumeAttachments and PersistentVolumes grant keys.
+    #[arg(
+        long,
+        default_value = "cryptdisk.csi.io",
+        env = "CRYPTDISK_DRIVER_NAME"
+    )]
+    driver_name: DriverName,
+
+    /// Seconds the authorization cache may go without hearing from the API
+    /// server before every GetVolumeKey is answered UNAVAILABLE (fail closed).
+    #[arg(
+        long,
+        default_value_t = 30,
+        env = "CRYPTDISK_KMS_AUTHORIZATION_MAX_STALENESS"
+    )]
+    authorization_max_staleness: u64,
+
+    /// Serve v1 keys (Constellation's derivation, bound to no volume):
+    /// GetDataKey and GetVersionedDataKey, and GetVolumeKey with
+    /// DERIVATION_V1. Off by default; for volumes formatted before v2 keys,
+    /// until their next read-write stage moves them to v2.
+    #[arg(long, env = "CRYPTDISK_KMS_ALLOW_V1_KEYS")]
+    allow_v1_keys: bool,
+
+    /// For `--authorizer local`: the local backend's state directory.
+    #[arg(long, env = "CRYPTDISK_KMS_LOCAL_STATE")]
+    local_state: Option<PathBuf>,
+}
+
+/// `--authorizer`: who decides which node may have which volume's key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum AuthorizerKind {
+    Kubernetes,
+    Local,
+    None,
 }
 
 fn main() -> ExitCode {
@@ -929,13 +1002,86 @@ async fn serve_csi(
     Ok(())
 }
 
+/// The authorizer `--authorizer` names, built and started.
+async fn kms_authorizer(args: &KmsArgs) -> Result<Arc<dyn Authorizer>, Box<dyn std::error::Error>> {
+    match args.authorizer {
+        AuthorizerKind::None => {
+            // Without a per-volume check, anyone who reaches the KMS gets any
+            // key: only the machine itself may reach it.
+            if !args.listen.is_local() {
+                return Err(format!(
+                    "--authorizer none hands any volume's key to any caller; it is allowed only \
+                     on a unix socket or a loopback address (tests), not on {}",
+                    args.listen
+                )
+                .into());
+            }
+            tracing::warn!(
+                "UNSAFE: --authorizer none: GetVolumeKey serves every volume's key to every \
+                 caller, scoped to the volume id it names; for tests only"
+            );
+            Ok(Arc::new(NoneAuthorizer))
+        }
+        AuthorizerKind::Local => {
+            let state = args.local_state.as_deref().ok_or(
+                "--authorizer local needs --local-state (the local backend's state directory)",
+            )?;
+            local_authorizer(state)
+        }
+        AuthorizerKind::Kubernetes => kube_authorizer(args).await,
+    }
+}
+
+/// `--authorizer local`: the volumes the local backend in `state` has
+/// published to this machine. The seam `dev`'s authorizer plugs into.
+fn local_authorizer(
+    state: &std::path::Path,
+) -> Result<Arc<dyn Authorizer>, Box<dyn std::error::Error>> {
+    Err(format!(
+        "--authorizer local (state {}) is not available in this build",
+        state.display()
+    )
+    .into())
+}
+
+#[cfg(feature = "kubernetes")]
+async fn kube_authorizer(
+    args: &KmsArgs,
+) -> Result<Arc<dyn Authorizer>, Box<dyn std::error::Error>> {
+    use cryptdisk_csi::kms::kube;
+    let settings = kube::Settings {
+        audience: args.token_audience.clone(),
+        node_account: args.node_service_account.parse()?,
+        driver: args.driver_name.to_string(),
+        max_staleness: Duration::from_secs(args.authorization_max_staleness.max(1)),
+    };
+    let client = kube::client(args.kubeconfig.as_deref()).await?;
+    tracing::info!(
+        audience = %settings.audience,
+        node_account = %settings.node_account.username(),
+        driver = %settings.driver,
+        max_staleness_s = settings.max_staleness.as_secs(),
+        "authorizing key requests against the Kubernetes API"
+    );
+    Ok(Arc::new(kube::KubeAuthorizer::start(client, settings)))
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn kube_authorizer(_: &KmsArgs) -> Result<Arc<dyn Authorizer>, Box<dyn std::error::Error>> {
+    Err("--authorizer kubernetes: this binary was built without the `kubernetes` feature".into())
+}
+
 /// How long one KMS request may take, queueing included.
 const KMS_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests in flight on one KMS connection; HTTP/2 streams beyond it are refused.
 const KMS_STREAMS_PER_CONNECTION: usize = 64;
 
 async fn serve_kms(args: KmsArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let tls = match (args.tls_cert_file, args.tls_key_file, args.client_ca_file) {
+    let tls = match (
+        args.tls_cert_file.clone(),
+        args.tls_key_file.clone(),
+        args.client_ca_file.clone(),
+    ) {
         (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
         // Plaintext hands a key to whoever reaches the port: only this machine may.
         _ if args.insecure && !args.listen.is_local() => {
@@ -976,8 +1122,17 @@ async fn serve_kms(args: KmsArgs) -> Result<(), Box<dyn std::error::Error>> {
         Some(files) => builder = builder.tls_config(files.server_config(handshake)?)?,
         None => tracing::warn!("serving the KMS without TLS (--insecure)"),
     }
-    let service = ApiServer::new(KmsService::new(master))
-        .max_decoding_message_size(cryptdisk_csi::kms::server::MAX_REQUEST_SIZE);
+    let authorizer = kms_authorizer(&args).await?;
+    if args.allow_v1_keys {
+        tracing::warn!(
+            "serving v1 keys (--allow-v1-keys): GetDataKey and GetVersionedDataKey hand any \
+             client that passes TLS the key of any id, bound to no volume; keep this on only \
+             while volumes formatted before v2 keys remain"
+        );
+    }
+    let service =
+        ApiServer::new(KmsService::new(master, authorizer).allow_v1_keys(args.allow_v1_keys))
+            .max_decoding_message_size(cryptdisk_csi::kms::server::MAX_REQUEST_SIZE);
     let router = builder.add_service(service);
     let limits = server::Limits {
         max_connections: args.max_connections,

@@ -82,6 +82,9 @@ struct Kms {
 }
 
 impl Kms {
+    /// A KMS that serves the legacy v1 methods these cases test (the node's
+    /// client asks with GetVersionedDataKey): no per-volume authorizer, and
+    /// `--allow-v1-keys`.
     fn start(args: &[String], log: PathBuf) -> Kms {
         Kms::start_with_fd_limit(args, log, None)
     }
@@ -89,6 +92,13 @@ impl Kms {
     /// As [`Kms::start`], with the process's soft limit on open files set to
     /// `fds` (as many container runtimes start it at 1024).
     fn start_with_fd_limit(args: &[String], log: PathBuf, fds: Option<u64>) -> Kms {
+        let mut args = args.to_vec();
+        args.extend(["--authorizer=none".into(), "--allow-v1-keys".into()]);
+        Kms::spawn(&args, log, fds)
+    }
+
+    /// The KMS with exactly `args` (its defaults: no v1 keys).
+    fn spawn(args: &[String], log: PathBuf, fds: Option<u64>) -> Kms {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -463,6 +473,7 @@ async fn a_master_secret_wrapped_by_gcp_kms_is_unwrapped_at_start() {
             .arg(format!("--master-secret-file={}", master.display()))
             .arg(format!("--salt-file={}", salt.display()))
             .arg(format!("--master-secret-wrapped-by={key}"))
+            .args(["--authorizer=none", "--allow-v1-keys"])
             .env("GCE_METADATA_HOST", fake.to_string())
             .env("CRYPTDISK_GCP_KMS_ENDPOINT", format!("http://{fake}"))
             .stdout(Stdio::null())
@@ -734,4 +745,175 @@ async fn idle_connections_and_oversized_requests_do_not_starve_a_node() {
             other => panic!("an idle connection is still open: {other:?}"),
         }
     }
+}
+
+/// GetVolumeKey over the real binary: the v2 key under the volume's scope; a
+/// KMS without `--allow-v1-keys` refuses every v1 key (GetDataKey,
+/// GetVersionedDataKey, DERIVATION_V1) with PERMISSION_DENIED; each request
+/// leaves one audit line with the volume and key id, never the key or token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_volume_key_serves_v2_and_v1_keys_only_when_allowed() {
+    use cryptdisk_csi::proto::kms::{
+        Derivation, GetDataKeyRequest, GetVersionedDataKeyRequest, GetVolumeKeyRequest,
+        api_client::ApiClient,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let master = secret_file(dir.path(), "master.key", &[1; 32]);
+    let salt = secret_file(dir.path(), "salt", &[2; 32]);
+    let socket = dir.path().join("kms.sock");
+    let kms = Kms::spawn(
+        &[
+            format!("--listen=unix://{}", socket.display()),
+            "--insecure".into(),
+            "--authorizer=none".into(),
+            format!("--master-secret-file={}", master.display()),
+            format!("--salt-file={}", salt.display()),
+        ],
+        dir.path().join("kms.log"),
+        None,
+    );
+    let channel = cryptdisk_csi::client::connect(
+        &cryptdisk_csi::config::Endpoint::Unix(socket.clone()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let mut api = ApiClient::new(channel);
+    let token = "secret-token-never-logged";
+    let volume_key = |derivation: Derivation| {
+        let mut r = tonic::Request::new(GetVolumeKeyRequest {
+            data_key_id: KEY_ID.into(),
+            length: 32,
+            key_version: 0,
+            volume_id: "local:node-a:vol-1".into(),
+            derivation: derivation.into(),
+        });
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    };
+    let got = api
+        .get_volume_key(volume_key(Derivation::Unspecified))
+        .await
+        .unwrap()
+        .into_inner();
+    let want =
+        cryptdisk_csi::kms::derive_scoped_key(&[1; 32], &[2; 32], "local:node-a:vol-1", KEY_ID, 32)
+            .unwrap();
+    assert_eq!(got.data_key, want.expose());
+    assert_eq!(got.key_version, 1);
+    assert_eq!(got.derivation, i32::from(Derivation::V2));
+    let v2 = api
+        .get_volume_key(volume_key(Derivation::V2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v2.data_key, want.expose());
+
+    let v1 = api
+        .get_volume_key(volume_key(Derivation::V1))
+        .await
+        .unwrap_err();
+    assert_eq!(v1.code(), tonic::Code::PermissionDenied, "{v1:?}");
+    assert!(v1.message().contains("--allow-v1-keys"), "{v1:?}");
+    let legacy = api
+        .get_data_key(GetDataKeyRequest {
+            data_key_id: KEY_ID.into(),
+            length: 32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(legacy.code(), tonic::Code::PermissionDenied, "{legacy:?}");
+    let versioned = api
+        .get_versioned_data_key(GetVersionedDataKeyRequest {
+            data_key_id: KEY_ID.into(),
+            length: 32,
+            key_version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(versioned.code(), tonic::Code::PermissionDenied);
+    // Bad requests are refused before any authorization.
+    let mut bad = volume_key(Derivation::V2);
+    bad.get_mut().volume_id.clear();
+    assert_eq!(
+        api.get_volume_key(bad).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    let mut bad = volume_key(Derivation::V2);
+    bad.get_mut().derivation = 7;
+    assert_eq!(
+        api.get_volume_key(bad).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = kms.log();
+    assert!(log.contains("UNSAFE: --authorizer none"), "{log}");
+    let served: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("volume key served"))
+        .collect();
+    assert_eq!(served.len(), 2, "{log}");
+    for line in &served {
+        assert!(
+            line.contains("local:node-a:vol-1") && line.contains(KEY_ID),
+            "{line}"
+        );
+        assert!(line.contains("v2"), "{line}");
+    }
+    assert!(
+        log.lines().any(|l| l.contains("volume key refused")
+            && l.contains("v1")
+            && l.contains("PermissionDenied")),
+        "{log}"
+    );
+    assert!(log.lines().any(|l| l.contains("data key refused")), "{log}");
+    assert!(!log.contains(token), "{log}");
+    assert!(!log.contains(&hex::encode(want.expose())), "{log}");
+}
+
+/// `--authorizer none` only where nothing but this machine can connect, and
+/// `--authorizer kubernetes` (the default) needs a Kubernetes configuration.
+#[test]
+fn unsafe_or_unconfigured_authorizers_refuse_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = secret_file(dir.path(), "master.key", &[1; 32]);
+    let salt = secret_file(dir.path(), "salt", &[2; 32]);
+    let pki = Pki {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let ca = ca("cluster CA");
+    let ca_file = pki.write("ca.crt", &ca.pem);
+    let (cert, key) = leaf(&ca, "localhost", false, false);
+    let run = |extra: &[&str]| {
+        Command::new(BIN)
+            .arg("kms")
+            .arg(format!("--master-secret-file={}", master.display()))
+            .arg(format!("--salt-file={}", salt.display()))
+            .arg(format!(
+                "--tls-cert-file={}",
+                pki.write("kms.crt", &cert).display()
+            ))
+            .arg(format!(
+                "--tls-key-file={}",
+                pki.write("kms.key", &key).display()
+            ))
+            .arg(format!("--client-ca-file={}", ca_file.display()))
+            .args(extra)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--listen=tcp://0.0.0.0:0", "--authorizer=none"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--authorizer none") && err.contains("loopback"),
+        "{err}"
+    );
+    let out = run(&["--listen=tcp://127.0.0.1:0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--kubeconfig"), "{err}");
 }

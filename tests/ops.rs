@@ -342,6 +342,8 @@ fn kms(dir: &Path, tag: &str, secret: &Path, salt: &Path) -> (Kms, String) {
     let socket = dir.join(format!("kms-{tag}.sock"));
     let child = Command::new(BIN)
         .args(["kms", "--insecure"])
+        // The ops tools ask with GetVersionedDataKey (v1 keys, no volume).
+        .args(["--authorizer=none", "--allow-v1-keys"])
         .arg(format!("--listen=unix://{}", socket.display()))
         .arg(format!("--master-secret-file={}", secret.display()))
         .arg(format!("--salt-file={}", salt.display()))

@@ -127,6 +127,7 @@ fn csi_and_kms_sockets_admit_only_their_owner_and_group() {
         "kms".into(),
         format!("--listen=unix://{}", kms.display()),
         "--insecure".into(),
+        "--authorizer=none".into(),
         format!("--master-secret-file={}", secret.display()),
         format!("--salt-file={}", salt.display()),
     ]);
@@ -310,6 +311,7 @@ fn the_kms_holding_keys_is_not_dumpable() {
         .arg("kms")
         .arg(format!("--listen=unix://{}", socket.display()))
         .arg("--insecure")
+        .arg("--authorizer=none")
         .arg(format!("--master-secret-file={}", secret.display()))
         .arg(format!("--salt-file={}", salt.display()))
         .stdout(Stdio::null())

@@ -145,6 +145,9 @@ fn python_grpcio_reaches_a_kms_socket() {
             "kms".into(),
             format!("--listen=unix://{}", socket.display()),
             "--insecure".into(),
+            // The Python client speaks Constellation's GetDataKey (v1).
+            "--authorizer=none".into(),
+            "--allow-v1-keys".into(),
             format!(
                 "--master-secret-file={}",
                 secret_file(dir.path(), "master.key", &[3; 32]).display()

@@ -6,6 +6,8 @@
 
 pub mod authz;
 pub mod client;
+#[cfg(feature = "kubernetes")]
+pub mod kube;
 pub mod locked;
 pub mod server;
 pub mod tls;

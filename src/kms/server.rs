@@ -1,21 +1,27 @@
 //! The cluster KMS's gRPC service: derives data keys from the master secret.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::locked::LockedBytes;
 
-use super::{KEY_LEN_RANGE, MIN_MASTER_SECRET_LEN, derive_data_key};
+use super::authz::{Authorizer, Denial, Grant};
+use super::{Derivation, KEY_LEN_RANGE, MIN_MASTER_SECRET_LEN, derive_data_key, derive_scoped_key};
 use crate::proto::kms::api_server::Api;
 use crate::proto::kms::{
-    GetDataKeyRequest, GetDataKeyResponse, GetVersionedDataKeyRequest, GetVersionedDataKeyResponse,
-    GetVolumeKeyRequest, GetVolumeKeyResponse,
+    Derivation as WireDerivation, GetDataKeyRequest, GetDataKeyResponse,
+    GetVersionedDataKeyRequest, GetVersionedDataKeyResponse, GetVolumeKeyRequest,
+    GetVolumeKeyResponse,
 };
 
 /// Longest data key id accepted; ours are 36-character UUIDs.
 pub const MAX_KEY_ID_LEN: usize = 256;
+
+/// Longest CSI volume id accepted (the CSI spec's own bound is 128 bytes).
+pub const MAX_VOLUME_ID_LEN: usize = 256;
 
 /// Largest request message the KMS decodes. Today's requests are under 300
 /// bytes; this leaves room for a node's bound service-account token (about a
@@ -169,6 +175,28 @@ impl MasterSecret {
         Ok((derive_data_key(secret, &self.salt, id, len)?, version))
     }
 
+    /// The key of `id` under `derivation` (within `scope` for v2) from
+    /// `version` (the current one when `None`), with the version used.
+    pub fn derive_volume_key(
+        &self,
+        derivation: Derivation,
+        scope: &str,
+        id: &str,
+        len: usize,
+        version: Option<u32>,
+    ) -> Result<(super::DataKey, u32), VersionError> {
+        let version = version.unwrap_or_else(|| self.current_version());
+        let secret = self
+            .versions
+            .get(&version)
+            .ok_or(VersionError::Unknown(version))?;
+        let key = match derivation {
+            Derivation::V1 => derive_data_key(secret, &self.salt, id, len)?,
+            Derivation::V2 => derive_scoped_key(secret, &self.salt, scope, id, len)?,
+        };
+        Ok((key, version))
+    }
+
     /// A fresh random secret and salt, for `dev`.
     pub fn generate() -> Self {
         use rand_core::{OsRng, RngCore};
@@ -297,15 +325,31 @@ fn read_secret_file(path: &Path, what: &'static str) -> Result<Zeroizing<Vec<u8>
 
 pub struct KmsService {
     master: MasterSecret,
+    authorizer: Arc<dyn Authorizer>,
+    /// Serve keys bound to no volume (v1: GetDataKey, GetVersionedDataKey,
+    /// GetVolumeKey with DERIVATION_V1), for volumes not yet migrated.
+    allow_v1_keys: bool,
     in_flight: tokio::sync::Semaphore,
 }
 
 impl KmsService {
-    pub fn new(master: MasterSecret) -> Self {
+    /// A KMS that serves v2 keys to whom `authorizer` allows, and no v1 keys
+    /// (see [`KmsService::allow_v1_keys`]).
+    pub fn new(master: MasterSecret, authorizer: Arc<dyn Authorizer>) -> Self {
         KmsService {
             master,
+            authorizer,
+            allow_v1_keys: false,
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         }
+    }
+
+    /// Also serves v1 keys (Constellation's derivation, bound to no volume):
+    /// GetDataKey and GetVersionedDataKey to any client that passed TLS, and
+    /// GetVolumeKey with DERIVATION_V1 to the authorized node. For migration.
+    pub fn allow_v1_keys(mut self, allow: bool) -> Self {
+        self.allow_v1_keys = allow;
+        self
     }
 
     async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
@@ -313,6 +357,52 @@ impl KmsService {
             .acquire()
             .await
             .map_err(|_| Status::unavailable("the KMS is shutting down"))
+    }
+
+    /// The legacy methods carry no volume id, so nothing can be authorized:
+    /// they exist for Constellation compatibility and migration only.
+    fn legacy_allowed(&self, method: &str) -> Result<(), Status> {
+        if self.allow_v1_keys {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "{method} serves v1 keys, which are bound to no volume and authorized for no node; \
+             this KMS serves them only with --allow-v1-keys (migration). Node plugins ask with GetVolumeKey"
+        )))
+    }
+}
+
+/// The bearer token of a request's `authorization` header; `Ok(None)` when
+/// the header is absent. The token itself is never logged.
+fn bearer_token<T>(request: &Request<T>) -> Result<Option<String>, Denial> {
+    let Some(value) = request.metadata().get("authorization") else {
+        return Ok(None);
+    };
+    let malformed = || Denial::BadToken("the authorization header is not `Bearer <token>`".into());
+    let value = value.to_str().map_err(|_| malformed())?;
+    let (scheme, token) = value.split_once(' ').ok_or_else(malformed)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(malformed());
+    }
+    Ok(Some(token.to_string()))
+}
+
+/// The derivation a GetVolumeKey request asks for (UNSPECIFIED means v2).
+fn wire_derivation(value: i32) -> Result<Derivation, Status> {
+    match WireDerivation::try_from(value) {
+        Ok(WireDerivation::Unspecified | WireDerivation::V2) => Ok(Derivation::V2),
+        Ok(WireDerivation::V1) => Ok(Derivation::V1),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "derivation {value} is not one of DERIVATION_UNSPECIFIED, DERIVATION_V1, DERIVATION_V2"
+        ))),
+    }
+}
+
+fn to_wire(derivation: Derivation) -> WireDerivation {
+    match derivation {
+        Derivation::V1 => WireDerivation::V1,
+        Derivation::V2 => WireDerivation::V2,
     }
 }
 
@@ -325,7 +415,8 @@ impl Api for KmsService {
         let _slot = self.slot().await?;
         let client = client_of(&request);
         let req = request.into_inner();
-        let result = Self::check(&req.data_key_id, req.length).and_then(|len| {
+        let result = self.legacy_allowed("GetDataKey").and_then(|()| {
+            let len = Self::check(&req.data_key_id, req.length)?;
             self.master
                 .derive(&req.data_key_id, len)
                 .map_err(|e| Status::invalid_argument(e.to_string()))
@@ -346,7 +437,8 @@ impl Api for KmsService {
         let client = client_of(&request);
         let req = request.into_inner();
         let wanted = (req.key_version != 0).then_some(req.key_version);
-        let result = Self::check(&req.data_key_id, req.length).and_then(|len| {
+        let result = self.legacy_allowed("GetVersionedDataKey").and_then(|()| {
+            let len = Self::check(&req.data_key_id, req.length)?;
             self.master
                 .derive_version(&req.data_key_id, len, wanted)
                 .map_err(|e| match e {
@@ -366,11 +458,116 @@ impl Api for KmsService {
 
     async fn get_volume_key(
         &self,
-        _request: Request<GetVolumeKeyRequest>,
+        request: Request<GetVolumeKeyRequest>,
     ) -> Result<Response<GetVolumeKeyResponse>, Status> {
-        // Replaced by the authorizing implementation (issue 20); until then
-        // no key is served through this method.
-        Err(Status::unimplemented("GetVolumeKey is not served yet"))
+        let _slot = self.slot().await?;
+        let client = client_of(&request);
+        let token = bearer_token(&request);
+        let req = request.into_inner();
+        let mut audit = VolumeAudit {
+            client: &client,
+            node: None,
+            req: &req,
+            derivation: None,
+            version: req.key_version,
+        };
+        let result = self.volume_key(token, &req, &mut audit).await;
+        audit.log(&result);
+        result.map(|(key, key_version, derivation)| {
+            Response::new(GetVolumeKeyResponse {
+                data_key: key.expose().to_vec(),
+                key_version,
+                derivation: to_wire(derivation).into(),
+            })
+        })
+    }
+}
+
+impl KmsService {
+    /// GetVolumeKey's decision and derivation: the request checked first, then
+    /// the derivation allowed, then the caller authorized for the volume, and
+    /// only then the key derived, under the scope the authorizer read from the
+    /// volume's own record.
+    async fn volume_key(
+        &self,
+        token: Result<Option<String>, Denial>,
+        req: &GetVolumeKeyRequest,
+        audit: &mut VolumeAudit<'_>,
+    ) -> Result<(super::DataKey, u32, Derivation), Status> {
+        let len = Self::check(&req.data_key_id, req.length)?;
+        if req.volume_id.is_empty() || req.volume_id.len() > MAX_VOLUME_ID_LEN {
+            return Err(Status::invalid_argument(format!(
+                "volume_id must be 1..={MAX_VOLUME_ID_LEN} bytes; got {}",
+                req.volume_id.len()
+            )));
+        }
+        let derivation = wire_derivation(req.derivation)?;
+        audit.derivation = Some(derivation);
+        if derivation == Derivation::V1 && !self.allow_v1_keys {
+            return Err(Status::permission_denied(
+                "DERIVATION_V1 keys are bound to no volume; this KMS serves them only with \
+                 --allow-v1-keys (migration): stage the volume read-write on a node that moves it to v2",
+            ));
+        }
+        let Grant { node, scope } = self
+            .authorizer
+            .authorize(token?.as_deref(), &req.volume_id)
+            .await?;
+        audit.node = Some(node);
+        let wanted = (req.key_version != 0).then_some(req.key_version);
+        let (key, version) = self
+            .master
+            .derive_volume_key(derivation, &scope, &req.data_key_id, len, wanted)
+            .map_err(|e| match e {
+                VersionError::Unknown(_) => Status::not_found(e.to_string()),
+                // The scope comes from the volume's record, not the request: a
+                // scope the derivation refuses is the cluster's data, not the
+                // caller's fault.
+                VersionError::Derive(super::DeriveError::BadScope) => Status::failed_precondition(
+                    format!("volume {}: its key scope {scope:?} is not a valid scope (non-empty, no '/')", req.volume_id.escape_debug()),
+                ),
+                VersionError::Derive(_) => Status::invalid_argument(e.to_string()),
+            })?;
+        audit.version = version;
+        Ok((key, version, derivation))
+    }
+}
+
+/// What the audit line of one GetVolumeKey says: filled in as the request is
+/// decided, so a refusal names as much as was known.
+struct VolumeAudit<'a> {
+    client: &'a str,
+    node: Option<String>,
+    req: &'a GetVolumeKeyRequest,
+    derivation: Option<Derivation>,
+    version: u32,
+}
+
+impl VolumeAudit<'_> {
+    fn log<T>(&self, result: &Result<T, Status>) {
+        let bounded = |s: &str| -> String { s.chars().take(MAX_KEY_ID_LEN).collect() };
+        let key_id = bounded(&self.req.data_key_id);
+        let volume = bounded(&self.req.volume_id);
+        let node = self.node.as_deref().unwrap_or("-");
+        let derivation = match self.derivation {
+            Some(Derivation::V1) => "v1",
+            Some(Derivation::V2) => "v2",
+            None => "-",
+        };
+        let (client, version) = (self.client, self.version);
+        match result {
+            Ok(_) => tracing::info!(
+                target: "cryptdisk::audit", %client, node = %node.escape_debug(),
+                volume = %volume.escape_debug(), key_id = %key_id.escape_debug(),
+                derivation, version, "volume key served"
+            ),
+            Err(s) => tracing::warn!(
+                target: "cryptdisk::audit", %client, node = %node.escape_debug(),
+                volume = %volume.escape_debug(), key_id = %key_id.escape_debug(),
+                derivation, version, code = ?s.code(), reason = %s.message(),
+                "volume key refused"
+            ),
+        }
     }
 }
 
@@ -450,10 +647,11 @@ mod tests {
 
     #[tokio::test]
     async fn get_data_key_validates_and_derives() {
-        let svc = KmsService::new(MasterSecret::new(
-            Zeroizing::new(vec![1; 32]),
-            Zeroizing::new(vec![2; 32]),
-        ));
+        let svc = KmsService::new(
+            MasterSecret::new(Zeroizing::new(vec![1; 32]), Zeroizing::new(vec![2; 32])),
+            Arc::new(super::super::authz::NoneAuthorizer),
+        )
+        .allow_v1_keys(true);
         let call = |id: &str, length: u32| {
             svc.get_data_key(Request::new(GetDataKeyRequest {
                 data_key_id: id.to_string(),
@@ -476,5 +674,227 @@ mod tests {
             call(&long, 32).await.err().unwrap().code(),
             tonic::Code::InvalidArgument
         );
+    }
+
+    /// Grants node-a the volumes it lists, under the scope given; records the
+    /// token it was shown.
+    struct Fake {
+        grants: Vec<(&'static str, &'static str)>,
+        seen: std::sync::Mutex<Vec<Option<String>>>,
+    }
+
+    #[tonic::async_trait]
+    impl Authorizer for Fake {
+        async fn authorize(&self, token: Option<&str>, volume: &str) -> Result<Grant, Denial> {
+            self.seen.lock().unwrap().push(token.map(str::to_string));
+            let token = token.ok_or(Denial::NoToken)?;
+            if token != "node-a-token" {
+                return Err(Denial::WrongAccount("someone".into()));
+            }
+            match self.grants.iter().find(|(v, _)| *v == volume) {
+                Some((_, scope)) => Ok(Grant {
+                    node: "node-a".into(),
+                    scope: scope.to_string(),
+                }),
+                None if volume == "stale" => Err(Denial::Unavailable("stale".into())),
+                None => Err(Denial::NotAttached {
+                    node: "node-a".into(),
+                    volume: volume.into(),
+                }),
+            }
+        }
+    }
+
+    fn service(allow_v1: bool) -> (KmsService, Arc<Fake>) {
+        let fake = Arc::new(Fake {
+            grants: vec![
+                ("vol-1", "vol-1"),
+                ("vol-restored", "vol-1"),
+                ("bad", "a/b"),
+            ],
+            seen: Default::default(),
+        });
+        let mut master =
+            MasterSecret::new(Zeroizing::new(vec![1; 32]), Zeroizing::new(vec![2; 32]));
+        master.versions.insert(2, LockedBytes::copy_of(&[3u8; 32]));
+        let svc = KmsService::new(master, fake.clone()).allow_v1_keys(allow_v1);
+        (svc, fake)
+    }
+
+    fn volume_request(
+        volume: &str,
+        derivation: WireDerivation,
+        version: u32,
+        auth: Option<&str>,
+    ) -> Request<GetVolumeKeyRequest> {
+        let mut r = Request::new(GetVolumeKeyRequest {
+            data_key_id: "abc".into(),
+            length: 32,
+            key_version: version,
+            volume_id: volume.into(),
+            derivation: derivation.into(),
+        });
+        if let Some(a) = auth {
+            r.metadata_mut().insert("authorization", a.parse().unwrap());
+        }
+        r
+    }
+
+    #[tokio::test]
+    async fn get_volume_key_derives_under_the_granted_scope() {
+        let (svc, fake) = service(false);
+        let ok = |v: &str, d, version| {
+            svc.get_volume_key(volume_request(v, d, version, Some("Bearer node-a-token")))
+        };
+        let got = ok("vol-1", WireDerivation::Unspecified, 0)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.key_version, 2);
+        assert_eq!(got.derivation, i32::from(WireDerivation::V2));
+        assert_eq!(
+            got.data_key,
+            derive_scoped_key(&[3; 32], &[2; 32], "vol-1", "abc", 32)
+                .unwrap()
+                .expose()
+        );
+        let old = ok("vol-1", WireDerivation::V2, 1)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(old.key_version, 1);
+        assert_eq!(
+            old.data_key,
+            derive_scoped_key(&[1; 32], &[2; 32], "vol-1", "abc", 32)
+                .unwrap()
+                .expose()
+        );
+        // A restore gets its source's key: the scope is the authorizer's.
+        let restored = ok("vol-restored", WireDerivation::V2, 1)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(restored.data_key, old.data_key);
+        assert_eq!(
+            ok("vol-1", WireDerivation::V2, 9).await.unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            ok("bad", WireDerivation::V2, 0).await.unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            fake.seen.lock().unwrap()[0].as_deref(),
+            Some("node-a-token"),
+            "the bearer token reaches the authorizer without its scheme"
+        );
+    }
+
+    #[tokio::test]
+    async fn get_volume_key_maps_refusals_to_their_codes() {
+        let (svc, fake) = service(false);
+        let call = |v: &str, d, auth| svc.get_volume_key(volume_request(v, d, 0, auth));
+        use tonic::Code;
+        for (volume, derivation, auth, code) in [
+            ("vol-1", WireDerivation::V2, None, Code::Unauthenticated),
+            (
+                "vol-1",
+                WireDerivation::V2,
+                Some("node-a-token"),
+                Code::Unauthenticated,
+            ),
+            (
+                "vol-1",
+                WireDerivation::V2,
+                Some("Basic node-a-token"),
+                Code::Unauthenticated,
+            ),
+            (
+                "vol-1",
+                WireDerivation::V2,
+                Some("Bearer "),
+                Code::Unauthenticated,
+            ),
+            (
+                "vol-1",
+                WireDerivation::V2,
+                Some("Bearer other"),
+                Code::PermissionDenied,
+            ),
+            (
+                "vol-2",
+                WireDerivation::V2,
+                Some("Bearer node-a-token"),
+                Code::PermissionDenied,
+            ),
+            (
+                "stale",
+                WireDerivation::V2,
+                Some("Bearer node-a-token"),
+                Code::Unavailable,
+            ),
+            (
+                "vol-1",
+                WireDerivation::V1,
+                Some("Bearer node-a-token"),
+                Code::PermissionDenied,
+            ),
+            (
+                "",
+                WireDerivation::V2,
+                Some("Bearer node-a-token"),
+                Code::InvalidArgument,
+            ),
+        ] {
+            let err = call(volume, derivation, auth).await.unwrap_err();
+            assert_eq!(
+                err.code(),
+                code,
+                "{volume} {derivation:?} {auth:?}: {err:?}"
+            );
+        }
+        // A v1 request refused by policy and a bad request never reach the
+        // authorizer (nor the API server behind it).
+        assert_eq!(fake.seen.lock().unwrap().len(), 4);
+        let legacy = svc
+            .get_data_key(Request::new(GetDataKeyRequest {
+                data_key_id: "abc".into(),
+                length: 32,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(legacy.code(), Code::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn v1_keys_need_the_flag_and_still_an_authorized_node() {
+        let (svc, _) = service(true);
+        let got = svc
+            .get_volume_key(volume_request(
+                "vol-1",
+                WireDerivation::V1,
+                1,
+                Some("Bearer node-a-token"),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.derivation, i32::from(WireDerivation::V1));
+        assert_eq!(
+            got.data_key,
+            derive_data_key(&[1; 32], &[2; 32], "abc", 32)
+                .unwrap()
+                .expose()
+        );
+        let err = svc
+            .get_volume_key(volume_request(
+                "vol-2",
+                WireDerivation::V1,
+                1,
+                Some("Bearer node-a-token"),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
     }
 }

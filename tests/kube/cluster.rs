@@ -36,6 +36,10 @@ pub struct Cluster {
     /// Static tokens by user name, as written to the token file.
     tokens: Vec<(String, String)>,
     children: Vec<(String, Child)>,
+    /// kube-apiserver's command line, to start it again after
+    /// [`Cluster::stop_apiserver`] on the same port and etcd.
+    apiserver_args: Vec<String>,
+    tools: PathBuf,
 }
 
 /// A client of the API server with one bearer token.
@@ -119,6 +123,8 @@ impl Cluster {
             admin: Api::new("", &ca_pem, &admin_token)?,
             tokens,
             children: Vec::new(),
+            apiserver_args: Vec::new(),
+            tools: tools.to_path_buf(),
             dir,
         };
 
@@ -142,41 +148,70 @@ impl Cluster {
 
         let port = free_port()?;
         cluster.server = format!("https://127.0.0.1:{port}");
-        cluster.spawn(
-            "kube-apiserver",
-            Command::new(tools.join("bin/kube-apiserver"))
-                .arg(format!("--etcd-servers={etcd_url}"))
-                .arg("--bind-address=127.0.0.1")
-                .arg("--advertise-address=127.0.0.1")
-                .arg(format!("--secure-port={port}"))
-                .arg(format!("--cert-dir={}", d.join("certs").display()))
-                .arg(format!("--tls-cert-file={}", cert_file.display()))
-                .arg(format!("--tls-private-key-file={}", key_file.display()))
-                .arg(format!("--token-auth-file={}", token_file.display()))
-                .arg(format!(
-                    "--service-account-signing-key-file={}",
-                    sa_key_file.display()
-                ))
-                .arg(format!(
-                    "--service-account-key-file={}",
-                    sa_pub_file.display()
-                ))
-                .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-                .arg("--authorization-mode=RBAC")
-                .arg("--service-cluster-ip-range=10.96.0.0/24")
-                .arg("--enable-priority-and-fairness=false")
-                .arg("--profiling=false"),
-        )?;
+        cluster.apiserver_args = [
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".to_string(),
+            "--advertise-address=127.0.0.1".to_string(),
+            format!("--secure-port={port}"),
+            format!("--cert-dir={}", d.join("certs").display()),
+            format!("--tls-cert-file={}", cert_file.display()),
+            format!("--tls-private-key-file={}", key_file.display()),
+            format!("--token-auth-file={}", token_file.display()),
+            format!(
+                "--service-account-signing-key-file={}",
+                sa_key_file.display()
+            ),
+            format!("--service-account-key-file={}", sa_pub_file.display()),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_string(),
+            "--authorization-mode=RBAC".to_string(),
+            "--service-cluster-ip-range=10.96.0.0/24".to_string(),
+            "--enable-priority-and-fairness=false".to_string(),
+            "--profiling=false".to_string(),
+        ]
+        .to_vec();
+        cluster.start_apiserver()?;
         cluster.admin = Api::new(&cluster.server, &ca_pem, &admin_token)?;
         cluster.wait_ready(Duration::from_secs(120)).await?;
         Ok(cluster)
+    }
+
+    /// Starts kube-apiserver (again) with the command line of the first start.
+    pub fn start_apiserver(&mut self) -> Result<(), String> {
+        let mut cmd = Command::new(self.tools.join("bin/kube-apiserver"));
+        cmd.args(&self.apiserver_args);
+        self.spawn("kube-apiserver", &mut cmd)
+    }
+
+    /// Stops kube-apiserver (SIGTERM, then SIGKILL), leaving etcd and the rest
+    /// running: to show what clients do while the control plane is down.
+    pub fn stop_apiserver(&mut self) {
+        if let Some(i) = self
+            .children
+            .iter()
+            .position(|(n, _)| n == "kube-apiserver")
+        {
+            let (_, child) = self.children.remove(i);
+            stop_child(child);
+        }
+    }
+
+    /// Starts kube-apiserver after [`Cluster::stop_apiserver`] and waits until
+    /// it is ready.
+    pub async fn restart_apiserver(&mut self) -> Result<(), String> {
+        self.start_apiserver()?;
+        self.wait_ready(Duration::from_secs(120)).await
     }
 
     /// Starts a process whose output goes to `<dir>/<name>.log` and which dies
     /// with this one.
     pub fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<(), String> {
         let log_path = self.log_path(name);
-        let log = fs::File::create(&log_path).map_err(|e| format!("{name} log: {e}"))?;
+        // Appending: a process started again keeps its earlier output.
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("{name} log: {e}"))?;
         let err = log.try_clone().map_err(|e| e.to_string())?;
         // SAFETY: prctl is async-signal-safe, and nothing else runs in the child
         // before exec.
@@ -260,6 +295,12 @@ impl Cluster {
 
     /// A kubeconfig that authenticates as `user`, for a sidecar's --kubeconfig.
     pub fn kubeconfig(&self, user: &str) -> Result<PathBuf, String> {
+        self.kubeconfig_with_token(user, self.token(user))
+    }
+
+    /// A kubeconfig that authenticates with `token` (a service account's, say),
+    /// written as `kubeconfig-<name>.json`.
+    pub fn kubeconfig_with_token(&self, name: &str, token: &str) -> Result<PathBuf, String> {
         use base64::Engine as _;
         let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
         let config = serde_json::json!({
@@ -267,11 +308,11 @@ impl Cluster {
             "kind": "Config",
             "clusters": [{"name": "kube-tier", "cluster": {
                 "server": self.server, "certificate-authority-data": ca}}],
-            "users": [{"name": user, "user": {"token": self.token(user)}}],
-            "contexts": [{"name": "kube-tier", "context": {"cluster": "kube-tier", "user": user}}],
+            "users": [{"name": name, "user": {"token": token}}],
+            "contexts": [{"name": "kube-tier", "context": {"cluster": "kube-tier", "user": name}}],
             "current-context": "kube-tier",
         });
-        let path = self.dir.path().join(format!("kubeconfig-{user}.json"));
+        let path = self.dir.path().join(format!("kubeconfig-{name}.json"));
         fs::write(&path, config.to_string()).map_err(|e| e.to_string())?;
         Ok(path)
     }
@@ -361,6 +402,24 @@ impl Api {
 
     pub async fn create(&self, collection: &str, object: &Value) -> Result<Value, String> {
         self.call(Method::POST, collection, Some(object)).await
+    }
+
+    /// A JSON merge patch of `path` (an object or a subresource such as
+    /// `.../status`); the object after it.
+    pub async fn merge_patch(&self, path: &str, patch: &Value) -> Result<Value, String> {
+        let body = (
+            "application/merge-patch+json",
+            patch.to_string().into_bytes(),
+        );
+        let (status, value) = self.raw(Method::PATCH, path, Some(body)).await?;
+        if !status.is_success() {
+            return Err(format!("PATCH {path}: {status}: {value}"));
+        }
+        Ok(value)
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Value, String> {
+        self.call(Method::DELETE, path, None).await
     }
 
     /// Creates an object from a YAML manifest as published (the API server

@@ -1349,6 +1349,10 @@ pub async fn spawn_kms(
             "kms".into(),
             format!("--listen=unix://{}", socket.display()),
             "--insecure".into(),
+            // The node asks with GetVersionedDataKey until it moves to
+            // GetVolumeKey (issue 20): v1 keys, no per-volume authorizer.
+            "--authorizer=none".into(),
+            "--allow-v1-keys".into(),
             format!("--master-secret-file={}", secret.display()),
             format!("--salt-file={}", salt.display()),
         ],
