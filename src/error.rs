@@ -55,6 +55,7 @@ impl From<KeyError> for Status {
         match e {
             KeyError::Unavailable(_) => Status::unavailable(msg),
             KeyError::Refused(_) => Status::failed_precondition(msg),
+            KeyError::Denied(_) => Status::permission_denied(msg),
             KeyError::Derive(_) => Status::internal(msg),
         }
     }

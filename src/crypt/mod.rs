@@ -21,6 +21,7 @@ use uuid::Uuid;
 pub use blank::{BlankDevice, probe_blank};
 
 use crate::kms::DataKey;
+pub use crate::kms::Derivation;
 
 /// Bytes the LUKS2 header (metadata and keyslot areas) occupies at the start of a
 /// device; data starts after it.
@@ -163,6 +164,18 @@ pub struct Token {
     /// A key rotation under way; see [`rotate`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<Rotation>,
+    /// How the keyslot's key is derived (DESIGN.md §3). Absent in tokens
+    /// written before v2 keys, and then v1 ([`Token::derivation`]); written
+    /// only for v2, so a v1 token stays what older drivers read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derivation: Option<Derivation>,
+}
+
+impl Token {
+    /// The derivation of the key the token's keyslot opens with.
+    pub fn derivation(&self) -> Derivation {
+        self.derivation.unwrap_or(Derivation::V1)
+    }
 }
 
 /// A key rotation in progress, recorded in the token before each step so that a
@@ -172,8 +185,14 @@ pub struct Token {
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum Rotation {
     /// A keyslot for `to_version` is being added at `keyslot` (it may not exist
-    /// yet); the token still names the old keyslots and version.
-    Adding { keyslot: String, to_version: u32 },
+    /// yet); the token still names the old keyslots and version. The new key's
+    /// derivation is `to_derivation`, v1 when absent (written before v2).
+    Adding {
+        keyslot: String,
+        to_version: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_derivation: Option<Derivation>,
+    },
     /// The token names the new keyslot and version; `keyslots`, the old ones,
     /// are being destroyed.
     Retiring { keyslots: Vec<String> },
@@ -182,7 +201,7 @@ pub enum Rotation {
 /// The token fields beside `type`, `keyslots`, `key_id`, `key_version` and
 /// `kms` that a header may hold (see [`Token`]); the header whitelist refuses any
 /// other.
-pub const TOKEN_OPTIONAL_FIELDS: &[&str] = &["content", "wipe_offset", "rotation"];
+pub const TOKEN_OPTIONAL_FIELDS: &[&str] = &["content", "wipe_offset", "rotation", "derivation"];
 
 /// Values [`Token::content`] may hold.
 pub const CONTENT_VALUES: [&str; 3] = ["block", "ext4", "xfs"];
@@ -487,21 +506,23 @@ pub async fn resize(name: &MapperName, key: &DataKey) -> Result<u64> {
     timed("resize", move || luks::resize(&name, &key)).await
 }
 
-/// Moves `device`'s keyslot to the key of master-secret version `to_version`:
-/// adds a keyslot with `new_key` (unlocked with `old_key`, the key of the
-/// token's version), checks that it opens, switches the token to it, then
-/// destroys the old keyslot. The volume key, and so the data, do not change.
-/// Every step is recorded in the token first, so this finishes whatever a crash
-/// interrupted; a volume already on `to_version` is left alone.
+/// Moves `device`'s keyslot to the key of master-secret version `to_version`
+/// derived as `to_derivation` (a new version, or a v1 volume moving to v2):
+/// adds a keyslot with `new_key` (unlocked with `old_key`, the key the token
+/// names), checks that it opens, switches the token to it, then destroys the
+/// old keyslot. The volume key, and so the data, do not change. Every step is
+/// recorded in the token first, so this finishes whatever a crash
+/// interrupted; a volume already there is left alone.
 pub async fn rotate(
     device: &Path,
     old_key: &DataKey,
     new_key: &DataKey,
     to_version: u32,
+    to_derivation: Derivation,
 ) -> Result<()> {
     let (device, old_key, new_key) = (device.to_path_buf(), old_key.clone(), new_key.clone());
     timed("rotate", move || {
-        luks::rotate(&device, &old_key, &new_key, to_version)
+        luks::rotate(&device, &old_key, &new_key, to_version, to_derivation)
     })
     .await
 }
@@ -630,6 +651,7 @@ mod tests {
                 content: None,
                 wipe_offset: None,
                 rotation: None,
+                derivation: None,
             },
             integrity,
             bypass_workqueues: true,
@@ -653,7 +675,9 @@ mod tests {
         .unwrap();
         header::read_validated(img.path()).unwrap();
         for _ in 0..2 {
-            rotate(img.path(), &v1, &v2, 4).await.unwrap();
+            rotate(img.path(), &v1, &v2, 4, Derivation::V1)
+                .await
+                .unwrap();
         }
         let token = read_header(img.path()).await.unwrap().token.unwrap();
         assert_eq!(token.key_version, 4);
@@ -666,10 +690,14 @@ mod tests {
         assert_eq!(json["keyslots"]["1"]["kdf"]["type"], "pbkdf2");
         // With the wrong old key nothing changes but the recorded intent.
         let v3 = crate::kms::derive_data_key(&[6; 32], &[4; 32], key_id.as_str(), 32).unwrap();
-        let err = rotate(img.path(), &v1, &v3, 5).await.unwrap_err();
+        let err = rotate(img.path(), &v1, &v3, 5, Derivation::V1)
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::WrongKey { .. }), "{err:?}");
         verify_key(img.path(), &v2).await.unwrap();
-        rotate(img.path(), &v2, &v3, 5).await.unwrap();
+        rotate(img.path(), &v2, &v3, 5, Derivation::V1)
+            .await
+            .unwrap();
         verify_key(img.path(), &v3).await.unwrap();
     }
 

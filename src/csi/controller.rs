@@ -16,6 +16,7 @@ use crate::backend::{
     Disk, DiskBackend, DiskSource, DiskSpec, Snapshot as BackendSnapshot, TopologyRequirement,
 };
 use crate::crypt::{Integrity, LUKS2_HEADER_BYTES};
+use crate::kms::authz::SCOPE_ATTRIBUTE;
 use crate::proto::csi::controller_server::Controller;
 use crate::proto::csi::controller_service_capability::{self, rpc::Type as Rpc};
 use crate::proto::csi::volume_content_source::{self, SnapshotSource, VolumeSource};
@@ -147,14 +148,18 @@ impl ControllerService {
                 }),
             }),
         });
+        let mut volume_context: HashMap<String, String> = match options {
+            Some(o) => o.to_volume_context(),
+            None => disk.options.clone().into_iter().collect(),
+        };
+        // The CO copies the volume context into the PV's volumeAttributes, where
+        // the KMS reads the scope from (never from the node).
+        volume_context.insert(SCOPE_ATTRIBUTE.to_string(), disk.scope());
         Volume {
             capacity_bytes: known_usable(disk.usable_bytes, disk.capacity_bytes, &disk.options)
                 as i64,
             volume_id: disk.id.to_string(),
-            volume_context: match options {
-                Some(o) => o.to_volume_context(),
-                None => disk.options.clone().into_iter().collect(),
-            },
+            volume_context,
             content_source,
             accessible_topology: disk
                 .topology
@@ -186,19 +191,26 @@ impl ControllerService {
     /// A copy holds its source's LUKS2 header, so it has the source's layout: a
     /// clone or restore must ask for the same integrity setting, or its size and
     /// everything later computed from its options would be wrong.
+    /// Checks that a copy keeps its source's layout; returns the source's key
+    /// scope, which the copy inherits (it holds the same header, and so the
+    /// same key id: only the same scope derives the same key).
     async fn check_source_layout(
         &self,
         source: &DiskSource,
         wanted: &VolumeOptions,
-    ) -> Result<(), Status> {
-        let (what, options) = match source {
+    ) -> Result<Option<String>, Status> {
+        let (what, options, scope) = match source {
             DiskSource::Disk(id) => match self.backend.get_disk(id).await? {
-                Some(d) => (format!("source volume {id}"), d.options),
-                None => return Ok(()), // the backend reports the missing source
+                Some(d) => (format!("source volume {id}"), d.options.clone(), d.scope()),
+                None => return Ok(None), // the backend reports the missing source
             },
             DiskSource::Snapshot(id) => match self.backend.get_snapshot(id).await? {
-                Some(s) => (format!("source snapshot {id}"), s.options),
-                None => return Ok(()),
+                Some(s) => (
+                    format!("source snapshot {id}"),
+                    s.options.clone(),
+                    s.scope(),
+                ),
+                None => return Ok(None),
             },
         };
         let had = disk_options(&options)?;
@@ -211,7 +223,7 @@ impl ControllerService {
                 describe_integrity(wanted.integrity)
             )));
         }
-        Ok(())
+        Ok(Some(scope))
     }
 
     async fn existing_disk(&self, field: &str, id: &str) -> Result<Disk, Status> {
@@ -337,9 +349,10 @@ impl Controller for ControllerService {
                 self.parse_volume_id("source volume_id", &v.volume_id)?,
             )),
         };
-        if let Some(source) = &source {
-            self.check_source_layout(source, &options).await?;
-        }
+        let key_scope = match &source {
+            Some(source) => self.check_source_layout(source, &options).await?,
+            None => None,
+        };
         let _held = self.guards.take(&format!("create/{}", req.name))?;
         let spec = DiskSpec {
             name: req.name.clone(),
@@ -349,6 +362,7 @@ impl Controller for ControllerService {
             accessibility: topology_requirement(req.accessibility_requirements.as_ref()),
             options: options.to_volume_context().into_iter().collect(),
             usable_bytes: usable,
+            key_scope,
         };
         let disk = self.backend.create_disk(&spec).await?;
         tracing::info!(volume = %disk.id, bytes = usable, "volume ready");

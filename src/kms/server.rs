@@ -169,6 +169,29 @@ impl MasterSecret {
         Ok((derive_data_key(secret, &self.salt, id, len)?, version))
     }
 
+    /// The key of `id` derived as `derivation` (v2: within `scope`) from
+    /// `version` (the current one when `None`), with the version used: what a
+    /// volume key request is answered with once it is authorized.
+    pub fn derive_volume_key(
+        &self,
+        id: &str,
+        derivation: super::Derivation,
+        scope: &str,
+        len: usize,
+        version: Option<u32>,
+    ) -> Result<(super::DataKey, u32), VersionError> {
+        let version = version.unwrap_or_else(|| self.current_version());
+        let secret = self
+            .versions
+            .get(&version)
+            .ok_or(VersionError::Unknown(version))?;
+        let key = match derivation {
+            super::Derivation::V1 => derive_data_key(secret, &self.salt, id, len)?,
+            super::Derivation::V2 => super::derive_scoped_key(secret, &self.salt, scope, id, len)?,
+        };
+        Ok((key, version))
+    }
+
     /// A fresh random secret and salt, for `dev`.
     pub fn generate() -> Self {
         use rand_core::{OsRng, RngCore};

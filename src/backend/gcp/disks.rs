@@ -87,6 +87,11 @@ struct Note {
     volume: Option<VolumeId>,
     #[serde(default)]
     options: BTreeMap<String, String>,
+    /// The key scope a restored or cloned disk inherited, or a snapshot's
+    /// source's scope when taken. Here rather than in a label: a scope is a
+    /// volume id (`gcp:<zone>:<name>`), whose `:` no label value may hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_scope: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -298,6 +303,7 @@ impl GcpBackend {
             attached_to,
             options: note.options.clone(),
             usable_bytes: usable_of(&raw.labels),
+            key_scope: note.key_scope.clone(),
         };
         Some(Found {
             disk,
@@ -462,6 +468,7 @@ impl GcpBackend {
             source: spec.source.clone(),
             volume: None,
             options: spec.options.clone(),
+            key_scope: spec.key_scope.clone(),
         };
         let want = Wanted {
             note: &note,
@@ -877,6 +884,7 @@ impl GcpBackend {
             ready: raw.status == Some(model::snapshot::Status::Ready),
             options: note.options,
             usable_bytes: usable_of(&raw.labels),
+            key_scope: note.key_scope,
         })
     }
 
@@ -950,6 +958,7 @@ impl GcpBackend {
             source: None,
             volume: Some(source.clone()),
             options: found.disk.options.clone(),
+            key_scope: Some(found.disk.scope()),
         };
         let body = model::Snapshot::new()
             .set_name(name.clone())
