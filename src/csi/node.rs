@@ -364,7 +364,7 @@ impl NodeService {
             from_derivation = %held.1,
             to_version = current_version,
             to_derivation = %Derivation::V2,
-            "moving the volume's keyslot to the current master-secret version and v2 derivation"
+            "rotating the volume's keyslot to the current master-secret version, v2 derivation"
         );
         // Nothing is written to a disk whose keyslots the old key does not
         // open: a copy of another volume's disk stays as it is.

@@ -1137,9 +1137,10 @@ async fn extra_keyslot(_ctx: &mut Ctx) -> CaseResult {
     let master = check!(std::fs::read(kms.join("master.key")));
     let salt = check!(std::fs::read(kms.join("salt")));
     let header = check!(cryptdisk_csi::crypt::read_header(&image).await);
-    let key = check!(cryptdisk_csi::kms::derive_data_key(
+    let key = check!(cryptdisk_csi::kms::derive_scoped_key(
         &master,
         &salt,
+        &s.volume.volume_id,
         header.key_id.as_str(),
         32
     ));
