@@ -262,6 +262,14 @@ pub fn format(device: &Path, shown: &Path, key: &DataKey, opts: &FormatOptions) 
         // Nothing has been written through dm-integrity yet.
         token["wipe_offset"] = serde_json::Value::from(0u64);
     }
+    // v1 is the field's absence (what drivers before v2 wrote and read).
+    if let Some(derivation) = opts
+        .token
+        .derivation
+        .filter(|d| *d != super::Derivation::V1)
+    {
+        token["derivation"] = serde_json::Value::from(derivation.as_str());
+    }
     cd.token_handle()
         .json_set(TokenInput::AddToken(&token))
         .map_err(lib("write token", &target))?;

@@ -701,6 +701,90 @@ mod tests {
         verify_key(img.path(), &v3).await.unwrap();
     }
 
+    /// A v2 format records its derivation; a v1 volume moves to a v2 keyslot
+    /// with the rotation steps (a crash after the intent finishes, a retry is a
+    /// no-op), after which only the v2 key opens it; the header whitelist
+    /// takes the new fields and refuses other values of them.
+    #[tokio::test]
+    async fn v2_is_recorded_and_a_v1_volume_migrates_to_it() {
+        use crate::kms::derive_scoped_key;
+        let img = image(64 << 20);
+        let key_id = KeyId::new_random();
+        let mut opts = options(&key_id, Integrity::None);
+        opts.token.derivation = Some(Derivation::V2);
+        let v2 = derive_scoped_key(&[3; 32], &[4; 32], "local:n:a", key_id.as_str(), 32).unwrap();
+        format(probe_blank(img.path()).unwrap(), &v2, &opts)
+            .await
+            .unwrap();
+        let token = read_header(img.path()).await.unwrap().token.unwrap();
+        assert_eq!(token.derivation(), Derivation::V2);
+        assert_eq!(
+            header::read_validated(img.path()).unwrap()["tokens"]["0"]["derivation"],
+            "v2"
+        );
+
+        let img = image(64 << 20);
+        let v1 = key(&key_id);
+        format(
+            probe_blank(img.path()).unwrap(),
+            &v1,
+            &options(&key_id, Integrity::None),
+        )
+        .await
+        .unwrap();
+        let json = header::read_validated(img.path()).unwrap();
+        assert!(json["tokens"]["0"].get("derivation").is_none(), "{json}");
+        let token = read_header(img.path()).await.unwrap().token.unwrap();
+        assert_eq!(token.derivation(), Derivation::V1);
+        // Same version, other derivation: still a rotation to do.
+        luks::update_token(img.path(), |t| {
+            t["rotation"] = serde_json::json!({"phase": "adding", "keyslot": "1",
+                "to_version": 3, "to_derivation": "v2"});
+        })
+        .unwrap();
+        header::read_validated(img.path()).unwrap();
+        for _ in 0..2 {
+            rotate(img.path(), &v1, &v2, 3, Derivation::V2)
+                .await
+                .unwrap();
+        }
+        let token = read_header(img.path()).await.unwrap().token.unwrap();
+        assert_eq!(
+            (token.key_version, token.derivation, token.rotation),
+            (3, Some(Derivation::V2), None)
+        );
+        verify_key(img.path(), &v2).await.unwrap();
+        assert!(matches!(
+            verify_key(img.path(), &v1).await.unwrap_err(),
+            Error::WrongKey { .. }
+        ));
+        assert_eq!(
+            header::read_validated(img.path()).unwrap()["keyslots"]
+                .as_object()
+                .unwrap()
+                .len(),
+            1
+        );
+        // Values we never write are refused.
+        for bad in [json_str("v1"), json_str("v3"), serde_json::json!(2)] {
+            let copy = tempfile::NamedTempFile::new().unwrap();
+            std::fs::copy(img.path(), copy.path()).unwrap();
+            forge_text(copy.path(), |t| {
+                let out = t
+                    .replace("\"derivation\":\"v2\"", &format!("\"derivation\":{bad}"))
+                    .replace("\"derivation\": \"v2\"", &format!("\"derivation\": {bad}"));
+                assert_ne!(out, t, "no derivation field in {t}");
+                out
+            });
+            let err = header::read_validated(copy.path()).unwrap_err();
+            assert!(err.to_string().contains("derivation"), "{bad}: {err}");
+        }
+    }
+
+    fn json_str(s: &str) -> serde_json::Value {
+        serde_json::Value::from(s)
+    }
+
     /// Rewrites the JSON text of both 16 KiB copies of `path` with `edit` and
     /// recomputes their checksums (a forger with disk access).
     fn forge_text(path: &Path, edit: impl Fn(&str) -> String) {

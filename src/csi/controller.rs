@@ -913,6 +913,12 @@ pub(crate) mod restore_size {
             .await
             .unwrap_or_else(|e| panic!("{tag}: clone into {capacity} bytes: {e}"));
         assert!(cloned.capacity_bytes as u64 >= capacity, "{tag}: clone");
+        // Both copies hold the source's header, so they inherit its key scope.
+        let scope = |v: &Volume| v.volume_context.get(SCOPE_ATTRIBUTE).cloned();
+        let source_scope = scope(volume);
+        assert!(source_scope.is_some(), "{tag}: the source has no key scope");
+        assert_eq!(scope(&restored), source_scope, "{tag}: restore's scope");
+        assert_eq!(scope(&cloned), source_scope, "{tag}: clone's scope");
         // A snapshot of the restored volume restores into its size in turn.
         let again = ctl
             .create_snapshot(Request::new(CreateSnapshotRequest {
@@ -929,6 +935,26 @@ pub(crate) mod restore_size {
             again.size_bytes, restored.capacity_bytes,
             "{tag}: snapshot of the restore"
         );
+        // ...and keeps the first source's scope, which the restore recorded
+        // with its disk and the snapshot with itself.
+        let twice = create(
+            ctl,
+            create_req(
+                &format!("{tag}-restore-of-restore"),
+                again.size_bytes as u64,
+                params,
+                Some(volume_content_source::Type::Snapshot(SnapshotSource {
+                    snapshot_id: again.snapshot_id.clone(),
+                })),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{tag}: restore of the restore's snapshot: {e}"));
+        assert_eq!(
+            scope(&twice),
+            source_scope,
+            "{tag}: second-generation scope"
+        );
         snap.snapshot_id
     }
 
@@ -942,6 +968,12 @@ pub(crate) mod restore_size {
                 .await
                 .unwrap();
             assert_eq!(vol.capacity_bytes as u64, bytes, "{tag}: CreateVolume");
+            // An empty volume's key scope is its own id.
+            assert_eq!(
+                vol.volume_context.get(SCOPE_ATTRIBUTE),
+                Some(&vol.volume_id),
+                "{tag}: CreateVolume's scope"
+            );
             snapshot_restores_into_its_size(ctl, tag, &vol, params).await;
         }
 
@@ -977,6 +1009,11 @@ pub(crate) mod restore_size {
             .volume
             .unwrap();
         assert_eq!(got.capacity_bytes, expanded.capacity_bytes, "GetVolume");
+        assert_eq!(
+            got.volume_context.get(SCOPE_ATTRIBUTE),
+            Some(&vol.volume_id),
+            "GetVolume's scope"
+        );
     }
 }
 
@@ -992,6 +1029,36 @@ mod tests {
         let backend = crate::backend::LocalBackend::open(dir.path(), "node-1", None).unwrap();
         let ctl = ControllerService::new(Arc::new(backend), Some(vec!["node-1".into()]));
         restore_size::check(&ctl, 64 * MIB, 100 * MIB + 4096).await;
+        // The scope is recorded in the index: a restore's entry holds its
+        // source's id, an empty disk's holds none.
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("index.json")).unwrap()).unwrap();
+        let scopes: Vec<_> = index["disks"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|d| (d["name"].as_str().unwrap(), d.get("key_scope").cloned()))
+            .collect();
+        let src = |name: &str| {
+            scopes
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, s)| s.clone())
+                .unwrap()
+        };
+        assert_eq!(src("plain-src"), None, "{scopes:?}");
+        let restore_scope = src("plain-restore").expect("a restore records its scope");
+        let src_id = ctl
+            .backend
+            .list_disks(None, 0)
+            .await
+            .unwrap()
+            .0
+            .into_iter()
+            .find(|d| d.name == "plain-src")
+            .unwrap()
+            .id;
+        assert_eq!(restore_scope, serde_json::json!(src_id.to_string()));
     }
 
     #[test]

@@ -135,7 +135,7 @@ async fn stage_block(
         am.mode = mode as i32;
     }
     let mut attach = attach_req(&volume.volume_id, &cap);
-    attach.readonly = mode == Mode::MultiNodeReaderOnly;
+    attach.readonly = mode == Mode::SingleNodeReaderOnly;
     let context = check!(d.controller.controller_publish_volume(attach).await)
         .into_inner()
         .publish_context;
@@ -199,8 +199,7 @@ async fn v1_migrates(_ctx: &mut Ctx) -> CaseResult {
             key_id: key_id.to_string(),
             key_version: 1,
             kms: "embedded".into(),
-            // Used as a block volume before: no stage has to record it.
-            content: Some("block".into()),
+            content: None,
             wipe_offset: None,
             rotation: None,
             derivation: None,
@@ -209,10 +208,13 @@ async fn v1_migrates(_ctx: &mut Ctx) -> CaseResult {
         bypass_workqueues: true,
     };
     check!(crypt::format(check!(crypt::probe_blank(&image)), &v1, &options).await);
+    check!(crypt::set_content(&image, "block").await);
     // The data goes in through a mapping of the test's own, on a loop device.
     let name = check!(MapperName::operator("keyscope-v1-writer"));
     let loop_dev = check!(cryptdisk_csi::mount::loopdev::attach(&image).await);
     check!(crypt::open(&loop_dev, &name, &v1, &OpenOptions::default()).await);
+    // Used as a block volume before (content recorded): a read-only stage
+    // has nothing to write.
     let data = marker("v1");
     let written = write_block(&name.device_path(), &data);
     check!(crypt::close(&name).await);
@@ -225,7 +227,7 @@ async fn v1_migrates(_ctx: &mut Ctx) -> CaseResult {
 
     // Read-only: opens with the v1 key, the token and keyslots unchanged.
     let before = check!(cryptdisk_csi::crypt::header::read_validated(&image));
-    check!(stage_block(&mut d, &volume, Mode::MultiNodeReaderOnly, &staging).await?);
+    check!(stage_block(&mut d, &volume, Mode::SingleNodeReaderOnly, &staging).await?);
     ensure!(
         read_block(&mapped)? == data,
         "read-only: marker not read back"
