@@ -123,4 +123,53 @@ mod tests {
             assert!(authz.authorize(None, other).await.is_err(), "{other}");
         }
     }
+
+    /// `dev`'s key source derives through the authorizer: the v2 key within
+    /// the scope the index records (a restore: its source's), the v1 key as
+    /// before, and nothing for a volume not published here.
+    #[tokio::test]
+    async fn the_local_key_source_serves_only_published_volumes_in_their_scope() {
+        use crate::kms::{Derivation, KeyError, KeyRequest, KeySource, LocalKeySource};
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::open(dir.path(), NODE, Some(1 << 30)).unwrap();
+        let master = crate::kms::server::MasterSecret::new(
+            zeroize::Zeroizing::new(vec![1; 32]),
+            zeroize::Zeroizing::new(vec![2; 32]),
+        );
+        let keys = LocalKeySource::new(
+            master,
+            "embedded",
+            std::sync::Arc::new(LocalAuthorizer::new(dir.path())),
+        );
+        let a = backend.create_disk(&spec("a", None, None)).await.unwrap();
+        let snap = backend.create_snapshot(&a.id, "s").await.unwrap();
+        let r = backend
+            .create_disk(&spec(
+                "r",
+                Some(DiskSource::Snapshot(snap.id.clone())),
+                Some(snap.scope()),
+            ))
+            .await
+            .unwrap();
+        let r_id = r.id.to_string();
+        let ask = |derivation| KeyRequest {
+            volume_id: &r_id,
+            data_key_id: "key-id",
+            derivation,
+            len: 32,
+            version: None,
+        };
+        let denied = keys.volume_key(&ask(Derivation::V2)).await.err().unwrap();
+        assert!(matches!(denied, KeyError::Denied(_)), "{denied:?}");
+        backend.attach(&r.id, NODE, false).await.unwrap();
+        let (v2, version) = keys.volume_key(&ask(Derivation::V2)).await.unwrap();
+        assert_eq!(version, 1);
+        let want =
+            crate::kms::derive_scoped_key(&[1; 32], &[2; 32], &a.id.to_string(), "key-id", 32)
+                .unwrap();
+        assert_eq!(v2.expose(), want.expose());
+        let (v1, _) = keys.volume_key(&ask(Derivation::V1)).await.unwrap();
+        let want = crate::kms::derive_data_key(&[1; 32], &[2; 32], "key-id", 32).unwrap();
+        assert_eq!(v1.expose(), want.expose());
+    }
 }

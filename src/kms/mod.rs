@@ -339,9 +339,9 @@ impl KeySource for LocalKeySource {
             })?;
         self.master
             .derive_volume_key(
-                request.data_key_id,
                 request.derivation,
                 &grant.scope,
+                request.data_key_id,
                 request.len,
                 request.version,
             )

@@ -174,9 +174,9 @@ impl MasterSecret {
     /// volume key request is answered with once it is authorized.
     pub fn derive_volume_key(
         &self,
-        id: &str,
         derivation: super::Derivation,
         scope: &str,
+        id: &str,
         len: usize,
         version: Option<u32>,
     ) -> Result<(super::DataKey, u32), VersionError> {

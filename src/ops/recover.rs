@@ -55,9 +55,9 @@ pub async fn find_key(
             }
         };
         let derived = master.derive_volume_key(
-            key_id.as_str(),
             derivation,
             scope,
+            key_id.as_str(),
             DEFAULT_KEY_LEN,
             Some(version),
         );
