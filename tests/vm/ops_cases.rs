@@ -114,6 +114,8 @@ async fn node_status(_ctx: &mut Ctx) -> CaseResult {
             data.join("kms/master.key").display()
         ),
         &format!("--salt-file={}", data.join("kms/salt").display()),
+        // A volume made empty is scoped to its own id.
+        &format!("--scope={}", volume.volume_id),
         "--open",
         stale_name,
         copy.to_str().unwrap_or_default(),
