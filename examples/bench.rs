@@ -529,6 +529,7 @@ async fn format_open_in_process(args: &Args, report: &mut Report) -> Result<()> 
                 content: None,
                 wipe_offset: None,
                 rotation: None,
+                derivation: None,
             },
             integrity: Integrity::None,
             bypass_workqueues: true,

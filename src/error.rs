@@ -18,7 +18,9 @@ impl From<crypt::Error> for Status {
                 Status::failed_precondition(msg)
             }
             E::WrongKey { .. } => Status::failed_precondition(format!(
-                "{msg}: the KMS's master secret is not the one this volume was made with"
+                "{msg}: the KMS's master secret is not the one this volume was made with, or \
+                 the disk holds another volume's header (a copy), whose key this volume's \
+                 scope does not derive"
             )),
             E::MappingConflict { .. } => Status::already_exists(msg),
             E::Busy { .. } => Status::failed_precondition(format!(
@@ -55,6 +57,7 @@ impl From<KeyError> for Status {
         match e {
             KeyError::Unavailable(_) => Status::unavailable(msg),
             KeyError::Refused(_) => Status::failed_precondition(msg),
+            KeyError::Denied(_) => Status::permission_denied(msg),
             KeyError::Derive(_) => Status::internal(msg),
         }
     }

@@ -19,6 +19,7 @@ use cryptdisk_csi::csi::identity::IdentityService;
 use cryptdisk_csi::csi::node::{NodeConfig, NodeService, TOPOLOGY_NODE};
 use cryptdisk_csi::kms::authz::{Authorizer, NoneAuthorizer};
 use cryptdisk_csi::kms::client::{GrpcKeySource, KmsAddress};
+use cryptdisk_csi::kms::local_authz::LocalAuthorizer;
 use cryptdisk_csi::kms::server::{KmsService, MasterSecret};
 use cryptdisk_csi::kms::tls::TlsFiles;
 use cryptdisk_csi::kms::{KeySource, LocalKeySource};
@@ -201,6 +202,12 @@ struct RecoverArgs {
     #[arg(long)]
     show_key: bool,
 
+    /// The volume's key scope, needed for a volume with v2 keys (its token says
+    /// "derivation": "v2"): the PersistentVolume's volumeAttributes
+    /// cryptdisk.csi.io/key-scope, or its volume handle when that is absent.
+    #[arg(long)]
+    scope: Option<String>,
+
     /// The block device or image file.
     device: PathBuf,
 }
@@ -214,6 +221,12 @@ struct VerifyArgs {
 
     #[command(flatten)]
     tls: KmsClientArgs,
+
+    /// The CSI volume id (the PersistentVolume's volume handle) the device
+    /// holds: the KMS serves a volume's key only for that volume, and only to
+    /// the node it is attached to.
+    #[arg(long)]
+    volume_id: String,
 
     /// The block device or image file.
     device: PathBuf,
@@ -237,6 +250,12 @@ struct KmsClientArgs {
     /// Talk to a tcp:// KMS in plaintext: only for tests.
     #[arg(long, env = "CRYPTDISK_KMS_INSECURE")]
     kms_insecure: bool,
+
+    /// The node's projected ServiceAccount token (audience: the KMS), sent as
+    /// `authorization: Bearer` with every key request and read again each time,
+    /// as the kubelet rotates it. Without it no token is sent.
+    #[arg(long, env = "CRYPTDISK_KMS_TOKEN_FILE")]
+    kms_token_file: Option<PathBuf>,
 }
 
 impl KmsClientArgs {
@@ -249,7 +268,8 @@ impl KmsClientArgs {
             }),
             _ => None,
         };
-        Ok(GrpcKeySource::new(kms, tls.as_ref(), self.kms_insecure)?)
+        Ok(GrpcKeySource::new(kms, tls.as_ref(), self.kms_insecure)?
+            .with_token_file(self.kms_token_file.clone()))
     }
 }
 
@@ -667,7 +687,10 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 (Some(secret), Some(salt)) => MasterSecret::from_files(secret, salt)?,
                 _ => MasterSecret::load_or_generate(&args.local.data_dir.join("kms"))?,
             };
-            let keys = Arc::new(LocalKeySource::new(master, "embedded"));
+            // The embedded KMS serves exactly the volumes the local backend has
+            // published to this node, as the cluster KMS does.
+            let authorizer = Arc::new(LocalAuthorizer::new(args.local.data_dir.clone()));
+            let keys = Arc::new(LocalKeySource::new(master, "embedded", authorizer));
             let controller = controller_service("local", &args.local, Some(node_id.clone()))?
                 .with_attach_limit(u64::try_from(args.node.max_volumes.unwrap_or(0)).unwrap_or(0));
             let node_args = NodeIdArgs {
@@ -703,7 +726,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::Recover(args) => recover(args).await,
         Command::Verify(args) => {
             let keys = args.tls.key_source(&args.kms)?;
-            for line in ops::verify_with(&keys, &args.device).await? {
+            for line in ops::verify_with(&keys, &args.device, &args.volume_id).await? {
                 println!("{line}");
             }
             Ok(())
@@ -739,7 +762,7 @@ async fn recover(args: RecoverArgs) -> Result<(), Box<dyn std::error::Error>> {
         args.master_secret_wrapped_by.as_ref(),
     )
     .await?;
-    let found = ops::recover::find_key(&args.device, &master).await?;
+    let found = ops::recover::find_key(&args.device, &master, args.scope.as_deref()).await?;
     for line in &found.lines {
         println!("{line}");
     }
@@ -1037,11 +1060,9 @@ async fn kms_authorizer(args: &KmsArgs) -> Result<Arc<dyn Authorizer>, Box<dyn s
 fn local_authorizer(
     state: &std::path::Path,
 ) -> Result<Arc<dyn Authorizer>, Box<dyn std::error::Error>> {
-    Err(format!(
-        "--authorizer local (state {}) is not available in this build",
-        state.display()
-    )
-    .into())
+    Ok(Arc::new(
+        cryptdisk_csi::kms::local_authz::LocalAuthorizer::new(state),
+    ))
 }
 
 #[cfg(feature = "kubernetes")]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use cryptdisk_csi::kms::client::{GrpcKeySource, KmsAddress};
 use cryptdisk_csi::kms::tls::TlsFiles;
-use cryptdisk_csi::kms::{KeyError, KeySource, derive_data_key};
+use cryptdisk_csi::kms::{Derivation, KeyError, KeyRequest, KeySource, derive_data_key};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -19,6 +19,18 @@ use rcgen::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_cryptdisk-csi");
 const KEY_ID: &str = "6f2a7c54-2d39-4c4e-9b0e-1a3d5f7b9c11";
+
+/// A request for the v1 key of [`KEY_ID`] (the derivation these cases check),
+/// from master-secret `version`.
+fn v1(version: Option<u32>) -> KeyRequest<'static> {
+    KeyRequest {
+        volume_id: "local:node-1:disk-1",
+        data_key_id: KEY_ID,
+        derivation: Derivation::V1,
+        len: 32,
+        version,
+    }
+}
 
 struct Pki {
     dir: tempfile::TempDir,
@@ -212,7 +224,7 @@ async fn mutual_tls_serves_the_cluster_ca_and_refuses_the_rest() {
         leaf(&cluster, "node-1.cluster", true, false),
     );
     let source = GrpcKeySource::new(&address, Some(&good), false).unwrap();
-    let (key, version) = source.versioned_key(KEY_ID, 32, None).await.unwrap();
+    let (key, version) = source.volume_key(&v1(None)).await.unwrap();
     let want = derive_data_key(&master, &salt, KEY_ID, 32).unwrap();
     assert_eq!(key.expose(), want.expose());
     assert_eq!(version, 1);
@@ -224,11 +236,7 @@ async fn mutual_tls_serves_the_cluster_ca_and_refuses_the_rest() {
     ] {
         let files = pki.client(&ca_file, name, pair);
         let source = GrpcKeySource::new(&address, Some(&files), false).unwrap();
-        let err = source
-            .versioned_key(KEY_ID, 32, None)
-            .await
-            .err()
-            .expect("refused");
+        let err = source.volume_key(&v1(None)).await.err().expect("refused");
         eprintln!("{name}: {err}");
         assert!(err.to_string().contains("transport error"), "{name}: {err}");
     }
@@ -288,11 +296,7 @@ async fn an_unreachable_kms_is_retried_then_unavailable() {
     );
     let source = GrpcKeySource::new(&address, None, true).unwrap();
     let started = Instant::now();
-    let err = source
-        .versioned_key(KEY_ID, 32, None)
-        .await
-        .err()
-        .expect("refused");
+    let err = source.volume_key(&v1(None)).await.err().expect("refused");
     let took = started.elapsed();
     match err {
         KeyError::Unavailable(msg) => assert!(msg.contains("after 3 attempt(s)"), "{msg}"),
@@ -357,18 +361,18 @@ async fn versions_the_current_one_for_new_keys_and_version_one_for_get_data_key(
     let _ = kms.port;
     let address: KmsAddress = format!("unix://{}", socket.display()).parse().unwrap();
     let source = GrpcKeySource::new(&address, None, false).unwrap();
-    let (current, version) = source.versioned_key(KEY_ID, 32, None).await.unwrap();
+    let (current, version) = source.volume_key(&v1(None)).await.unwrap();
     assert_eq!(version, 2);
     assert_eq!(
         current.expose(),
         derive_data_key(&v2, &[2; 32], KEY_ID, 32).unwrap().expose()
     );
-    let (first, version) = source.versioned_key(KEY_ID, 32, Some(1)).await.unwrap();
+    let (first, version) = source.volume_key(&v1(Some(1))).await.unwrap();
     assert_eq!(version, 1);
     let v1_key = derive_data_key(&[1; 32], &[2; 32], KEY_ID, 32).unwrap();
     assert_eq!(first.expose(), v1_key.expose());
     let missing = source
-        .versioned_key(KEY_ID, 32, Some(9))
+        .volume_key(&v1(Some(9)))
         .await
         .err()
         .expect("refused");
@@ -495,7 +499,7 @@ async fn a_master_secret_wrapped_by_gcp_kms_is_unwrapped_at_start() {
     let address: KmsAddress = format!("unix://{}", socket.display()).parse().unwrap();
     let (key, _) = GrpcKeySource::new(&address, None, false)
         .unwrap()
-        .versioned_key(KEY_ID, 32, None)
+        .volume_key(&v1(None))
         .await
         .unwrap();
     let want = derive_data_key(&plain, &[2; 32], KEY_ID, 32).unwrap();
@@ -578,7 +582,7 @@ async fn insecure_is_refused_off_loopback() {
     let address: KmsAddress = format!("tcp://127.0.0.1:{}", kms.port).parse().unwrap();
     let (key, _) = GrpcKeySource::new(&address, None, true)
         .unwrap()
-        .versioned_key(KEY_ID, 32, None)
+        .volume_key(&v1(None))
         .await
         .unwrap();
     let want = derive_data_key(&[1; 32], &[2; 32], KEY_ID, 32).unwrap();
@@ -669,18 +673,15 @@ async fn idle_connections_and_oversized_requests_do_not_starve_a_node() {
     let address: KmsAddress = format!("https://localhost:{}", kms.port).parse().unwrap();
     let source = GrpcKeySource::new(&address, Some(&node), false).unwrap();
     let started = Instant::now();
-    let (key, _) = tokio::time::timeout(
-        Duration::from_secs(5),
-        source.versioned_key(KEY_ID, 32, None),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "no key within 5 s beside {IDLE} idle connections:\n{}",
-            kms.log()
-        )
-    })
-    .unwrap();
+    let (key, _) = tokio::time::timeout(Duration::from_secs(5), source.volume_key(&v1(None)))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no key within 5 s beside {IDLE} idle connections:\n{}",
+                kms.log()
+            )
+        })
+        .unwrap();
     assert_eq!(
         key.expose(),
         derive_data_key(&master, &salt, KEY_ID, 32)
@@ -822,7 +823,8 @@ async fn get_volume_key_serves_v2_and_v1_keys_only_when_allowed() {
             length: 32,
         })
         .await
-        .unwrap_err();
+        .map(drop)
+        .expect_err("refused");
     assert_eq!(legacy.code(), tonic::Code::PermissionDenied, "{legacy:?}");
     let versioned = api
         .get_versioned_data_key(GetVersionedDataKeyRequest {
@@ -831,7 +833,8 @@ async fn get_volume_key_serves_v2_and_v1_keys_only_when_allowed() {
             key_version: 0,
         })
         .await
-        .unwrap_err();
+        .map(drop)
+        .expect_err("refused");
     assert_eq!(versioned.code(), tonic::Code::PermissionDenied);
     // Bad requests are refused before any authorization.
     let mut bad = volume_key(Derivation::V2);

@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use cryptdisk_csi::crypt::{self, FormatOptions, Integrity, KeyId, Token};
-use cryptdisk_csi::kms::derive_data_key;
+use cryptdisk_csi::kms::{Derivation, derive_data_key};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cryptdisk-csi");
+/// The CSI volume id the test volumes are verified as.
+const VOLUME: &str = "local:node-1:disk-1";
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
@@ -57,6 +59,7 @@ impl Volume {
                 content: None,
                 wipe_offset: None,
                 rotation: None,
+                derivation: None,
             },
             integrity: Integrity::None,
             bypass_workqueues: true,
@@ -231,7 +234,9 @@ async fn recover_after_rotation_writes_a_key_file_stock_cryptsetup_accepts() {
     write_secret(&v.path("master.key-v2"), &[13; 32]);
     let v1 = derive_data_key(&[11; 32], &[12; 32], v.key_id.as_str(), 32).unwrap();
     let v2 = derive_data_key(&[13; 32], &[12; 32], v.key_id.as_str(), 32).unwrap();
-    crypt::rotate(&v.image, &v1, &v2, 2).await.unwrap();
+    crypt::rotate(&v.image, &v1, &v2, 2, Derivation::V1)
+        .await
+        .unwrap();
 
     let keys = tempfile::tempdir().unwrap();
     let key_file = keys.path().join("volume.key");
@@ -250,7 +255,7 @@ async fn recover_after_rotation_writes_a_key_file_stock_cryptsetup_accepts() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert!(
-        stdout.contains("version 2 (the token's key_version): opens keyslot"),
+        stdout.contains("version 2, v1 (the token's key_version): opens keyslot"),
         "{stdout}"
     );
     let hex_key = hex::encode(v2.expose());
@@ -320,11 +325,11 @@ async fn recover_mid_rotation_finds_the_key_that_opens() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert!(
-        stdout.contains("version 1 (the token's key_version): opens keyslot 0"),
+        stdout.contains("version 1, v1 (the token's key_version): opens keyslot 0"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("version 2 (the rotation's to_version): opens no keyslot"),
+        stdout.contains("version 2, v1 (the rotation's target): opens no keyslot"),
         "{stdout}"
     );
 }
@@ -372,15 +377,15 @@ async fn verify_asks_the_kms_and_tells_a_wrong_master_secret() {
     let (_wrong, wrong) = kms(v.dir.path(), "wrong", &v.path("other.key"), &v.path("salt"));
     let img = v.image.to_str().unwrap();
 
-    let out = run(&["verify", "--kms", &right, img]);
+    let out = run(&["verify", "--kms", &right, "--volume-id", VOLUME, img]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert!(
-        stdout.contains("version 1 (the token's key_version): the KMS's key opens keyslot 0"),
+        stdout.contains("version 1, v1 (the token's key_version): the KMS's key opens keyslot 0"),
         "{stdout}"
     );
 
-    let out = run(&["verify", "--kms", &wrong, img]);
+    let out = run(&["verify", "--kms", &wrong, "--volume-id", VOLUME, img]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(5), "{stdout}{stderr}");
     assert!(stderr.contains("opens no keyslot"), "{stderr}");
@@ -390,12 +395,14 @@ async fn verify_asks_the_kms_and_tells_a_wrong_master_secret() {
     write_secret(&v.path("master.key-v2"), &[13; 32]);
     let v1 = derive_data_key(&[11; 32], &[12; 32], v.key_id.as_str(), 32).unwrap();
     let v2 = derive_data_key(&[13; 32], &[12; 32], v.key_id.as_str(), 32).unwrap();
-    crypt::rotate(&v.image, &v1, &v2, 2).await.unwrap();
-    let out = run(&["verify", "--kms", &right, img]);
+    crypt::rotate(&v.image, &v1, &v2, 2, Derivation::V1)
+        .await
+        .unwrap();
+    let out = run(&["verify", "--kms", &right, "--volume-id", VOLUME, img]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(5), "{stdout}{stderr}");
     assert!(
-        stderr.contains("version 2 (the token's key_version): the KMS refused"),
+        stderr.contains("version 2, v1 (the token's key_version): the KMS refused"),
         "{stderr}"
     );
     let (_rotated, rotated) = kms(
@@ -404,20 +411,34 @@ async fn verify_asks_the_kms_and_tells_a_wrong_master_secret() {
         &v.path("master.key"),
         &v.path("salt"),
     );
-    let out = run(&["verify", "--kms", &rotated, img]);
+    let out = run(&["verify", "--kms", &rotated, "--volume-id", VOLUME, img]);
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     assert!(
         text(&out)
             .0
-            .contains("version 2 (the token's key_version): the KMS's key opens keyslot 1")
+            .contains("version 2, v1 (the token's key_version): the KMS's key opens keyslot 1")
     );
 
     // A KMS that is not there: a clear operational failure.
-    let out = run(&["verify", "--kms", "unix:///nonexistent/kms.sock", img]);
+    let out = run(&[
+        "verify",
+        "--kms",
+        "unix:///nonexistent/kms.sock",
+        "--volume-id",
+        VOLUME,
+        img,
+    ]);
     assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
 
     // A plaintext tcp:// KMS needs the same explicit flag as the node's.
-    let out = run(&["verify", "--kms", "tcp://127.0.0.1:9", img]);
+    let out = run(&[
+        "verify",
+        "--kms",
+        "tcp://127.0.0.1:9",
+        "--volume-id",
+        VOLUME,
+        img,
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).1.contains("--kms-insecure"), "{:?}", text(&out));
 }
@@ -439,4 +460,47 @@ fn node_without_a_subcommand_still_serves_and_status_needs_no_kms() {
     let out = run(&["node", "status", "--help"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(text(&out).0.contains("stale"));
+}
+
+/// A volume migrated to a v2 keyslot (as a read-write stage does): recover
+/// derives its key only with the volume's scope, says so without it, and a
+/// wrong scope opens nothing.
+#[tokio::test]
+async fn recover_of_a_v2_volume_needs_its_scope() {
+    let v = Volume::new().await;
+    let scope = "local:node-1:disk-1";
+    let v1 = derive_data_key(&[11; 32], &[12; 32], v.key_id.as_str(), 32).unwrap();
+    let v2 =
+        cryptdisk_csi::kms::derive_scoped_key(&[11; 32], &[12; 32], scope, v.key_id.as_str(), 32)
+            .unwrap();
+    crypt::rotate(&v.image, &v1, &v2, 1, Derivation::V2)
+        .await
+        .unwrap();
+    let token = crypt::read_header(&v.image).await.unwrap().token.unwrap();
+    assert_eq!(token.derivation, Some(Derivation::V2));
+    let recover = |extra: &[&str]| {
+        let mut a = vec![
+            "recover".to_string(),
+            format!("--master-secret-file={}", v.arg("master.key")),
+            format!("--salt-file={}", v.arg("salt")),
+            "--show-key".to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.push(v.image.display().to_string());
+        Command::new(BIN).args(&a).output().unwrap()
+    };
+    let out = recover(&[]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(5), "{stdout}{stderr}");
+    assert!(stderr.contains("pass --scope"), "{stderr}");
+    let out = recover(&["--scope", "local:node-1:other"]);
+    assert_eq!(out.status.code(), Some(5), "{:?}", text(&out));
+    let out = recover(&["--scope", scope]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("version 1, v2 (the token's key_version): opens keyslot"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&hex::encode(v2.expose())), "{stdout}");
 }

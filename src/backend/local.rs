@@ -123,6 +123,11 @@ struct DiskEntry {
     /// indexes written before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     usable_bytes: Option<u64>,
+    /// The key scope inherited from the source of a restore or clone
+    /// ([`Disk::key_scope`]); absent for a disk made empty, whose scope is its
+    /// own volume id, and in indexes written before scopes existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_scope: Option<String>,
 }
 
 impl DiskEntry {
@@ -149,6 +154,9 @@ struct SnapshotEntry {
     /// The source's usable size when it was taken ([`Snapshot::usable_bytes`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     usable_bytes: Option<u64>,
+    /// The source's key scope when it was taken ([`Snapshot::key_scope`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_scope: Option<String>,
 }
 
 /// `index.json`: keyed by file stem, so iteration order is the stable list order.
@@ -526,6 +534,34 @@ impl LocalBackend {
         Ok(index.disks.get(disk).and_then(DiskEntry::live_fresh))
     }
 
+    /// Whether the local backend under `data_dir` has published volume `id`
+    /// to its own node (the node its index is for, the only one it serves) and,
+    /// if so, that node and the volume's key scope: what the local authorizer
+    /// of `dev` and of `kms --authorizer local` decides by. Read from
+    /// `index.json` as it is now (atomic renames: one whole version).
+    pub fn published_key_scope(data_dir: &Path, id: &VolumeId) -> Result<Option<(String, String)>> {
+        let path = data_dir.join(INDEX_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        let index: Index = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::FailedPrecondition(format!("index {} is unreadable: {e}", path.display()))
+        })?;
+        if id.backend() != BackendKind::Local || id.location() != index.location {
+            return Ok(None);
+        }
+        Ok(index
+            .disks
+            .get(id.disk())
+            .filter(|e| e.attachments.contains_key(&index.location))
+            .map(|e| {
+                let scope = e.key_scope.clone().unwrap_or_else(|| id.to_string());
+                (index.location.clone(), scope)
+            }))
+    }
+
     /// The data directory (absolute).
     pub fn data_dir(&self) -> &Path {
         &self.inner.data_dir
@@ -760,6 +796,7 @@ impl Inner {
             options: e.options.clone(),
             fresh: e.live_fresh(),
             usable_bytes: e.usable_bytes,
+            key_scope: e.key_scope.clone(),
         }))
     }
 
@@ -776,6 +813,7 @@ impl Inner {
             ready: true,
             options: e.options.clone(),
             usable_bytes: e.usable_bytes,
+            key_scope: e.key_scope.clone(),
         }))
     }
 
@@ -936,6 +974,7 @@ impl Inner {
                 // Only a disk built from nothing is known to be empty.
                 fresh: spec.source.is_none().then(FreshRecord::new_random),
                 usable_bytes: Some(spec.usable_bytes),
+                key_scope: spec.key_scope.clone(),
             },
         );
         if let Err(e) = self.commit(&mut index, new).await {
@@ -1170,10 +1209,15 @@ impl Inner {
         // Taken with the image's length, under the same lock: the usable size
         // that goes with the bytes copied (an expansion during the copy records
         // a larger one for the disk, not for this snapshot).
-        let (options, usable_bytes) = index
+        // The scope goes with the bytes: a restore of this snapshot derives its
+        // key within the source's scope, whatever the source is called later.
+        let (options, usable_bytes, key_scope) = index
             .disks
             .get(source.disk())
-            .map(|d| (d.options.clone(), d.usable_bytes))
+            .map(|d| {
+                let scope = d.key_scope.clone().unwrap_or_else(|| source.to_string());
+                (d.options.clone(), d.usable_bytes, Some(scope))
+            })
             .unwrap_or_default();
         let available = self.available(&index)?;
         if len > available {
@@ -1202,6 +1246,7 @@ impl Inner {
                 created_unix_nanos: now_unix_nanos(),
                 options,
                 usable_bytes,
+                key_scope,
             },
         );
         if let Err(e) = self.commit(&mut index, new).await {
@@ -1437,6 +1482,7 @@ mod tests {
             accessibility: None,
             options: BTreeMap::new(),
             usable_bytes: capacity_bytes.saturating_sub(16 * MIB),
+            key_scope: None,
         }
     }
 

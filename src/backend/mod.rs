@@ -83,6 +83,10 @@ pub struct DiskSpec {
     /// The usable size the CO is given for this volume (its `capacity_bytes`),
     /// which the backend records with the disk ([`Disk::usable_bytes`]).
     pub usable_bytes: u64,
+    /// The key scope a restore or clone inherits from its source, which the
+    /// backend records with the disk ([`Disk::key_scope`]); `None` for an empty
+    /// disk, whose scope is its own volume id.
+    pub key_scope: Option<String>,
 }
 
 /// A disk as the backend reports it.
@@ -108,6 +112,10 @@ pub struct Disk {
     /// then what [`DiskBackend::record_usable`] recorded after an expansion.
     /// `None` for a disk from before the driver kept it.
     pub usable_bytes: Option<u64>,
+    /// The key scope recorded with the disk: its source's, for a restore or a
+    /// clone. `None` for a disk made empty, or made before scopes existed: its
+    /// scope is then its own volume id ([`Disk::scope`]).
+    pub key_scope: Option<String>,
 }
 
 /// A snapshot as the backend reports it.
@@ -128,11 +136,34 @@ pub struct Snapshot {
     /// what the CO may restore it into. `None` for a snapshot from before the
     /// driver kept it.
     pub usable_bytes: Option<u64>,
+    /// The source disk's key scope when the snapshot was taken, which a
+    /// restore inherits. `None` for a snapshot from before scopes existed: the
+    /// source volume's id ([`Snapshot::scope`]).
+    pub key_scope: Option<String>,
 }
 
 /// Why a backend operation failed. Each variant is the gRPC code of the same
 /// name, with a message for the CO; [`tonic::Status`] is made from it in one
 /// place.
+impl Disk {
+    /// The volume's key scope (DESIGN.md §3): the recorded one, else its own id.
+    pub fn scope(&self) -> String {
+        self.key_scope
+            .clone()
+            .unwrap_or_else(|| self.id.to_string())
+    }
+}
+
+impl Snapshot {
+    /// The key scope a restore of this snapshot inherits: the recorded one,
+    /// else its source volume's id.
+    pub fn scope(&self) -> String {
+        self.key_scope
+            .clone()
+            .unwrap_or_else(|| self.source.to_string())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]

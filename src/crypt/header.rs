@@ -1035,6 +1035,12 @@ pub fn validate(json: &Value) -> std::result::Result<(), String> {
     {
         return Err(format!("token.wipe_offset {offset} is not a byte count"));
     }
+    // Only v2 is ever written: v1 is the field's absence.
+    if let Some(derivation) = token.get("derivation")
+        && derivation.as_str() != Some("v2")
+    {
+        return Err(format!("token.derivation {derivation} is not \"v2\""));
+    }
     if token["key_version"]
         .as_u64()
         .is_none_or(|v| v > u64::from(u32::MAX))
@@ -1050,11 +1056,13 @@ pub fn validate(json: &Value) -> std::result::Result<(), String> {
                 if r["to_version"]
                     .as_u64()
                     .is_some_and(|v| v <= u64::from(u32::MAX))
+                    && r.get("to_derivation")
+                        .is_none_or(|d| d.as_str() == Some("v2"))
                     && keys_exactly(
                         obj(r, "token.rotation")?,
                         "token.rotation",
                         &["phase", "keyslot", "to_version"],
-                        &[],
+                        &["to_derivation"],
                     )
                     .is_ok() =>
             {

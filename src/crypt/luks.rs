@@ -262,6 +262,14 @@ pub fn format(device: &Path, shown: &Path, key: &DataKey, opts: &FormatOptions) 
         // Nothing has been written through dm-integrity yet.
         token["wipe_offset"] = serde_json::Value::from(0u64);
     }
+    // v1 is the field's absence (what drivers before v2 wrote and read).
+    if let Some(derivation) = opts
+        .token
+        .derivation
+        .filter(|d| *d != super::Derivation::V1)
+    {
+        token["derivation"] = serde_json::Value::from(derivation.as_str());
+    }
     cd.token_handle()
         .json_set(TokenInput::AddToken(&token))
         .map_err(lib("write token", &target))?;
@@ -538,8 +546,14 @@ pub(super) fn drop_thread_keyring() {
 
 /// See [`super::rotate`]. Each pass of the loop reads the header afresh and
 /// takes the next step from the state the token records.
-pub fn rotate(device: &Path, old_key: &DataKey, new_key: &DataKey, to_version: u32) -> Result<()> {
-    use super::Rotation;
+pub fn rotate(
+    device: &Path,
+    old_key: &DataKey,
+    new_key: &DataKey,
+    to_version: u32,
+    to_derivation: super::Derivation,
+) -> Result<()> {
+    use super::{Derivation, Rotation};
     use crate::failpoint::hit;
     let target = device.display().to_string();
     let bad = |reason: String| Error::BadToken {
@@ -567,7 +581,9 @@ pub fn rotate(device: &Path, old_key: &DataKey, new_key: &DataKey, to_version: u
             })
             .unwrap_or_default();
         match token.rotation {
-            None if token.key_version == to_version => return Ok(()),
+            None if token.key_version == to_version && token.derivation() == to_derivation => {
+                return Ok(());
+            }
             None => {
                 let free = (0..32u32)
                     .find(|n| !slots.contains(n))
@@ -575,13 +591,20 @@ pub fn rotate(device: &Path, old_key: &DataKey, new_key: &DataKey, to_version: u
                 update_token(device, |t| {
                     t["rotation"] = serde_json::json!({
                         "phase": "adding", "keyslot": free.to_string(), "to_version": to_version,
-                    })
+                    });
+                    // Written for v2 only: a v1 rotation's record stays the one
+                    // older drivers know how to finish.
+                    if to_derivation != Derivation::V1 {
+                        t["rotation"]["to_derivation"] =
+                            serde_json::Value::from(to_derivation.as_str());
+                    }
                 })?;
                 hit("rotate:intent");
             }
             Some(Rotation::Adding {
                 keyslot,
                 to_version: aimed,
+                to_derivation: aimed_derivation,
             }) => {
                 let slot: u32 = keyslot
                     .parse()
@@ -598,7 +621,9 @@ pub fn rotate(device: &Path, old_key: &DataKey, new_key: &DataKey, to_version: u
                         )
                         .is_ok()
                 };
-                if aimed != to_version || (slots.contains(&slot) && !opens(&mut cd)) {
+                let other_target = aimed != to_version
+                    || aimed_derivation.unwrap_or(Derivation::V1) != to_derivation;
+                if other_target || (slots.contains(&slot) && !opens(&mut cd)) {
                     // Another target, or a keyslot half made: start this one again.
                     if slots.contains(&slot) {
                         cd.keyslot_handle()
@@ -634,6 +659,13 @@ pub fn rotate(device: &Path, old_key: &DataKey, new_key: &DataKey, to_version: u
                     .collect();
                 update_token(device, |t| {
                     t["key_version"] = serde_json::Value::from(to_version);
+                    match (to_derivation, t.as_object_mut()) {
+                        (Derivation::V1, Some(fields)) => {
+                            fields.remove("derivation");
+                        }
+                        (Derivation::V1, None) => {}
+                        (v2, _) => t["derivation"] = serde_json::Value::from(v2.as_str()),
+                    }
                     t["keyslots"] = serde_json::json!([keyslot]);
                     t["rotation"] = serde_json::json!({"phase": "retiring", "keyslots": retiring});
                 })?;

@@ -21,6 +21,7 @@ use uuid::Uuid;
 pub use blank::{BlankDevice, probe_blank};
 
 use crate::kms::DataKey;
+pub use crate::kms::Derivation;
 
 /// Bytes the LUKS2 header (metadata and keyslot areas) occupies at the start of a
 /// device; data starts after it.
@@ -163,6 +164,18 @@ pub struct Token {
     /// A key rotation under way; see [`rotate`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<Rotation>,
+    /// How the keyslot's key is derived (DESIGN.md §3). Absent in tokens
+    /// written before v2 keys, and then v1 ([`Token::derivation`]); written
+    /// only for v2, so a v1 token stays what older drivers read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derivation: Option<Derivation>,
+}
+
+impl Token {
+    /// The derivation of the key the token's keyslot opens with.
+    pub fn derivation(&self) -> Derivation {
+        self.derivation.unwrap_or(Derivation::V1)
+    }
 }
 
 /// A key rotation in progress, recorded in the token before each step so that a
@@ -172,8 +185,14 @@ pub struct Token {
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum Rotation {
     /// A keyslot for `to_version` is being added at `keyslot` (it may not exist
-    /// yet); the token still names the old keyslots and version.
-    Adding { keyslot: String, to_version: u32 },
+    /// yet); the token still names the old keyslots and version. The new key's
+    /// derivation is `to_derivation`, v1 when absent (written before v2).
+    Adding {
+        keyslot: String,
+        to_version: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_derivation: Option<Derivation>,
+    },
     /// The token names the new keyslot and version; `keyslots`, the old ones,
     /// are being destroyed.
     Retiring { keyslots: Vec<String> },
@@ -182,7 +201,7 @@ pub enum Rotation {
 /// The token fields beside `type`, `keyslots`, `key_id`, `key_version` and
 /// `kms` that a header may hold (see [`Token`]); the header whitelist refuses any
 /// other.
-pub const TOKEN_OPTIONAL_FIELDS: &[&str] = &["content", "wipe_offset", "rotation"];
+pub const TOKEN_OPTIONAL_FIELDS: &[&str] = &["content", "wipe_offset", "rotation", "derivation"];
 
 /// Values [`Token::content`] may hold.
 pub const CONTENT_VALUES: [&str; 3] = ["block", "ext4", "xfs"];
@@ -487,21 +506,23 @@ pub async fn resize(name: &MapperName, key: &DataKey) -> Result<u64> {
     timed("resize", move || luks::resize(&name, &key)).await
 }
 
-/// Moves `device`'s keyslot to the key of master-secret version `to_version`:
-/// adds a keyslot with `new_key` (unlocked with `old_key`, the key of the
-/// token's version), checks that it opens, switches the token to it, then
-/// destroys the old keyslot. The volume key, and so the data, do not change.
-/// Every step is recorded in the token first, so this finishes whatever a crash
-/// interrupted; a volume already on `to_version` is left alone.
+/// Moves `device`'s keyslot to the key of master-secret version `to_version`
+/// derived as `to_derivation` (a new version, or a v1 volume moving to v2):
+/// adds a keyslot with `new_key` (unlocked with `old_key`, the key the token
+/// names), checks that it opens, switches the token to it, then destroys the
+/// old keyslot. The volume key, and so the data, do not change. Every step is
+/// recorded in the token first, so this finishes whatever a crash
+/// interrupted; a volume already there is left alone.
 pub async fn rotate(
     device: &Path,
     old_key: &DataKey,
     new_key: &DataKey,
     to_version: u32,
+    to_derivation: Derivation,
 ) -> Result<()> {
     let (device, old_key, new_key) = (device.to_path_buf(), old_key.clone(), new_key.clone());
     timed("rotate", move || {
-        luks::rotate(&device, &old_key, &new_key, to_version)
+        luks::rotate(&device, &old_key, &new_key, to_version, to_derivation)
     })
     .await
 }
@@ -630,6 +651,7 @@ mod tests {
                 content: None,
                 wipe_offset: None,
                 rotation: None,
+                derivation: None,
             },
             integrity,
             bypass_workqueues: true,
@@ -653,7 +675,9 @@ mod tests {
         .unwrap();
         header::read_validated(img.path()).unwrap();
         for _ in 0..2 {
-            rotate(img.path(), &v1, &v2, 4).await.unwrap();
+            rotate(img.path(), &v1, &v2, 4, Derivation::V1)
+                .await
+                .unwrap();
         }
         let token = read_header(img.path()).await.unwrap().token.unwrap();
         assert_eq!(token.key_version, 4);
@@ -666,11 +690,99 @@ mod tests {
         assert_eq!(json["keyslots"]["1"]["kdf"]["type"], "pbkdf2");
         // With the wrong old key nothing changes but the recorded intent.
         let v3 = crate::kms::derive_data_key(&[6; 32], &[4; 32], key_id.as_str(), 32).unwrap();
-        let err = rotate(img.path(), &v1, &v3, 5).await.unwrap_err();
+        let err = rotate(img.path(), &v1, &v3, 5, Derivation::V1)
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::WrongKey { .. }), "{err:?}");
         verify_key(img.path(), &v2).await.unwrap();
-        rotate(img.path(), &v2, &v3, 5).await.unwrap();
+        rotate(img.path(), &v2, &v3, 5, Derivation::V1)
+            .await
+            .unwrap();
         verify_key(img.path(), &v3).await.unwrap();
+    }
+
+    /// A v2 format records its derivation; a v1 volume moves to a v2 keyslot
+    /// with the rotation steps (a crash after the intent finishes, a retry is a
+    /// no-op), after which only the v2 key opens it; the header whitelist
+    /// takes the new fields and refuses other values of them.
+    #[tokio::test]
+    async fn v2_is_recorded_and_a_v1_volume_migrates_to_it() {
+        use crate::kms::derive_scoped_key;
+        let img = image(64 << 20);
+        let key_id = KeyId::new_random();
+        let mut opts = options(&key_id, Integrity::None);
+        opts.token.derivation = Some(Derivation::V2);
+        let v2 = derive_scoped_key(&[3; 32], &[4; 32], "local:n:a", key_id.as_str(), 32).unwrap();
+        format(probe_blank(img.path()).unwrap(), &v2, &opts)
+            .await
+            .unwrap();
+        let token = read_header(img.path()).await.unwrap().token.unwrap();
+        assert_eq!(token.derivation(), Derivation::V2);
+        assert_eq!(
+            header::read_validated(img.path()).unwrap()["tokens"]["0"]["derivation"],
+            "v2"
+        );
+
+        let img = image(64 << 20);
+        let v1 = key(&key_id);
+        format(
+            probe_blank(img.path()).unwrap(),
+            &v1,
+            &options(&key_id, Integrity::None),
+        )
+        .await
+        .unwrap();
+        let json = header::read_validated(img.path()).unwrap();
+        assert!(json["tokens"]["0"].get("derivation").is_none(), "{json}");
+        let token = read_header(img.path()).await.unwrap().token.unwrap();
+        assert_eq!(token.derivation(), Derivation::V1);
+        // Same version, other derivation: still a rotation to do.
+        luks::update_token(img.path(), |t| {
+            t["rotation"] = serde_json::json!({"phase": "adding", "keyslot": "1",
+                "to_version": 3, "to_derivation": "v2"});
+        })
+        .unwrap();
+        header::read_validated(img.path()).unwrap();
+        for _ in 0..2 {
+            rotate(img.path(), &v1, &v2, 3, Derivation::V2)
+                .await
+                .unwrap();
+        }
+        let token = read_header(img.path()).await.unwrap().token.unwrap();
+        assert_eq!(
+            (token.key_version, token.derivation, token.rotation),
+            (3, Some(Derivation::V2), None)
+        );
+        verify_key(img.path(), &v2).await.unwrap();
+        assert!(matches!(
+            verify_key(img.path(), &v1).await.unwrap_err(),
+            Error::WrongKey { .. }
+        ));
+        assert_eq!(
+            header::read_validated(img.path()).unwrap()["keyslots"]
+                .as_object()
+                .unwrap()
+                .len(),
+            1
+        );
+        // Values we never write are refused.
+        for bad in [json_str("v1"), json_str("v3"), serde_json::json!(2)] {
+            let copy = tempfile::NamedTempFile::new().unwrap();
+            std::fs::copy(img.path(), copy.path()).unwrap();
+            forge_text(copy.path(), |t| {
+                let out = t
+                    .replace("\"derivation\":\"v2\"", &format!("\"derivation\":{bad}"))
+                    .replace("\"derivation\": \"v2\"", &format!("\"derivation\": {bad}"));
+                assert_ne!(out, t, "no derivation field in {t}");
+                out
+            });
+            let err = header::read_validated(copy.path()).unwrap_err();
+            assert!(err.to_string().contains("derivation"), "{bad}: {err}");
+        }
+    }
+
+    fn json_str(s: &str) -> serde_json::Value {
+        serde_json::Value::from(s)
     }
 
     /// Rewrites the JSON text of both 16 KiB copies of `path` with `edit` and

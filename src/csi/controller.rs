@@ -16,6 +16,7 @@ use crate::backend::{
     Disk, DiskBackend, DiskSource, DiskSpec, Snapshot as BackendSnapshot, TopologyRequirement,
 };
 use crate::crypt::{Integrity, LUKS2_HEADER_BYTES};
+use crate::kms::authz::SCOPE_ATTRIBUTE;
 use crate::proto::csi::controller_server::Controller;
 use crate::proto::csi::controller_service_capability::{self, rpc::Type as Rpc};
 use crate::proto::csi::volume_content_source::{self, SnapshotSource, VolumeSource};
@@ -147,14 +148,18 @@ impl ControllerService {
                 }),
             }),
         });
+        let mut volume_context: HashMap<String, String> = match options {
+            Some(o) => o.to_volume_context(),
+            None => disk.options.clone().into_iter().collect(),
+        };
+        // The CO copies the volume context into the PV's volumeAttributes, where
+        // the KMS reads the scope from (never from the node).
+        volume_context.insert(SCOPE_ATTRIBUTE.to_string(), disk.scope());
         Volume {
             capacity_bytes: known_usable(disk.usable_bytes, disk.capacity_bytes, &disk.options)
                 as i64,
             volume_id: disk.id.to_string(),
-            volume_context: match options {
-                Some(o) => o.to_volume_context(),
-                None => disk.options.clone().into_iter().collect(),
-            },
+            volume_context,
             content_source,
             accessible_topology: disk
                 .topology
@@ -186,19 +191,26 @@ impl ControllerService {
     /// A copy holds its source's LUKS2 header, so it has the source's layout: a
     /// clone or restore must ask for the same integrity setting, or its size and
     /// everything later computed from its options would be wrong.
+    /// Checks that a copy keeps its source's layout; returns the source's key
+    /// scope, which the copy inherits (it holds the same header, and so the
+    /// same key id: only the same scope derives the same key).
     async fn check_source_layout(
         &self,
         source: &DiskSource,
         wanted: &VolumeOptions,
-    ) -> Result<(), Status> {
-        let (what, options) = match source {
+    ) -> Result<Option<String>, Status> {
+        let (what, options, scope) = match source {
             DiskSource::Disk(id) => match self.backend.get_disk(id).await? {
-                Some(d) => (format!("source volume {id}"), d.options),
-                None => return Ok(()), // the backend reports the missing source
+                Some(d) => (format!("source volume {id}"), d.options.clone(), d.scope()),
+                None => return Ok(None), // the backend reports the missing source
             },
             DiskSource::Snapshot(id) => match self.backend.get_snapshot(id).await? {
-                Some(s) => (format!("source snapshot {id}"), s.options),
-                None => return Ok(()),
+                Some(s) => (
+                    format!("source snapshot {id}"),
+                    s.options.clone(),
+                    s.scope(),
+                ),
+                None => return Ok(None),
             },
         };
         let had = disk_options(&options)?;
@@ -211,7 +223,7 @@ impl ControllerService {
                 describe_integrity(wanted.integrity)
             )));
         }
-        Ok(())
+        Ok(Some(scope))
     }
 
     async fn existing_disk(&self, field: &str, id: &str) -> Result<Disk, Status> {
@@ -337,9 +349,10 @@ impl Controller for ControllerService {
                 self.parse_volume_id("source volume_id", &v.volume_id)?,
             )),
         };
-        if let Some(source) = &source {
-            self.check_source_layout(source, &options).await?;
-        }
+        let key_scope = match &source {
+            Some(source) => self.check_source_layout(source, &options).await?,
+            None => None,
+        };
         let _held = self.guards.take(&format!("create/{}", req.name))?;
         let spec = DiskSpec {
             name: req.name.clone(),
@@ -349,6 +362,7 @@ impl Controller for ControllerService {
             accessibility: topology_requirement(req.accessibility_requirements.as_ref()),
             options: options.to_volume_context().into_iter().collect(),
             usable_bytes: usable,
+            key_scope,
         };
         let disk = self.backend.create_disk(&spec).await?;
         tracing::info!(volume = %disk.id, bytes = usable, "volume ready");
@@ -901,6 +915,12 @@ pub(crate) mod restore_size {
             .await
             .unwrap_or_else(|e| panic!("{tag}: clone into {capacity} bytes: {e}"));
         assert!(cloned.capacity_bytes as u64 >= capacity, "{tag}: clone");
+        // Both copies hold the source's header, so they inherit its key scope.
+        let scope = |v: &Volume| v.volume_context.get(SCOPE_ATTRIBUTE).cloned();
+        let source_scope = scope(volume);
+        assert!(source_scope.is_some(), "{tag}: the source has no key scope");
+        assert_eq!(scope(&restored), source_scope, "{tag}: restore's scope");
+        assert_eq!(scope(&cloned), source_scope, "{tag}: clone's scope");
         // A snapshot of the restored volume restores into its size in turn.
         let again = ctl
             .create_snapshot(Request::new(CreateSnapshotRequest {
@@ -917,6 +937,26 @@ pub(crate) mod restore_size {
             again.size_bytes, restored.capacity_bytes,
             "{tag}: snapshot of the restore"
         );
+        // ...and keeps the first source's scope, which the restore recorded
+        // with its disk and the snapshot with itself.
+        let twice = create(
+            ctl,
+            create_req(
+                &format!("{tag}-restore-of-restore"),
+                again.size_bytes as u64,
+                params,
+                Some(volume_content_source::Type::Snapshot(SnapshotSource {
+                    snapshot_id: again.snapshot_id.clone(),
+                })),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{tag}: restore of the restore's snapshot: {e}"));
+        assert_eq!(
+            scope(&twice),
+            source_scope,
+            "{tag}: second-generation scope"
+        );
         snap.snapshot_id
     }
 
@@ -930,6 +970,12 @@ pub(crate) mod restore_size {
                 .await
                 .unwrap();
             assert_eq!(vol.capacity_bytes as u64, bytes, "{tag}: CreateVolume");
+            // An empty volume's key scope is its own id.
+            assert_eq!(
+                vol.volume_context.get(SCOPE_ATTRIBUTE),
+                Some(&vol.volume_id),
+                "{tag}: CreateVolume's scope"
+            );
             snapshot_restores_into_its_size(ctl, tag, &vol, params).await;
         }
 
@@ -965,6 +1011,11 @@ pub(crate) mod restore_size {
             .volume
             .unwrap();
         assert_eq!(got.capacity_bytes, expanded.capacity_bytes, "GetVolume");
+        assert_eq!(
+            got.volume_context.get(SCOPE_ATTRIBUTE),
+            Some(&vol.volume_id),
+            "GetVolume's scope"
+        );
     }
 }
 
@@ -980,6 +1031,36 @@ mod tests {
         let backend = crate::backend::LocalBackend::open(dir.path(), "node-1", None).unwrap();
         let ctl = ControllerService::new(Arc::new(backend), Some(vec!["node-1".into()]));
         restore_size::check(&ctl, 64 * MIB, 100 * MIB + 4096).await;
+        // The scope is recorded in the index: a restore's entry holds its
+        // source's id, an empty disk's holds none.
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("index.json")).unwrap()).unwrap();
+        let scopes: Vec<_> = index["disks"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|d| (d["name"].as_str().unwrap(), d.get("key_scope").cloned()))
+            .collect();
+        let src = |name: &str| {
+            scopes
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, s)| s.clone())
+                .unwrap()
+        };
+        assert_eq!(src("plain-src"), None, "{scopes:?}");
+        let restore_scope = src("plain-restore").expect("a restore records its scope");
+        let src_id = ctl
+            .backend
+            .list_disks(None, 0)
+            .await
+            .unwrap()
+            .0
+            .into_iter()
+            .find(|d| d.name == "plain-src")
+            .unwrap()
+            .id;
+        assert_eq!(restore_scope, serde_json::json!(src_id.to_string()));
     }
 
     #[test]

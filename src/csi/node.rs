@@ -26,7 +26,7 @@ use crate::crypt::{
     self, DeviceState, FormatOptions, HeaderInfo, KeyId, MapperName, OpenOptions, Opened, Token,
 };
 use crate::failpoint;
-use crate::kms::{DEFAULT_KEY_LEN, DataKey, KeySource};
+use crate::kms::{DEFAULT_KEY_LEN, DataKey, Derivation, KeyRequest, KeySource};
 use crate::mount::{self, FsProbe, FsType, Unmounted};
 use crate::proto::csi::node_server::Node;
 use crate::proto::csi::node_service_capability::{self, rpc::Type as Rpc};
@@ -255,6 +255,7 @@ impl NodeService {
     /// without one it is refused and left as it is.
     async fn prepare_device(
         &self,
+        id: &VolumeId,
         device: &Path,
         options: &VolumeOptions,
         origin: &DiskOrigin,
@@ -276,10 +277,18 @@ impl NodeService {
                     )));
                 }
                 let key_id = KeyId::new_random();
-                // A key that cannot be had means nothing is written.
+                // A key that cannot be had means nothing is written. New
+                // volumes get v2 keys: bound to the volume's scope.
+                let volume_id = id.to_string();
                 let (key, key_version) = self
                     .keys
-                    .versioned_key(key_id.as_str(), DEFAULT_KEY_LEN, None)
+                    .volume_key(&KeyRequest {
+                        volume_id: &volume_id,
+                        data_key_id: key_id.as_str(),
+                        derivation: Derivation::V2,
+                        len: DEFAULT_KEY_LEN,
+                        version: None,
+                    })
                     .await?;
                 let format = FormatOptions {
                     key_id: key_id.clone(),
@@ -290,6 +299,7 @@ impl NodeService {
                         content: None,
                         wipe_offset: None,
                         rotation: None,
+                        derivation: Some(Derivation::V2),
                     },
                     integrity: options.integrity,
                     bypass_workqueues: options.bypass_workqueues,
@@ -308,12 +318,15 @@ impl NodeService {
         }
     }
 
-    /// The key that opens a volume. When the volume's keyslot uses an older
-    /// master-secret version than the KMS's current one, a read-write stage first
-    /// rotates it (see [`crypt::rotate`]), finishing any rotation a crash cut
-    /// short, and the current key opens it.
+    /// The key that opens a volume. A read-only stage changes nothing on the
+    /// disk: it opens with the key the token names (v1 included). A read-write
+    /// stage moves the keyslot to the KMS's current master-secret version and
+    /// to v2 (a volume formatted before v2 keys migrates here) with the
+    /// crash-safe rotation steps ([`crypt::rotate`]), finishing any rotation a
+    /// crash cut short, and opens with the current v2 key.
     async fn key_for(
         &self,
+        id: &VolumeId,
         device: &Path,
         header: &HeaderInfo,
         read_only: bool,
@@ -321,34 +334,49 @@ impl NodeService {
         let token = header.token.as_ref().ok_or_else(|| {
             Status::failed_precondition("the volume's header has no cryptdisk token")
         })?;
-        let id = header.key_id.as_str();
-        let (current, current_version) = self.keys.versioned_key(id, DEFAULT_KEY_LEN, None).await?;
-        if token.key_version == current_version && token.rotation.is_none() {
+        let volume_id = id.to_string();
+        let ask = |derivation, version| KeyRequest {
+            volume_id: &volume_id,
+            data_key_id: header.key_id.as_str(),
+            derivation,
+            len: DEFAULT_KEY_LEN,
+            version,
+        };
+        let held = (token.key_version, token.derivation());
+        if read_only {
+            let (key, _) = self.keys.volume_key(&ask(held.1, Some(held.0))).await?;
+            return Ok(key);
+        }
+        let (current, current_version) = self.keys.volume_key(&ask(Derivation::V2, None)).await?;
+        let target = (current_version, Derivation::V2);
+        if held == target && token.rotation.is_none() {
             return Ok(current);
         }
-        let (old, _) = if token.key_version == current_version {
-            (current.clone(), current_version)
+        let old = if held == target {
+            current.clone()
         } else {
-            self.keys
-                .versioned_key(id, DEFAULT_KEY_LEN, Some(token.key_version))
-                .await?
+            self.keys.volume_key(&ask(held.1, Some(held.0))).await?.0
         };
-        if read_only || token.key_version > current_version {
-            if token.key_version > current_version {
-                tracing::warn!(
-                    volume_version = token.key_version,
-                    kms_version = current_version,
-                    "the volume uses a newer master-secret version than the KMS's current one; not rotating"
-                );
-            }
+        if token.key_version > current_version {
+            tracing::warn!(
+                volume_version = token.key_version,
+                kms_version = current_version,
+                "the volume uses a newer master-secret version than the KMS's current one; not rotating"
+            );
             return Ok(old);
         }
         tracing::info!(
-            from = token.key_version,
-            to = current_version,
-            "rotating the volume's keyslot to the current master-secret version"
+            volume = %id,
+            from_version = token.key_version,
+            from_derivation = %held.1,
+            to_version = current_version,
+            to_derivation = %Derivation::V2,
+            "rotating the volume's keyslot to the current master-secret version, v2 derivation"
         );
-        crypt::rotate(device, &old, &current, current_version).await?;
+        // Nothing is written to a disk whose keyslots the old key does not
+        // open: a copy of another volume's disk stays as it is.
+        crypt::verify_key(device, &old).await?;
+        crypt::rotate(device, &old, &current, current_version, Derivation::V2).await?;
         Ok(current)
     }
 
@@ -415,7 +443,7 @@ impl NodeService {
         let device = self.block_device(id, &req.publish_context).await?;
         failpoint::hit("stage:attached");
         // The header is checked on every stage, open mapping or not.
-        let (header, fresh_key) = self.prepare_device(&device, options, &origin).await?;
+        let (header, fresh_key) = self.prepare_device(id, &device, options, &origin).await?;
         failpoint::hit("stage:formatted");
         let content = header.token.as_ref().and_then(|t| t.content.clone());
         let name = MapperName::for_volume(&id.to_string());
@@ -423,7 +451,7 @@ impl NodeService {
             let key = match fresh_key {
                 Some(k) => k,
                 None => {
-                    self.key_for(&device, &header, validate::mode_read_only(mode))
+                    self.key_for(id, &device, &header, validate::mode_read_only(mode))
                         .await?
                 }
             };
@@ -724,9 +752,20 @@ impl NodeService {
         failpoint::hit("expand:device-grown");
         let header = crypt::read_header(&status.device).await?;
         let version = header.token.as_ref().map(|t| t.key_version);
+        let derivation = header
+            .token
+            .as_ref()
+            .map_or(Derivation::V1, |t| t.derivation());
+        let volume_id = id.to_string();
         let (key, _) = self
             .keys
-            .versioned_key(header.key_id.as_str(), DEFAULT_KEY_LEN, version)
+            .volume_key(&KeyRequest {
+                volume_id: &volume_id,
+                data_key_id: header.key_id.as_str(),
+                derivation,
+                len: DEFAULT_KEY_LEN,
+                version,
+            })
             .await?;
         let size = crypt::resize(&name, &key).await?;
         failpoint::hit("expand:mapping-grown");

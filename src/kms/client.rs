@@ -4,12 +4,14 @@ use std::time::Duration;
 
 use tonic::transport::Channel;
 
-use super::{DataKey, KeyError, KeySource};
+use super::{DataKey, Derivation, KeyError, KeyRequest, KeySource};
 use crate::config::Endpoint;
-use crate::proto::kms::GetVersionedDataKeyRequest;
 use crate::proto::kms::api_client::ApiClient;
+use crate::proto::kms::{
+    Derivation as WireDerivation, GetVersionedDataKeyRequest, GetVolumeKeyRequest,
+};
 
-/// Deadline of one GetDataKey attempt.
+/// Deadline of one GetVolumeKey attempt.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts per key request when the KMS is unreachable or slow.
 pub const ATTEMPTS: u32 = 3;
@@ -84,6 +86,17 @@ pub enum ClientError {
 pub struct GrpcKeySource {
     client: ApiClient<Channel>,
     identity: String,
+    /// The node's projected ServiceAccount token, read again for every request:
+    /// the kubelet replaces it well before it expires. `None`: no header.
+    token_file: Option<std::path::PathBuf>,
+}
+
+/// The wire value of a derivation.
+fn wire(derivation: Derivation) -> WireDerivation {
+    match derivation {
+        Derivation::V1 => WireDerivation::V1,
+        Derivation::V2 => WireDerivation::V2,
+    }
 }
 
 impl GrpcKeySource {
@@ -134,23 +147,81 @@ impl GrpcKeySource {
         Ok(GrpcKeySource {
             client: ApiClient::new(channel),
             identity: address.to_string(),
+            token_file: None,
+        })
+    }
+
+    /// Sends the token in `file` (`--kms-token-file`) as `authorization:
+    /// Bearer <token>` with every request, read afresh each time.
+    pub fn with_token_file(mut self, file: Option<std::path::PathBuf>) -> Self {
+        self.token_file = file;
+        self
+    }
+
+    /// The `authorization` header value, from the token file as it is now. The
+    /// token is never logged nor put in an error.
+    async fn authorization(&self) -> Result<Option<tonic::metadata::AsciiMetadataValue>, KeyError> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let raw = zeroize::Zeroizing::new(tokio::fs::read(path).await.map_err(|e| {
+            KeyError::Unavailable(format!(
+                "cannot read the node's KMS token file {}: {e} (is the projected \
+                 ServiceAccount token mounted there?)",
+                path.display()
+            ))
+        })?);
+        let token = std::str::from_utf8(&raw).map(str::trim).unwrap_or_default();
+        let valid = !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+        if !valid {
+            return Err(KeyError::Unavailable(format!(
+                "the node's KMS token file {} does not hold a token (empty, or not a \
+                 printable ASCII word)",
+                path.display()
+            )));
+        }
+        let value = zeroize::Zeroizing::new(format!("Bearer {token}"));
+        value.parse().map(Some).map_err(|_| {
+            KeyError::Unavailable(format!(
+                "the node's KMS token file {} holds a token that cannot travel in a header",
+                path.display()
+            ))
         })
     }
 
     async fn attempt(
         &self,
-        data_key_id: &str,
-        len: usize,
-        version: Option<u32>,
+        request: &KeyRequest<'_>,
+        authorization: Option<&tonic::metadata::AsciiMetadataValue>,
     ) -> Result<(DataKey, u32), tonic::Status> {
-        let mut request = tonic::Request::new(GetVersionedDataKeyRequest {
-            data_key_id: data_key_id.to_string(),
-            length: len as u32,
-            key_version: version.unwrap_or(0),
+        let mut call = tonic::Request::new(GetVolumeKeyRequest {
+            data_key_id: request.data_key_id.to_string(),
+            length: request.len as u32,
+            key_version: request.version.unwrap_or(0),
+            volume_id: request.volume_id.to_string(),
+            derivation: wire(request.derivation) as i32,
         });
-        request.set_timeout(CALL_TIMEOUT);
+        call.set_timeout(CALL_TIMEOUT);
+        if let Some(value) = authorization {
+            call.metadata_mut().insert("authorization", value.clone());
+        }
         let started = std::time::Instant::now();
-        let response = self.client.clone().get_versioned_data_key(request).await;
+        let response = match self.client.clone().get_volume_key(call).await {
+            // A KMS older than this node plugin (a rolling upgrade) does not know
+            // GetVolumeKey. Its GetVersionedDataKey serves v1 keys to any node
+            // anyway, so a v1 volume may still be opened through it; a v2 key
+            // it cannot derive, and is refused below.
+            Err(s)
+                if s.code() == tonic::Code::Unimplemented
+                    && request.derivation == Derivation::V1 =>
+            {
+                return self.attempt_before_v2(request, started).await;
+            }
+            r => r,
+        };
         crate::metrics::global().record_kms(response.is_ok(), started);
         // tonic reports its own client-side timeout as CANCELLED.
         let response = response
@@ -164,6 +235,36 @@ impl GrpcKeySource {
                 }
             })?
             .into_inner();
+        let key = zeroize::Zeroizing::new(response.data_key);
+        // A key of another derivation than the one asked for would open
+        // nothing, or worse, be recorded under the wrong name.
+        if response.derivation != wire(request.derivation) as i32 {
+            return Err(tonic::Status::failed_precondition(format!(
+                "answered with derivation {} to a request for {}",
+                response.derivation, request.derivation
+            )));
+        }
+        Ok((DataKey::from_bytes(key), response.key_version))
+    }
+}
+
+impl GrpcKeySource {
+    /// A v1 key through GetVersionedDataKey, from a KMS without GetVolumeKey.
+    async fn attempt_before_v2(
+        &self,
+        request: &KeyRequest<'_>,
+        started: std::time::Instant,
+    ) -> Result<(DataKey, u32), tonic::Status> {
+        tracing::debug!(kms = %self.identity, "the KMS predates GetVolumeKey; asking GetVersionedDataKey for a v1 key");
+        let mut call = tonic::Request::new(GetVersionedDataKeyRequest {
+            data_key_id: request.data_key_id.to_string(),
+            length: request.len as u32,
+            key_version: request.version.unwrap_or(0),
+        });
+        call.set_timeout(CALL_TIMEOUT);
+        let response = self.client.clone().get_versioned_data_key(call).await;
+        crate::metrics::global().record_kms(response.is_ok(), started);
+        let response = response?.into_inner();
         let key = zeroize::Zeroizing::new(response.data_key);
         Ok((DataKey::from_bytes(key), response.key_version))
     }
@@ -188,15 +289,13 @@ fn backoff(attempt: u32) -> Duration {
 
 #[tonic::async_trait]
 impl KeySource for GrpcKeySource {
-    async fn versioned_key(
-        &self,
-        data_key_id: &str,
-        len: usize,
-        version: Option<u32>,
-    ) -> Result<(DataKey, u32), KeyError> {
+    async fn volume_key(&self, request: &KeyRequest<'_>) -> Result<(DataKey, u32), KeyError> {
+        let (len, version) = (request.len, request.version);
         let mut attempt = 0;
         let (key, got_version) = loop {
-            match self.attempt(data_key_id, len, version).await {
+            // Read again on every attempt: a retry may follow the kubelet's refresh.
+            let authorization = self.authorization().await?;
+            match self.attempt(request, authorization.as_ref()).await {
                 Ok(got) => break got,
                 Err(s) if transient(s.code()) && attempt + 1 < ATTEMPTS => {
                     let pause = backoff(attempt);
@@ -221,6 +320,11 @@ impl KeySource for GrpcKeySource {
                     }
                     return Err(if transient(s.code()) {
                         KeyError::Unavailable(msg)
+                    } else if matches!(
+                        s.code(),
+                        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                    ) {
+                        KeyError::Denied(msg)
                     } else {
                         KeyError::Refused(msg)
                     });

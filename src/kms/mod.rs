@@ -8,6 +8,7 @@ pub mod authz;
 pub mod client;
 #[cfg(feature = "kubernetes")]
 pub mod kube;
+pub mod local_authz;
 pub mod locked;
 pub mod server;
 pub mod tls;
@@ -81,8 +82,11 @@ pub enum DeriveError {
     BadScope,
 }
 
-/// How a volume's key is derived (`Derivation` in kms.proto).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// How a volume's key is derived (`Derivation` in kms.proto). Recorded in a
+/// volume's LUKS2 token as `"derivation": "v2"`; a token without the field
+/// predates v2 keys and so means [`Derivation::V1`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Derivation {
     /// Info `"key-" + data_key_id`: Constellation's derivation, bound to no
     /// volume. Kept for volumes formatted before v2, behind a migration flag.
@@ -90,6 +94,21 @@ pub enum Derivation {
     /// Info `"cryptdisk-v2/" + scope + "/" + data_key_id`: bound to the volume
     /// whose scope it names (DESIGN.md §3).
     V2,
+}
+
+impl Derivation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Derivation::V1 => "v1",
+            Derivation::V2 => "v2",
+        }
+    }
+}
+
+impl std::fmt::Display for Derivation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Derives the v2 key of `data_key_id` within `scope` (a CSI volume id).
@@ -251,52 +270,83 @@ pub enum KeyError {
     Unavailable(String),
     #[error("KMS refused the request: {0}")]
     Refused(String),
+    /// The KMS does not give this node this volume's key (it is not attached
+    /// here, or the node could not prove which node it is).
+    #[error("KMS denied the key: {0}")]
+    Denied(String),
     #[error(transparent)]
     Derive(#[from] DeriveError),
 }
 
+/// One volume key request: which volume asks (the authorization and, for v2,
+/// the key scope hang on it), which key, how derived, from which master-secret
+/// version (`None`: the current one).
+#[derive(Clone, Copy, Debug)]
+pub struct KeyRequest<'a> {
+    /// The CSI volume id the key is for.
+    pub volume_id: &'a str,
+    /// The LUKS2 header UUID.
+    pub data_key_id: &'a str,
+    pub derivation: Derivation,
+    pub len: usize,
+    pub version: Option<u32>,
+}
+
 /// Where the node gets volume keys: the in-process derivation (`dev`) or the
-/// cluster KMS over gRPC.
+/// cluster KMS over gRPC. Both decide per volume whether this node may have
+/// the key, and derive v2 keys within the scope the volume's own record names.
 #[tonic::async_trait]
 pub trait KeySource: Send + Sync {
-    /// The key for `data_key_id` (a LUKS2 header UUID), `len` bytes long, from
-    /// master-secret `version`, or from the current version when `None`; with
-    /// the version it came from.
-    async fn versioned_key(
-        &self,
-        data_key_id: &str,
-        len: usize,
-        version: Option<u32>,
-    ) -> Result<(DataKey, u32), KeyError>;
+    /// The key `request` names, with the master-secret version it came from.
+    async fn volume_key(&self, request: &KeyRequest<'_>) -> Result<(DataKey, u32), KeyError>;
     /// Which KMS this is, recorded in each volume's token.
     fn identity(&self) -> &str;
 }
 
-/// Derives keys in process from a master secret held in memory.
+/// Derives keys in process from a master secret held in memory, for the
+/// volumes its authorizer allows (on one machine: those the local backend has
+/// published to it), so `dev` enforces the rule the cluster KMS does.
 pub struct LocalKeySource {
     master: server::MasterSecret,
     identity: String,
+    authorizer: std::sync::Arc<dyn authz::Authorizer>,
 }
 
 impl LocalKeySource {
-    pub fn new(master: server::MasterSecret, identity: impl Into<String>) -> Self {
+    pub fn new(
+        master: server::MasterSecret,
+        identity: impl Into<String>,
+        authorizer: std::sync::Arc<dyn authz::Authorizer>,
+    ) -> Self {
         LocalKeySource {
             master,
             identity: identity.into(),
+            authorizer,
         }
     }
 }
 
 #[tonic::async_trait]
 impl KeySource for LocalKeySource {
-    async fn versioned_key(
-        &self,
-        data_key_id: &str,
-        len: usize,
-        version: Option<u32>,
-    ) -> Result<(DataKey, u32), KeyError> {
+    async fn volume_key(&self, request: &KeyRequest<'_>) -> Result<(DataKey, u32), KeyError> {
+        // In process there is no token to present: the local authorizer judges
+        // by the backend's own record of what is published here.
+        let grant = self
+            .authorizer
+            .authorize(None, request.volume_id)
+            .await
+            .map_err(|d| match d {
+                authz::Denial::Unavailable(_) => KeyError::Unavailable(d.to_string()),
+                _ => KeyError::Denied(d.to_string()),
+            })?;
         self.master
-            .derive_version(data_key_id, len, version)
+            .derive_volume_key(
+                request.derivation,
+                &grant.scope,
+                request.data_key_id,
+                request.len,
+                request.version,
+            )
             .map_err(|e| KeyError::Refused(e.to_string()))
     }
 

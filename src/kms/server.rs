@@ -776,11 +776,19 @@ mod tests {
             .into_inner();
         assert_eq!(restored.data_key, old.data_key);
         assert_eq!(
-            ok("vol-1", WireDerivation::V2, 9).await.unwrap_err().code(),
+            ok("vol-1", WireDerivation::V2, 9)
+                .await
+                .map(drop)
+                .expect_err("refused")
+                .code(),
             tonic::Code::NotFound
         );
         assert_eq!(
-            ok("bad", WireDerivation::V2, 0).await.unwrap_err().code(),
+            ok("bad", WireDerivation::V2, 0)
+                .await
+                .map(drop)
+                .expect_err("refused")
+                .code(),
             tonic::Code::FailedPrecondition
         );
         assert_eq!(
@@ -846,7 +854,10 @@ mod tests {
                 Code::InvalidArgument,
             ),
         ] {
-            let err = call(volume, derivation, auth).await.unwrap_err();
+            let err = call(volume, derivation, auth)
+                .await
+                .map(drop)
+                .expect_err("refused");
             assert_eq!(
                 err.code(),
                 code,
@@ -862,7 +873,8 @@ mod tests {
                 length: 32,
             }))
             .await
-            .unwrap_err();
+            .map(drop)
+            .expect_err("refused");
         assert_eq!(legacy.code(), Code::PermissionDenied);
     }
 
@@ -894,7 +906,8 @@ mod tests {
                 Some("Bearer node-a-token"),
             ))
             .await
-            .unwrap_err();
+            .map(drop)
+            .expect_err("refused");
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
     }
 }

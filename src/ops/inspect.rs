@@ -273,6 +273,12 @@ impl Report {
                 let _ = writeln!(out, "key id:     {}", p(&text(&t["key_id"])));
                 let _ = writeln!(out, "key version: {}", p(&text(&t["key_version"])));
                 let _ = writeln!(out, "kms:        {}", p(&text(&t["kms"])));
+                // v1 keys predate scopes: no field, and not bound to a volume.
+                let derivation = match t.get("derivation") {
+                    Some(d) => p(&text(d)),
+                    None => "v1 (not bound to a volume; a read-write stage moves it to v2)".into(),
+                };
+                let _ = writeln!(out, "derivation: {derivation}");
                 if let Some(c) = t.get("content") {
                     let _ = writeln!(out, "content:    {}", p(&text(c)));
                 }

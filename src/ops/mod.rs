@@ -15,7 +15,7 @@ pub mod status;
 use std::path::Path;
 
 use crate::crypt;
-use crate::kms::{DEFAULT_KEY_LEN, KeyError, KeySource};
+use crate::kms::{DEFAULT_KEY_LEN, Derivation, KeyError, KeyRequest, KeySource};
 
 /// Why an operator tool failed; each kind has its own exit code.
 #[derive(Debug, thiserror::Error)]
@@ -78,37 +78,57 @@ pub async fn validated_token(device: &Path) -> Result<(crypt::KeyId, crypt::Toke
     Ok((header.key_id, token))
 }
 
-/// The master-secret versions a token names: its own and, while a keyslot is
-/// being added by a rotation, the rotation's target.
-pub fn versions_named(token: &crypt::Token) -> Vec<(u32, &'static str)> {
-    let mut v = vec![(token.key_version, "the token's key_version")];
-    if let Some(crypt::Rotation::Adding { to_version, .. }) = &token.rotation
-        && *to_version != token.key_version
+/// The keys a token names, as master-secret version and derivation: its own
+/// and, while a keyslot is being added by a rotation, the rotation's target.
+pub fn versions_named(token: &crypt::Token) -> Vec<(u32, Derivation, &'static str)> {
+    let mut v = vec![(
+        token.key_version,
+        token.derivation(),
+        "the token's key_version",
+    )];
+    if let Some(crypt::Rotation::Adding {
+        to_version,
+        to_derivation,
+        ..
+    }) = &token.rotation
     {
-        v.push((*to_version, "the rotation's to_version"));
+        let target = (*to_version, to_derivation.unwrap_or(Derivation::V1));
+        if target != (token.key_version, token.derivation()) {
+            v.push((target.0, target.1, "the rotation's target"));
+        }
     }
     v
 }
 
 /// Asks `keys` (the cluster KMS) for the key of each version the token of
-/// `device` names and checks, without activating anything, that one opens a
+/// `device` names, as the key of CSI volume `volume_id` (v2 keys are bound to
+/// the volume's scope, and the KMS serves only the volumes attached to the
+/// asking node), and checks, without activating anything, that one opens a
 /// keyslot. Returns a line per version tried.
-pub async fn verify_with(keys: &dyn KeySource, device: &Path) -> Result<Vec<String>, OpsError> {
+pub async fn verify_with(
+    keys: &dyn KeySource,
+    device: &Path,
+    volume_id: &str,
+) -> Result<Vec<String>, OpsError> {
     let (key_id, token) = validated_token(device).await?;
     let mut lines = Vec::new();
     let mut opened = false;
-    for (version, why) in versions_named(&token) {
-        let key = match keys
-            .versioned_key(key_id.as_str(), DEFAULT_KEY_LEN, Some(version))
-            .await
-        {
+    for (version, derivation, why) in versions_named(&token) {
+        let request = KeyRequest {
+            volume_id,
+            data_key_id: key_id.as_str(),
+            derivation,
+            len: DEFAULT_KEY_LEN,
+            version: Some(version),
+        };
+        let version = format!("version {version}, {derivation}");
+        let key = match keys.volume_key(&request).await {
             Ok((key, _)) => key,
             // A refusal is an answer about this version (one the KMS does not
-            // hold); another version the token names may still open.
-            Err(KeyError::Refused(reason)) => {
-                lines.push(format!(
-                    "version {version} ({why}): the KMS refused: {reason}"
-                ));
+            // hold, a v1 key it no longer serves); another the token names may
+            // still open.
+            Err(KeyError::Refused(reason) | KeyError::Denied(reason)) => {
+                lines.push(format!("{version} ({why}): the KMS refused: {reason}"));
                 continue;
             }
             Err(e) => {
@@ -122,12 +142,12 @@ pub async fn verify_with(keys: &dyn KeySource, device: &Path) -> Result<Vec<Stri
             Ok(slot) => {
                 opened = true;
                 lines.push(format!(
-                    "version {version} ({why}): the KMS's key opens keyslot {slot}"
+                    "{version} ({why}): the KMS's key opens keyslot {slot}"
                 ));
             }
-            Err(crypt::Error::WrongKey { .. }) => lines.push(format!(
-                "version {version} ({why}): the KMS's key opens no keyslot"
-            )),
+            Err(crypt::Error::WrongKey { .. }) => {
+                lines.push(format!("{version} ({why}): the KMS's key opens no keyslot"))
+            }
             Err(e) => return Err(e.into()),
         }
     }

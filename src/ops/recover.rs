@@ -9,7 +9,7 @@ use std::path::Path;
 use super::{OpsError, validated_token, versions_named};
 use crate::crypt;
 use crate::kms::server::{MasterSecret, VersionError};
-use crate::kms::{DEFAULT_KEY_LEN, DataKey};
+use crate::kms::{DEFAULT_KEY_LEN, DataKey, Derivation};
 
 /// The key that opens the volume, and what was tried. No `Debug`: it holds a key.
 pub struct Found {
@@ -28,17 +28,45 @@ impl Found {
 }
 
 /// Derives the key of each version the token of `device` names and finds the
-/// one that opens a keyslot.
-pub async fn find_key(device: &Path, master: &MasterSecret) -> Result<Found, OpsError> {
+/// one that opens a keyslot. A v2 key is bound to the volume's key scope
+/// (`scope`: the PV's `cryptdisk.csi.io/key-scope` attribute, else its volume
+/// handle), which the header does not hold.
+pub async fn find_key(
+    device: &Path,
+    master: &MasterSecret,
+    scope: Option<&str>,
+) -> Result<Found, OpsError> {
     let (key_id, token) = validated_token(device).await?;
     let mut lines = Vec::new();
     let mut found: Option<(DataKey, u32, u32)> = None;
-    for (version, why) in versions_named(&token) {
-        let key = match master.derive_version(key_id.as_str(), DEFAULT_KEY_LEN, Some(version)) {
+    for (version, derivation, why) in versions_named(&token) {
+        let number = version;
+        let scope = match (derivation, scope) {
+            (Derivation::V1, _) => "",
+            (Derivation::V2, Some(scope)) => scope,
+            (Derivation::V2, None) => {
+                lines.push(format!(
+                    "version {version}, v2 ({why}): a v2 key is bound to the volume's key \
+                     scope; pass --scope (the PV's volumeAttributes \
+                     {}, else its volume handle)",
+                    crate::kms::authz::SCOPE_ATTRIBUTE
+                ));
+                continue;
+            }
+        };
+        let derived = master.derive_volume_key(
+            derivation,
+            scope,
+            key_id.as_str(),
+            DEFAULT_KEY_LEN,
+            Some(version),
+        );
+        let version = format!("version {version}, {derivation}");
+        let key = match derived {
             Ok((key, _)) => key,
             Err(VersionError::Unknown(_)) => {
                 lines.push(format!(
-                    "version {version} ({why}): not among the master secret files \
+                    "{version} ({why}): not among the master secret files \
                      (version N >= 2 is <master-secret-file>-vN)"
                 ));
                 continue;
@@ -47,13 +75,13 @@ pub async fn find_key(device: &Path, master: &MasterSecret) -> Result<Found, Ops
         };
         match crypt::key_slot(device, &key).await {
             Ok(slot) => {
-                lines.push(format!("version {version} ({why}): opens keyslot {slot}"));
+                lines.push(format!("{version} ({why}): opens keyslot {slot}"));
                 if found.is_none() {
-                    found = Some((key, version, slot));
+                    found = Some((key, number, slot));
                 }
             }
             Err(crypt::Error::WrongKey { .. }) => {
-                lines.push(format!("version {version} ({why}): opens no keyslot"))
+                lines.push(format!("{version} ({why}): opens no keyslot"))
             }
             Err(e) => return Err(e.into()),
         }

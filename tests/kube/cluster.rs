@@ -345,8 +345,7 @@ impl Api {
     pub fn new(server: &str, ca_pem: &str, token: &str) -> Result<Api, String> {
         let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).map_err(|e| e.to_string())?;
         let http = cryptdisk_csi::cloud::http_client_builder()
-            .add_root_certificate(ca)
-            .tls_built_in_root_certs(false)
+            .tls_certs_only([ca])
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| e.to_string())?;

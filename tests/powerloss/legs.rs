@@ -803,10 +803,17 @@ async fn settled(d: &mut Driver, s: &Staged, leg: &Leg, version: u32) -> CaseRes
     );
     let slots = h.json["keyslots"].as_object().map_or(0, |o| o.len());
     ensure!(slots == 1, "{slots} keyslots");
-    let key = dev_key(&leg.dir, info.key_id.as_str(), version)?;
+    // Volumes of this driver are v2: bound to their own id as scope.
+    let (scope, v2) = (&s.volume.volume_id, cryptdisk_csi::kms::Derivation::V2);
+    ensure!(
+        token.derivation() == v2,
+        "token derivation {:?}",
+        token.derivation
+    );
+    let key = dev_key(&leg.dir, scope, info.key_id.as_str(), version, v2)?;
     check!(crypt::verify_key(&image, &key).await);
     if version > 1 {
-        let old = dev_key(&leg.dir, info.key_id.as_str(), version - 1)?;
+        let old = dev_key(&leg.dir, scope, info.key_id.as_str(), version - 1, v2)?;
         ensure!(
             crypt::verify_key(&image, &old).await.is_err(),
             "the retired key still opens the volume"

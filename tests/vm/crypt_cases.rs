@@ -65,6 +65,7 @@ async fn format(disk: &Path, integrity: Integrity) -> Result<(KeyId, DataKey), S
             content: None,
             wipe_offset: None,
             rotation: None,
+            derivation: None,
         },
         integrity,
         bypass_workqueues: true,
@@ -327,7 +328,16 @@ async fn integrity_round_trip(ctx: &mut Ctx) -> CaseResult {
     let mut old = key;
     for version in 2..=3u32 {
         let new = check!(derive_data_key(&[version as u8; 32], &SALT, "rotation", 32));
-        check!(crypt::rotate(&disk, &old, &new, version).await);
+        check!(
+            crypt::rotate(
+                &disk,
+                &old,
+                &new,
+                version,
+                cryptdisk_csi::kms::Derivation::V1
+            )
+            .await
+        );
         old = new;
     }
     check!(crypt::open(&disk, &name, &old, &OpenOptions::default()).await);

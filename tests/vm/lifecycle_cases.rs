@@ -1137,9 +1137,10 @@ async fn extra_keyslot(_ctx: &mut Ctx) -> CaseResult {
     let master = check!(std::fs::read(kms.join("master.key")));
     let salt = check!(std::fs::read(kms.join("salt")));
     let header = check!(cryptdisk_csi::crypt::read_header(&image).await);
-    let key = check!(cryptdisk_csi::kms::derive_data_key(
+    let key = check!(cryptdisk_csi::kms::derive_scoped_key(
         &master,
         &salt,
+        &s.volume.volume_id,
         header.key_id.as_str(),
         32
     ));
@@ -1216,9 +1217,19 @@ async fn sigterm_lets_stage_finish(_ctx: &mut Ctx) -> CaseResult {
         .into_inner()
         .volume
         .ok_or("no volume")?;
+    // Published first, as a CO does: the embedded KMS serves only the keys
+    // of volumes published to this node.
+    let publish_context = check!(
+        d.controller
+            .controller_publish_volume(attach_req(&volume.volume_id, &cap))
+            .await
+    )
+    .into_inner()
+    .publish_context;
     let staging = d.dir.join("staging-term");
     let stage_req = NodeStageVolumeRequest {
         volume_id: volume.volume_id.clone(),
+        publish_context,
         staging_target_path: staging.display().to_string(),
         volume_capability: Some(cap),
         volume_context: volume.volume_context.clone(),
@@ -1264,6 +1275,15 @@ async fn sigterm_lets_stage_finish(_ctx: &mut Ctx) -> CaseResult {
             })
             .await
     );
+    check!(
+        d.controller
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: volume.volume_id.clone(),
+                node_id: NODE.into(),
+                ..Default::default()
+            })
+            .await
+    );
     delete(&mut d, &volume.volume_id).await
 }
 
@@ -1278,9 +1298,17 @@ async fn concurrent_stage(_ctx: &mut Ctx) -> CaseResult {
     .into_inner()
     .volume
     .ok_or("no volume")?;
+    // Published first, as a CO does: only then is its key served here.
+    let publish_context = check!(
+        c.controller_publish_volume(attach_req(&v.volume_id, &cap))
+            .await
+    )
+    .into_inner()
+    .publish_context;
     let staging = d.dir.join("staging-race");
     let req = NodeStageVolumeRequest {
         volume_id: v.volume_id.clone(),
+        publish_context,
         staging_target_path: staging.display().to_string(),
         volume_capability: Some(cap),
         volume_context: v.volume_context.clone(),

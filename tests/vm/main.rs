@@ -9,6 +9,7 @@
 mod crypt_cases;
 mod fresh_cases;
 mod header_cases;
+mod keyscope_cases;
 mod lifecycle_cases;
 mod mount_cases;
 mod node_cases;
@@ -74,6 +75,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(header_cases::cases());
     v.extend(ops_cases::cases());
     v.extend(fresh_cases::cases());
+    v.extend(keyscope_cases::cases());
     v
 }
 

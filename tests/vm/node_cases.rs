@@ -1143,8 +1143,15 @@ fn scrape(addr: std::net::SocketAddr) -> Result<String, String> {
     Ok(reply)
 }
 
-/// The key of `id` from master-secret `version` of a `dev` driver's files.
-pub fn dev_key(dir: &Path, id: &str, version: u32) -> Result<cryptdisk_csi::kms::DataKey, String> {
+/// The key of `id` from master-secret `version` of a `dev` driver's files, as
+/// `derivation` (v2: within `scope`, the volume id of a volume made empty).
+pub fn dev_key(
+    dir: &Path,
+    scope: &str,
+    id: &str,
+    version: u32,
+    derivation: cryptdisk_csi::kms::Derivation,
+) -> Result<cryptdisk_csi::kms::DataKey, String> {
     let kms = dir.join("data/kms");
     let secret = match version {
         1 => kms.join("master.key"),
@@ -1152,9 +1159,14 @@ pub fn dev_key(dir: &Path, id: &str, version: u32) -> Result<cryptdisk_csi::kms:
     };
     let master = check!(std::fs::read(&secret));
     let salt = check!(std::fs::read(kms.join("salt")));
-    Ok(check!(cryptdisk_csi::kms::derive_data_key(
-        &master, &salt, id, 32
-    )))
+    Ok(match derivation {
+        cryptdisk_csi::kms::Derivation::V1 => {
+            check!(cryptdisk_csi::kms::derive_data_key(&master, &salt, id, 32))
+        }
+        cryptdisk_csi::kms::Derivation::V2 => check!(cryptdisk_csi::kms::derive_scoped_key(
+            &master, &salt, scope, id, 32
+        )),
+    })
 }
 
 /// A volume made under master-secret version 1; then version 2 is added with the
@@ -1218,7 +1230,13 @@ async fn rotation_crashes(_ctx: &mut Ctx) -> CaseResult {
         let header = check!(crypt::read_header(&image).await);
         let token = header.token.ok_or("no token")?;
         check!(cryptdisk_csi::crypt::header::read_validated(&image));
-        let key = dev_key(&dir, key_id.as_str(), token.key_version)?;
+        let key = dev_key(
+            &dir,
+            &s.volume.volume_id,
+            key_id.as_str(),
+            token.key_version,
+            token.derivation(),
+        )?;
         check!(crypt::verify_key(&image, &key).await);
 
         let mut d = Driver::start_in(dir.clone(), None).await?;
@@ -1240,9 +1258,11 @@ async fn rotation_crashes(_ctx: &mut Ctx) -> CaseResult {
         let json = check!(cryptdisk_csi::crypt::header::read_validated(&image));
         let slots = json["keyslots"].as_object().map_or(0, |o| o.len());
         ensure!(slots == 1, "{point}: {slots} keyslots left");
-        check!(crypt::verify_key(&image, &dev_key(&dir, key_id.as_str(), 2)?).await);
+        let v2 = cryptdisk_csi::kms::Derivation::V2;
+        let scope = &s.volume.volume_id;
+        check!(crypt::verify_key(&image, &dev_key(&dir, scope, key_id.as_str(), 2, v2)?).await);
         ensure!(
-            crypt::verify_key(&image, &dev_key(&dir, key_id.as_str(), 1)?)
+            crypt::verify_key(&image, &dev_key(&dir, scope, key_id.as_str(), 1, v2)?)
                 .await
                 .is_err(),
             "{point}: the version-1 key still opens the volume"
@@ -1264,6 +1284,15 @@ impl cryptdisk_csi::proto::kms::api_server::Api for SlowKms {
         tonic::Response<cryptdisk_csi::proto::kms::GetVersionedDataKeyResponse>,
         tonic::Status,
     > {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Err(tonic::Status::internal("too late"))
+    }
+
+    async fn get_volume_key(
+        &self,
+        _request: tonic::Request<cryptdisk_csi::proto::kms::GetVolumeKeyRequest>,
+    ) -> Result<tonic::Response<cryptdisk_csi::proto::kms::GetVolumeKeyResponse>, tonic::Status>
+    {
         tokio::time::sleep(Duration::from_secs(30)).await;
         Err(tonic::Status::internal("too late"))
     }
@@ -1335,28 +1364,38 @@ pub fn write_secrets(dir: &Path, seed: u8) -> Result<(PathBuf, PathBuf), String>
 
 /// A `cryptdisk-csi kms` process on the unix socket `socket` (plaintext, as a
 /// unix socket allows), serving from the secret files, logging to `kms.log` in
-/// `dir`; returns once it accepts.
+/// `dir`; returns once it accepts. It authorizes as on one machine: the volumes
+/// the local backend in `dir/data` (a [`Split`]'s) has published to its node.
 pub async fn spawn_kms(
     dir: &Path,
     socket: &Path,
     secret: &Path,
     salt: &Path,
 ) -> Result<Process, String> {
-    let kms = spawn(
-        dir,
-        "kms.log",
-        &[
-            "kms".into(),
-            format!("--listen=unix://{}", socket.display()),
-            "--insecure".into(),
-            // The node asks with GetVersionedDataKey until it moves to
-            // GetVolumeKey (issue 20): v1 keys, no per-volume authorizer.
-            "--authorizer=none".into(),
-            "--allow-v1-keys".into(),
-            format!("--master-secret-file={}", secret.display()),
-            format!("--salt-file={}", salt.display()),
-        ],
-    )?;
+    let local = [
+        "--authorizer=local".to_string(),
+        format!("--local-state={}", dir.join("data").display()),
+    ];
+    spawn_kms_with(dir, socket, secret, salt, &local).await
+}
+
+/// As [`spawn_kms`], with `authorizer` as the KMS's authorizer flags.
+pub async fn spawn_kms_with(
+    dir: &Path,
+    socket: &Path,
+    secret: &Path,
+    salt: &Path,
+    authorizer: &[String],
+) -> Result<Process, String> {
+    let mut args = vec![
+        "kms".into(),
+        format!("--listen=unix://{}", socket.display()),
+        "--insecure".into(),
+        format!("--master-secret-file={}", secret.display()),
+        format!("--salt-file={}", salt.display()),
+    ];
+    args.extend(authorizer.iter().cloned());
+    let kms = spawn(dir, "kms.log", &args)?;
     wait_socket(socket).await?;
     Ok(kms)
 }
@@ -1598,7 +1637,13 @@ async fn no_key_in_logs(_ctx: &mut Ctx) -> CaseResult {
         "no rotation happened"
     );
     for version in [1, 2] {
-        let key = dev_key(&dir, key_id.as_str(), version)?;
+        let key = dev_key(
+            &dir,
+            &s.volume.volume_id,
+            key_id.as_str(),
+            version,
+            cryptdisk_csi::kms::Derivation::V2,
+        )?;
         for form in key_forms(key.expose()) {
             ensure!(
                 memchr::memmem::find(&log, &form).is_none(),

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::lifecycle_cases::{
     Driver, MIB, create_req, image_of, mount_cap, open_mappings, provision, release, stage,
 };
-use crate::node_cases::spawn_kms;
+use crate::node_cases::spawn_kms_with;
 use crate::{Case, CaseResult, Ctx, check, ensure};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cryptdisk-csi");
@@ -114,6 +114,8 @@ async fn node_status(_ctx: &mut Ctx) -> CaseResult {
             data.join("kms/master.key").display()
         ),
         &format!("--salt-file={}", data.join("kms/salt").display()),
+        // A volume made empty is scoped to its own id.
+        &format!("--scope={}", volume.volume_id),
         "--open",
         stale_name,
         copy.to_str().unwrap_or_default(),
@@ -284,11 +286,14 @@ async fn readme_recovery(_ctx: &mut Ctx) -> CaseResult {
 
     // The new cluster's KMS: the same secret files.
     let kms_sock = work.join("kms.sock");
-    let _kms = spawn_kms(
+    // Another cluster's KMS knows nothing of this volume's attachments: it
+    // serves by the volume id verify names (a test-only authorizer).
+    let _kms = spawn_kms_with(
         &work,
         &kms_sock,
         &secrets.join("master.key"),
         &secrets.join("salt"),
+        &["--authorizer=none".to_string()],
     )
     .await?;
 
@@ -306,6 +311,15 @@ async fn readme_recovery(_ctx: &mut Ctx) -> CaseResult {
             .env("SECRETS", &secrets)
             .env("KEYS", &keys)
             .env("MNT", &mnt)
+            .env("VOLUME", &staged.volume.volume_id)
+            .env(
+                "SCOPE",
+                staged
+                    .volume
+                    .volume_context
+                    .get(cryptdisk_csi::kms::authz::SCOPE_ATTRIBUTE)
+                    .ok_or("no key scope in the volume context")?,
+            )
             .env("CRYPTDISK_KMS", format!("unix://{}", kms_sock.display()))
             .stdin(Stdio::null())
             .output()

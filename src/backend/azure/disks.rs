@@ -26,6 +26,10 @@ pub const TAG_SOURCE: &str = "cryptdisk-source-volume";
 /// Tag: the usable size in bytes the CO holds the volume as (of a snapshot: its
 /// source's when taken), which the disk's whole GiB cannot tell.
 pub const TAG_USABLE: &str = "cryptdisk-usable-bytes";
+/// Tag: the key scope a restored or cloned disk inherited (of a snapshot: its
+/// source's scope when taken); absent on a disk made empty, whose scope is its
+/// own volume id.
+pub const TAG_SCOPE: &str = "cryptdisk-key-scope";
 
 /// The driver's options prefix, dropped in [`TAG_OPTIONS`] to stay short.
 const OPTION_PREFIX: &str = "cryptdisk.csi.io/";
@@ -446,6 +450,7 @@ pub fn to_disk(disk: &Value, driver: &str, location: &str) -> Option<Disk> {
             .map(options_from_tag)
             .unwrap_or_default(),
         usable_bytes: usable_of(disk),
+        key_scope: tag(disk, TAG_SCOPE).map(str::to_string),
     })
 }
 
@@ -507,6 +512,7 @@ pub fn to_snapshot(snap: &Value, driver: &str) -> Option<Snapshot> {
             .map(options_from_tag)
             .unwrap_or_default(),
         usable_bytes: usable_of(snap),
+        key_scope: tag(snap, TAG_SCOPE).map(str::to_string),
     })
 }
 

@@ -282,6 +282,9 @@ impl AzureBackend {
         if spec.source.is_none() {
             tags.insert(fresh::DISK_KEY, FreshRecord::new_random().to_string());
         }
+        if let Some(scope) = &spec.key_scope {
+            tags.insert(TAG_SCOPE, scope.clone());
+        }
         Ok(tags)
     }
 
@@ -647,6 +650,7 @@ impl DiskBackend for AzureBackend {
             .ok_or_else(|| Error::NotFound(format!("source volume {source} does not exist")))?;
         let mut tags = self.tags(name, &disk.options, disk.usable_bytes)?;
         tags.insert(TAG_SOURCE, source.to_string());
+        tags.insert(TAG_SCOPE, disk.scope());
         let body = json!({
             "location": self.location,
             "tags": tags,

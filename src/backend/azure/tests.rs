@@ -1026,6 +1026,15 @@ async fn the_fresh_record_is_a_tag_of_empty_disks_until_the_first_unpublish() {
 async fn snapshots_restore_into_their_usable_size() {
     let env = setup().await;
     crate::csi::controller::restore_size::check(&env.ctl, GIB as u64, 3 * GIB as u64).await;
+    // The key scope a copy inherits rides on it as a tag; an empty disk has
+    // none (its scope is its own id).
+    let name = super::disks::resource_name;
+    let scope_of = |disk: &str| env.disk(&name(disk))["tags"][super::disks::TAG_SCOPE].clone();
+    assert_eq!(scope_of("plain-src"), Value::Null);
+    let source_id = json!(format!("azure:{RG}:{}", name("plain-src")));
+    for copy in ["plain-restore", "plain-clone", "plain-restore-of-restore"] {
+        assert_eq!(scope_of(copy), source_id, "{copy}");
+    }
     // The usable size rides on the disk and the snapshot as a tag.
     let disk = env.disk(&super::disks::resource_name("grown-src"));
     assert_eq!(

@@ -92,6 +92,11 @@ struct Note {
     /// attach is handed nothing but the volume id.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     force_attach: bool,
+    /// The key scope a restored or cloned disk inherited, or a snapshot's
+    /// source's scope when taken. Here rather than in a label: a scope is a
+    /// volume id (`gcp:<zone>:<name>`), whose `:` no label value may hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_scope: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -317,6 +322,7 @@ impl GcpBackend {
             attached_to,
             options: note.options.clone(),
             usable_bytes: usable_of(&raw.labels),
+            key_scope: note.key_scope.clone(),
         };
         Some(Found {
             disk,
@@ -489,6 +495,7 @@ impl GcpBackend {
             volume: None,
             options: spec.options.clone(),
             force_attach: params.force_attach,
+            key_scope: spec.key_scope.clone(),
         };
         let want = Wanted {
             note: &note,
@@ -1014,6 +1021,7 @@ impl GcpBackend {
             ready: raw.status == Some(model::snapshot::Status::Ready),
             options: note.options,
             usable_bytes: usable_of(&raw.labels),
+            key_scope: note.key_scope,
         })
     }
 
@@ -1088,6 +1096,7 @@ impl GcpBackend {
             volume: Some(source.clone()),
             options: found.disk.options.clone(),
             force_attach: false,
+            key_scope: Some(found.disk.scope()),
         };
         let body = model::Snapshot::new()
             .set_name(name.clone())

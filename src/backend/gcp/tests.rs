@@ -1240,6 +1240,26 @@ async fn the_fresh_record_is_a_label_of_empty_disks_until_the_first_unpublish() 
 async fn snapshots_restore_into_their_usable_size() {
     let (fake, ctl) = setup().await;
     crate::csi::controller::restore_size::check(&ctl, GIB as u64, 3 * GIB as u64).await;
+    // The key scope a copy inherits rides in the disk's description note (a
+    // volume id's ':' fits no label value); an empty disk's note has none.
+    let note_scope = |disk: &str| {
+        let d = fake
+            .resource(&format!(
+                "projects/{PROJECT}/zones/us-central1-a/disks/{}",
+                super::params::resource_name(disk)
+            ))
+            .unwrap();
+        let note: Value = serde_json::from_str(d["description"].as_str().unwrap()).unwrap();
+        note["cryptdisk"]["key_scope"].clone()
+    };
+    assert_eq!(note_scope("plain-src"), Value::Null);
+    let source_id = json!(format!(
+        "gcp:us-central1-a:{}",
+        super::params::resource_name("plain-src")
+    ));
+    for copy in ["plain-restore", "plain-clone", "plain-restore-of-restore"] {
+        assert_eq!(note_scope(copy), source_id, "{copy}");
+    }
     // The usable size rides on the disk as a label, set again after the
     // expansion with the fingerprint of the labels it replaces. A 1 GiB volume
     // sits on a 10 GiB pd-balanced disk (its least), so growing it to 3 GiB
