@@ -163,6 +163,9 @@ impl Cluster {
                 ))
                 .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
                 .arg("--authorization-mode=RBAC")
+                // As every real cluster that runs CSI node plugins (kubeadm sets
+                // it): the chart's node DaemonSet is privileged.
+                .arg("--allow-privileged=true")
                 .arg("--service-cluster-ip-range=10.96.0.0/24")
                 .arg("--enable-priority-and-fairness=false")
                 .arg("--profiling=false"),

@@ -7,6 +7,7 @@
 //! Prints one line per case and `kube: N passed, N failed`. Arguments that do
 //! not start with `-` filter the cases by substring.
 
+mod chart_cases;
 mod cluster;
 mod snapshot_cases;
 
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
         .collect();
     let cases: Vec<Case> = snapshot_cases::cases()
         .into_iter()
+        .chain(chart_cases::cases())
         .filter(|c| filters.is_empty() || filters.iter().any(|f| c.name.contains(f.as_str())))
         .collect();
     // One thread: the processes the cases start die with the thread that
