@@ -257,7 +257,7 @@ fn access_table() -> Vec<Access> {
     let ns = Some(NAMESPACE);
     let other = Some("default");
     #[rustfmt::skip]
-    let rows: Vec<(&str, &str, &str, &str, Option<&str>, bool)> = vec![
+    let rows = vec![
         // csi-provisioner
         (CONTROLLER, "create", CORE, "persistentvolumes", None, true),
         (CONTROLLER, "delete", CORE, "persistentvolumes", None, true),
