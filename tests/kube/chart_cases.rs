@@ -1,7 +1,8 @@
 //! The Helm chart against the real API server: its rendered manifests for
 //! every cloud are created (a strict server-side dry run first), each of its
 //! ServiceAccounts is checked with SubjectAccessReviews to be granted what it
-//! uses and nothing more, and the real csi-attacher and csi-snapshotter run
+//! uses and nothing more, the node plugin's projected token is reviewed with
+//! the KMS's own token, and the real csi-attacher and csi-snapshotter run
 //! against our controller with the controller's ServiceAccount token, so that
 //! the chart's RBAC is what lets them work.
 //!
@@ -485,6 +486,127 @@ async fn chart_applies(tools: &Path, cloud: &str) -> CaseResult {
         token["audience"] == "cryptdisk-kms" && token["expirationSeconds"] == 600,
         "the node plugin's token: {token}"
     );
+    node_token_reviewed_by_the_kms(&cluster, &ds, &token).await
+}
+
+/// The node plugin's projected token, made as kubelet makes it for a pod of
+/// the chart's DaemonSet on NODE, is accepted by a TokenReview that the KMS
+/// makes with its own ServiceAccount's token (real authorization, not a
+/// SubjectAccessReview), and names the node plugin's account and its node;
+/// the KMS can list what its authorizer watches and no Secret; the node
+/// plugin's token is good for nothing but the KMS.
+async fn node_token_reviewed_by_the_kms(
+    cluster: &Cluster,
+    daemonset: &Value,
+    projected: &Value,
+) -> Result<(), String> {
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}});
+    check!(cluster.admin.create("/api/v1/nodes", &node).await);
+    let mut spec = daemonset["spec"]["template"]["spec"].clone();
+    spec["nodeName"] = json!(NODE);
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "cryptdisk-csi-node-test",
+                     "labels": daemonset["spec"]["template"]["metadata"]["labels"]},
+        "spec": spec,
+    });
+    let pod = check!(
+        cluster
+            .admin
+            .create(&format!("/api/v1/namespaces/{NAMESPACE}/pods"), &pod)
+            .await
+    );
+    let account = pod["spec"]["serviceAccountName"]
+        .as_str()
+        .ok_or("the node pod has no ServiceAccount")?
+        .to_string();
+    let audience = projected["audience"].clone();
+    let request = json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [audience], "expirationSeconds": projected["expirationSeconds"],
+                 "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
+                                    "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]}},
+    });
+    let answer = check!(
+        cluster
+            .admin
+            .create(
+                &format!("/api/v1/namespaces/{NAMESPACE}/serviceaccounts/{account}/token"),
+                &request
+            )
+            .await
+    );
+    let node_token = answer["status"]["token"]
+        .as_str()
+        .ok_or_else(|| format!("no token in {answer}"))?
+        .to_string();
+
+    let kms_token = service_account_token(&cluster.admin, "cryptdisk-csi-kms").await?;
+    let kms = Api::new(&cluster.server, &cluster.ca_pem, &kms_token)?;
+    let review = |audience: &Value| {
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+               "spec": {"token": node_token, "audiences": [audience]}})
+    };
+    let reviewed = check!(
+        kms.create(
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            &review(&audience)
+        )
+        .await
+    );
+    let status = &reviewed["status"];
+    ensure!(
+        status["authenticated"] == json!(true),
+        "the KMS's review of the node token: {status}"
+    );
+    ensure!(
+        status["user"]["username"] == json!(format!("system:serviceaccount:{NAMESPACE}:{account}")),
+        "the node token is {}",
+        status["user"]["username"]
+    );
+    ensure!(
+        status["user"]["extra"]["authentication.kubernetes.io/node-name"] == json!([NODE]),
+        "the node token names node {}",
+        status["user"]["extra"]
+    );
+    // Made for the KMS, so no good for the API server.
+    let reviewed = check!(
+        kms.create(
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            &review(&json!("https://kubernetes.default.svc.cluster.local"))
+        )
+        .await
+    );
+    ensure!(
+        reviewed["status"]["authenticated"] != json!(true),
+        "the node token passed a review for the API server's audience"
+    );
+    let node_api = Api::new(&cluster.server, &cluster.ca_pem, &node_token)?;
+    let (code, _) = node_api
+        .raw(Method::GET, "/api/v1/persistentvolumes", None)
+        .await?;
+    ensure!(
+        code == StatusCode::UNAUTHORIZED,
+        "the node plugin's KMS token got {code} from the API server"
+    );
+    // What the KMS's authorizer reads, with its own token; no Secret.
+    for path in [
+        "/apis/storage.k8s.io/v1/volumeattachments",
+        "/api/v1/persistentvolumes",
+        "/apis/storage.k8s.io/v1/volumeattachments?watch=true&timeoutSeconds=1",
+    ] {
+        check!(kms.get(path).await);
+    }
+    for path in [
+        "/api/v1/secrets".to_string(),
+        format!("/api/v1/namespaces/{NAMESPACE}/secrets/{MASTER_SECRET}"),
+    ] {
+        let (code, _) = kms.raw(Method::GET, &path, None).await?;
+        ensure!(
+            code == StatusCode::FORBIDDEN,
+            "the KMS's token got {code} for {path}"
+        );
+    }
     Ok(())
 }
 
