@@ -7,7 +7,9 @@ way `kubeconform -strict` does: an object schema that lists its properties and
 does not preserve unknown fields gets `additionalProperties: false`, so a
 misspelt field fails. With --policy it also checks the chart's own rules
 (resources, probes and securityContext on every container, StorageClass
-parameters the driver knows, the master secret kept).
+parameters the driver knows, no master secret rendered) and, per file, the
+rules that tie its objects together: the node plugin's projected token for the
+KMS, the KMS's authorizer flags, and the KMS's and node plugin's RBAC.
 
     validate.py --k8s 1.35.0 --k8s 1.36.0 --crd a.yaml --crd b.yaml [--policy] FILE...
 
@@ -176,14 +178,144 @@ def check_policy(doc, binary=None):
         unknown = set(doc.get("parameters", {})) - DRIVER_PARAMETERS
         if unknown:
             problems.append(f"parameters the driver would refuse: {sorted(unknown)}")
-    if doc.get("kind") == "Secret" and doc["metadata"]["name"].endswith("-master-secret"):
-        keep = doc["metadata"].get("annotations", {}).get("helm.sh/resource-policy")
-        if keep != "keep":
-            problems.append("the master secret must carry helm.sh/resource-policy: keep")
+    if doc.get("kind") == "Secret" and set(doc.get("data", {}) or {}) & {"master.key", "salt"}:
+        # Helm keeps every rendered object in its release record.
+        problems.append("a master secret is rendered into the release: the chart must only name kms.existingSecret")
     if doc.get("kind") == "DaemonSet":
         mounts = [m for c in spec["containers"] for m in c.get("volumeMounts", [])]
         if not any(m.get("mountPropagation") == "Bidirectional" for m in mounts):
             problems.append("the node plugin needs a Bidirectional mount of the kubelet directory")
+    return problems
+
+
+# Where the node plugin reads its KMS token, and what the KMS may do through
+# the API: the contract of issue 20 (node-scoped keys).
+KMS_TOKEN_DIR = "/var/run/secrets/cryptdisk-kms"
+KMS_RULES = {
+    ("authentication.k8s.io", "tokenreviews"): {"create"},
+    ("storage.k8s.io", "volumeattachments"): {"get", "list", "watch"},
+    ("", "persistentvolumes"): {"get", "list", "watch"},
+}
+
+
+def flag_values(container):
+    """--flag=value arguments as a dict (a bare --flag maps to True)."""
+    out = {}
+    for arg in container.get("args", []):
+        if arg.startswith("--"):
+            flag, _, value = arg.partition("=")
+            out[flag] = value if "=" in arg else True
+    return out
+
+
+def driver_container(spec, command):
+    for c in spec["containers"]:
+        if c.get("args", [None])[0] == command:
+            return c
+    return None
+
+
+def granted(docs, namespace, account):
+    """(apiGroup, resource) -> verbs that RBAC objects in docs give a ServiceAccount."""
+    roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d.get("kind") in ("Role", "ClusterRole")}
+    out = {}
+    for b in docs:
+        if b.get("kind") not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        if not any(
+            s.get("kind") == "ServiceAccount" and s.get("name") == account and s.get("namespace") == namespace
+            for s in b.get("subjects", [])
+        ):
+            continue
+        role = roles.get((b["roleRef"]["kind"], b["roleRef"]["name"]))
+        if role is None:
+            out[("?", f"unrendered {b['roleRef']['kind']} {b['roleRef']['name']}")] = {"?"}
+            continue
+        for rule in role.get("rules", []):
+            for group in rule.get("apiGroups", []):
+                for resource in rule.get("resources", []):
+                    out.setdefault((group, resource), set()).update(rule.get("verbs", []))
+    return out
+
+
+def show_rules(rules):
+    return "; ".join(f"{g or 'core'}/{r}: {','.join(sorted(v))}" for (g, r), v in sorted(rules.items())) or "nothing"
+
+
+def check_release(docs):
+    """The rules of issue 20 that span objects of one rendered release: the node
+    plugin sends a projected token that the KMS is set up to accept, and each
+    of them is granted exactly what it uses."""
+    problems = []
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d.get("kind"), []).append(d)
+    daemonsets = [d for d in by_kind.get("DaemonSet", []) if driver_container(pod_spec(d), "node")]
+    kmses = [d for d in by_kind.get("Deployment", []) if driver_container(pod_spec(d), "kms")]
+    drivers = by_kind.get("CSIDriver", [])
+    if len(daemonsets) != 1 or len(kmses) != 1:
+        return [f"expected one node DaemonSet and one KMS Deployment, found {len(daemonsets)} and {len(kmses)}"]
+    node, kms = daemonsets[0], kmses[0]
+    node_spec, kms_spec = pod_spec(node), pod_spec(kms)
+    namespace = node["metadata"].get("namespace")
+    node_account = node_spec.get("serviceAccountName")
+    kms_account = kms_spec.get("serviceAccountName")
+    kms_flags = flag_values(driver_container(kms_spec, "kms"))
+    plugin = driver_container(node_spec, "node")
+    node_flags = flag_values(plugin)
+
+    # The projected token: audience and lifetime as the KMS expects.
+    audience = kms_flags.get("--token-audience")
+    tokens = [
+        (v["name"], s["serviceAccountToken"])
+        for v in node_spec.get("volumes", [])
+        for s in v.get("projected", {}).get("sources", [])
+        if "serviceAccountToken" in s
+    ]
+    if len(tokens) != 1:
+        problems.append(f"the node plugin needs one projected ServiceAccount token for the KMS, has {len(tokens)}")
+    else:
+        volume, token = tokens[0]
+        if not audience or token.get("audience") != audience:
+            problems.append(
+                f"the node plugin's token has audience {token.get('audience')!r}, the KMS accepts {audience!r}"
+            )
+        if not 600 <= int(token.get("expirationSeconds", 3600)) <= 3600:
+            problems.append(f"the node plugin's token lives {token.get('expirationSeconds')} s: keep it short (600)")
+        mounts = [m for m in plugin.get("volumeMounts", []) if m["name"] == volume]
+        if [m.get("mountPath") for m in mounts] != [KMS_TOKEN_DIR]:
+            problems.append(f"the node plugin must mount its KMS token at {KMS_TOKEN_DIR}")
+        if node_flags.get("--kms-token-file") != f"{KMS_TOKEN_DIR}/{token.get('path')}":
+            problems.append(
+                f"the node plugin reads --kms-token-file={node_flags.get('--kms-token-file')}, "
+                f"its token is at {KMS_TOKEN_DIR}/{token.get('path')}"
+            )
+
+    # The KMS: the authorizer on, naming the node plugin's account and our driver.
+    if kms_flags.get("--authorizer") != "kubernetes":
+        problems.append(f"the KMS must run --authorizer=kubernetes, not {kms_flags.get('--authorizer')!r}")
+    if kms_flags.get("--node-service-account") != f"{namespace}/{node_account}":
+        problems.append(
+            f"the KMS accepts tokens of {kms_flags.get('--node-service-account')!r}, "
+            f"the node plugin runs as {namespace}/{node_account}"
+        )
+    if [d["metadata"]["name"] for d in drivers] != [kms_flags.get("--driver-name")]:
+        problems.append(
+            f"the KMS's --driver-name {kms_flags.get('--driver-name')!r} is not the CSIDriver "
+            f"{[d['metadata']['name'] for d in drivers]}"
+        )
+    if kms_spec.get("automountServiceAccountToken") is not True:
+        problems.append("the KMS needs its ServiceAccount token (TokenReview, watches)")
+
+    # RBAC: the KMS exactly what its authorizer reads; the node plugin nothing.
+    kms_rules = granted(docs, namespace, kms_account)
+    if kms_rules != KMS_RULES:
+        problems.append(f"the KMS is granted {show_rules(kms_rules)}; it needs exactly {show_rules(KMS_RULES)}")
+    node_rules = granted(docs, namespace, node_account)
+    if node_rules:
+        problems.append(f"the node plugin's ServiceAccount is granted {show_rules(node_rules)}: it needs nothing")
+    if node_spec.get("automountServiceAccountToken") is not False:
+        problems.append("the node plugin must not mount an API token (only the KMS's projected one)")
     return problems
 
 
@@ -216,6 +348,8 @@ def main():
             if args.policy:
                 found += check_policy(doc, args.binary)
             problems += [f"{name}: {p}" for p in found]
+        if args.policy and docs:
+            problems += check_release(docs)
         failed = failed or bool(problems)
         if args.report:
             versions = ", ".join(args.k8s)

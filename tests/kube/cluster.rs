@@ -164,6 +164,9 @@ impl Cluster {
             format!("--service-account-key-file={}", sa_pub_file.display()),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_string(),
             "--authorization-mode=RBAC".to_string(),
+            // As every real cluster that runs CSI node plugins (kubeadm sets
+            // it): the chart's node DaemonSet is privileged.
+            "--allow-privileged=true".to_string(),
             "--service-cluster-ip-range=10.96.0.0/24".to_string(),
             "--enable-priority-and-fairness=false".to_string(),
             "--profiling=false".to_string(),

@@ -8,6 +8,7 @@
 //! not start with `-` filter the cases by substring.
 
 mod authz_cases;
+mod chart_cases;
 mod cluster;
 mod snapshot_cases;
 
@@ -57,6 +58,7 @@ fn main() -> ExitCode {
     let cases: Vec<Case> = snapshot_cases::cases()
         .into_iter()
         .chain(authz_cases::cases())
+        .chain(chart_cases::cases())
         .filter(|c| filters.is_empty() || filters.iter().any(|f| c.name.contains(f.as_str())))
         .collect();
     // One thread: the processes the cases start die with the thread that

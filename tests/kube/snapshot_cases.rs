@@ -37,7 +37,7 @@ pub fn cases() -> Vec<Case> {
 /// Installs the VolumeSnapshot CRDs of the pinned external-snapshotter release
 /// (hack/kube-tools copies them from its client module) and waits until they
 /// are served.
-async fn install_crds(cluster: &Cluster, tools: &Path) -> Result<(), String> {
+pub(crate) async fn install_crds(cluster: &Cluster, tools: &Path) -> Result<(), String> {
     let mut names = Vec::new();
     for entry in check!(std::fs::read_dir(tools.join("crds"))) {
         let path = check!(entry).path();
@@ -145,7 +145,9 @@ async fn grant_snapshotter(cluster: &Cluster) -> Result<(), String> {
 }
 
 /// Starts `cryptdisk-csi controller` with the local backend on a unix socket.
-async fn start_controller(cluster: &mut Cluster) -> Result<ControllerClient<Channel>, String> {
+pub(crate) async fn start_controller(
+    cluster: &mut Cluster,
+) -> Result<ControllerClient<Channel>, String> {
     let dir = cluster.dir.path().to_path_buf();
     let socket = dir.join("controller.sock");
     cluster.spawn(
@@ -171,7 +173,7 @@ async fn start_controller(cluster: &mut Cluster) -> Result<ControllerClient<Chan
     Ok(ControllerClient::new(channel))
 }
 
-fn create_req(name: &str, bytes: i64, params: &[(&str, &str)]) -> CreateVolumeRequest {
+pub(crate) fn create_req(name: &str, bytes: i64, params: &[(&str, &str)]) -> CreateVolumeRequest {
     CreateVolumeRequest {
         name: name.into(),
         capacity_range: Some(CapacityRange {

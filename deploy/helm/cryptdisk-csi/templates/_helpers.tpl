@@ -33,10 +33,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
-{{/* Names of the Secrets the KMS and the node plugins read. */}}
+{{/*
+The master secret: always the user's own Secret. Rendering it here would put
+the bytes every volume key derives from into Helm's release record.
+*/}}
 {{- define "cryptdisk.masterSecretName" -}}
-{{- .Values.kms.existingSecret | default (printf "%s-master-secret" (include "cryptdisk.fullname" .)) -}}
+{{- required (printf "set kms.existingSecret to the name of a Secret in %s with the keys master.key and salt (32 random bytes each; see values.yaml). The chart does not make one, since Helm would keep it in its release record; an install from an earlier chart version made %s-master-secret: name that" .Release.Namespace (include "cryptdisk.fullname" .)) .Values.kms.existingSecret -}}
 {{- end -}}
+{{/* The node plugin's ServiceAccount: the only one whose tokens the KMS accepts. */}}
+{{- define "cryptdisk.nodeServiceAccount" -}}{{ include "cryptdisk.fullname" . }}-node{{- end -}}
+{{/* Where the node plugin reads its projected token for the KMS. */}}
+{{- define "cryptdisk.kmsTokenDir" -}}/var/run/secrets/cryptdisk-kms{{- end -}}
+{{/* Names of the Secrets the KMS and the node plugins read. */}}
 {{- define "cryptdisk.kmsTLSSecret" -}}{{ include "cryptdisk.fullname" . }}-kms-tls{{- end -}}
 {{- define "cryptdisk.nodeTLSSecret" -}}{{ include "cryptdisk.fullname" . }}-node-tls{{- end -}}
 {{- define "cryptdisk.kmsService" -}}{{ include "cryptdisk.fullname" . }}-kms{{- end -}}
