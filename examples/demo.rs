@@ -22,6 +22,10 @@ struct Args {
     /// The running driver's endpoint.
     #[arg(long)]
     endpoint: Endpoint,
+    /// A separate controller's endpoint (`cryptdisk-csi controller` beside
+    /// `cryptdisk-csi node`, as the chart deploys them); default: --endpoint.
+    #[arg(long)]
+    controller_endpoint: Option<Endpoint>,
     /// The driver's --data-dir (to show what the backing file holds).
     #[arg(long)]
     data_dir: PathBuf,
@@ -198,8 +202,12 @@ async fn main() -> Result<()> {
         .await?
         .into_inner();
     println!("demo:   driver {} {}", info.name, info.vendor_version);
+    let controller = match &args.controller_endpoint {
+        Some(endpoint) => client::connect(endpoint, Duration::from_secs(10)).await?,
+        None => channel.clone(),
+    };
     let mut csi = Csi {
-        controller: ControllerClient::new(channel.clone()),
+        controller: ControllerClient::new(controller),
         node: NodeClient::new(channel),
         node_id: args.node_id.clone(),
         work: args.work_dir.clone(),
