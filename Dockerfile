@@ -32,7 +32,8 @@ ENTRYPOINT ["/usr/local/bin/cryptdisk-csi"]
 # The runtime with a binary built outside, taken from the build context
 # (.dockerignore lets only this file of target/ in).
 FROM runtime AS prebuilt
-COPY target/release/cryptdisk-csi /usr/local/bin/cryptdisk-csi
+ARG BINARY=target/release/cryptdisk-csi
+COPY ${BINARY} /usr/local/bin/cryptdisk-csi
 
 # Build stage: libcryptsetup-rs generates its bindings with bindgen, so the
 # build needs libcryptsetup's headers, libclang and pkg-config.
