@@ -270,7 +270,7 @@ async fn mutual_tls_serves_the_cluster_ca_and_refuses_the_rest() {
     let log = kms.log();
     let served: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("data key served"))
+        .filter(|l| l.contains("volume key served"))
         .collect();
     assert_eq!(served.len(), 1, "{log}");
     assert!(served[0].contains("client=node-1.cluster"), "{}", served[0]);
