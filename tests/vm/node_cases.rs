@@ -2095,7 +2095,15 @@ async fn bad_input(_ctx: &mut Ctx) -> CaseResult {
             }
             check_code(format!("{what} {short:?}"), r)?;
         }
-        // Node.
+        // Node. The ControllerUnpublish probe above (an empty node id detaches
+        // from every node) ended the attachment, and a volume not published
+        // to this node gets no key: published again, so the node's probes
+        // below reach the field they test and not the key check.
+        check!(
+            c.controller_publish_volume(attach_req(&id, &cap))
+                .await
+                .map(|_| ())
+        );
         let stage = NodeStageVolumeRequest {
             volume_id: id.clone(),
             publish_context: ctx.clone(),
