@@ -3,6 +3,10 @@
 //! without a cloud backend (Cargo features `azure`, `gcp`) still has it.
 
 pub mod gcp_metadata;
+pub mod retry;
+
+/// Azure's Instance Metadata Service, as every Azure VM reaches it.
+pub const AZURE_IMDS_URL: &str = "http://169.254.169.254";
 
 /// A reqwest client builder on the one TLS stack the project links: rustls
 /// with ring (reqwest is built with `rustls-no-provider`, so that no second

@@ -28,6 +28,8 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::cloud::gcp_metadata as metadata;
+pub use crate::cloud::retry::Retry;
+use crate::cloud::retry::{clean, retry_after};
 
 /// Key Vault REST API version used for `unwrapKey`.
 pub const AZURE_KEYVAULT_API_VERSION: &str = "7.4";
@@ -188,7 +190,7 @@ impl Default for Endpoints {
         Endpoints {
             azure_vault: None,
             azure_authority_host: "https://login.microsoftonline.com/".into(),
-            azure_imds: "http://169.254.169.254".into(),
+            azure_imds: crate::cloud::AZURE_IMDS_URL.into(),
             gcp_kms: "https://cloudkms.googleapis.com".into(),
             gcp_metadata: metadata::DEFAULT_METADATA_URL.into(),
         }
@@ -203,46 +205,6 @@ pub struct AzureIdentity {
     pub client_id: Option<String>,
     pub tenant_id: Option<String>,
     pub federated_token_file: Option<PathBuf>,
-}
-
-/// Retries of 429 and 5xx answers (and, from IMDS, 404 and 410, which it
-/// documents as transient) and of failed connections.
-#[derive(Clone, Debug)]
-pub struct Retry {
-    /// Tries in all, the first included.
-    pub max_attempts: u32,
-    /// Wait before the second try; doubled for each further one.
-    pub base_delay: Duration,
-    /// Longest wait, also for a `Retry-After` in seconds.
-    pub max_delay: Duration,
-}
-
-impl Default for Retry {
-    fn default() -> Self {
-        Retry {
-            max_attempts: 4,
-            base_delay: Duration::from_millis(500),
-            max_delay: Duration::from_secs(10),
-        }
-    }
-}
-
-impl Retry {
-    /// Exponential backoff after failed try `attempt` (1 for the first):
-    /// `base_delay` doubled for each try after the first, at most `max_delay`.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        self.base_delay
-            .saturating_mul(1 << attempt.saturating_sub(1).min(16))
-            .min(self.max_delay)
-    }
-
-    /// The wait after failed try `attempt`: the server's `Retry-After` when it
-    /// gave one, else the backoff; never more than `max_delay`.
-    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        retry_after
-            .unwrap_or_else(|| self.backoff(attempt))
-            .min(self.max_delay)
-    }
 }
 
 #[derive(Clone, Debug)]
@@ -625,12 +587,6 @@ async fn send(
     }
 }
 
-/// `Retry-After` in seconds; the HTTP-date form falls back to our own backoff.
-pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
-}
-
 fn transport(op: Op, url: &str, e: reqwest::Error) -> WrapError {
     let reason = if e.is_timeout() {
         "timed out".to_string()
@@ -687,18 +643,6 @@ fn http_error(op: Op, url: &str, status: u16, body: &[u8]) -> WrapError {
         status,
         code: code.map(|c| clean(&c, 100)).filter(|c| !c.is_empty()),
         message: message.map(|m| clean(&m, 400)).filter(|m| !m.is_empty()),
-    }
-}
-
-/// One line of at most `max` characters.
-pub(crate) fn clean(text: &str, max: usize) -> String {
-    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if line.chars().count() <= max {
-        line
-    } else {
-        let mut short: String = line.chars().take(max).collect();
-        short.push('…');
-        short
     }
 }
 

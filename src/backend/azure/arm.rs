@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::auth;
 use crate::backend::Error;
-use crate::kms::wrap::{Retry, clean, retry_after};
+use crate::cloud::retry::{Retry, clean, retry_after};
 
 /// An ARM response body that is not an error.
 pub type Json = Value;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::kms::wrap::{Endpoints as WrapEndpoints, Retry};
+use crate::cloud::retry::Retry;
 
 /// Where the controller reads its Azure configuration by default.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/kubernetes/azure.json";
@@ -324,7 +324,7 @@ impl AzureConfig {
 pub fn imds_endpoint(var: impl Fn(&str) -> Option<String>) -> String {
     var(ENV_IMDS_ENDPOINT)
         .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| WrapEndpoints::default().azure_imds)
+        .unwrap_or_else(|| crate::cloud::AZURE_IMDS_URL.to_string())
         .trim_end_matches('/')
         .to_string()
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::kms::wrap::{clean, retry_after};
+use crate::cloud::retry::{clean, retry_after};
 
 /// api-version of `GET /metadata/instance`.
 pub const IMDS_INSTANCE_API_VERSION: &str = "2021-02-01";

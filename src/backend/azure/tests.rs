@@ -13,7 +13,7 @@ use super::fake::*;
 use super::{AzureBackend, PUBLISH_LUN, TOPOLOGY_ZONE};
 use crate::backend::DiskBackend;
 use crate::csi::controller::ControllerService;
-use crate::kms::wrap::Retry;
+use crate::cloud::retry::Retry;
 use crate::proto::csi::controller_server::Controller;
 use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};

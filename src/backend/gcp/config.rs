@@ -22,7 +22,7 @@ pub const COMPUTE_ENDPOINT_ENV: &str = "CRYPTDISK_GCP_COMPUTE_ENDPOINT";
 /// Retries of throttled (429, 403 `rateLimitExceeded`/quota) and failed (5xx,
 /// connection) Compute calls; [`GcpConfig`]'s default is 6 tries, 0.5 s doubling
 /// to 30 s, with jitter.
-pub use crate::kms::wrap::Retry;
+pub use crate::cloud::retry::Retry;
 
 #[derive(Clone, Debug)]
 pub struct GcpConfig {

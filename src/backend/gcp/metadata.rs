@@ -1,6 +1,6 @@
 //! The GCE metadata server: where a VM (or a GKE pod with Workload Identity)
 //! learns its project, zone, instance name and machine type, and where the KMS
-//! wrapper (`kms::wrap`) gets its access token.
+//! wrapper gets its access token (its address: [`crate::cloud::gcp_metadata`]).
 //!
 //! One place owns the server's address, its override and the request header, so
 //! the backend, the node plugin and the KMS agree on them.

@@ -9,7 +9,7 @@
 //! - [`node`]: the node side: the device of a disk, the VM from the metadata
 //!   server, the attach limit of its machine type.
 //! - [`machine`]: machine types: attach limits, Hyperdisk-only series.
-//! - [`metadata`]: the metadata server client (shared with `kms::wrap`).
+//! - [`metadata`]: the metadata server client (its address shared through `cloud::gcp_metadata`).
 //!
 //! Ids: a volume is `gcp:<zone>:<disk>` or, for a regional disk,
 //! `gcp:<region>:<disk>` (a region ends in a digit, a zone does not); a snapshot
