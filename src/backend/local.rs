@@ -516,12 +516,11 @@ impl LocalBackend {
         data_dir.join(DISKS_DIR).join(format!("{disk}{IMAGE_EXT}"))
     }
 
-    /// The fresh-disk record of the disk named `disk` as `index.json` under
-    /// `data_dir` holds it now: how the node plugin, on the same machine as the
-    /// controller, confirms the record without trusting a request. The index is
-    /// replaced by atomic renames, so a read sees one whole version. `None` when
-    /// the disk has no record or no entry.
-    pub fn fresh_record(data_dir: &Path, disk: &str) -> Result<Option<FreshRecord>> {
+    /// `index.json` under `data_dir` as it is now, for readers in other
+    /// processes (the node plugin, the local authorizer); `None` when there is
+    /// none yet. The index is replaced by atomic renames, so a read sees one
+    /// whole version.
+    fn read_index(data_dir: &Path) -> Result<Option<Index>> {
         let path = data_dir.join(INDEX_FILE);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
@@ -531,6 +530,18 @@ impl LocalBackend {
         let index: Index = serde_json::from_slice(&bytes).map_err(|e| {
             Error::FailedPrecondition(format!("index {} is unreadable: {e}", path.display()))
         })?;
+        Ok(Some(index))
+    }
+
+    /// The fresh-disk record of the disk named `disk` as `index.json` under
+    /// `data_dir` holds it now: how the node plugin, on the same machine as the
+    /// controller, confirms the record without trusting a request. The index is
+    /// replaced by atomic renames, so a read sees one whole version. `None` when
+    /// the disk has no record or no entry.
+    pub fn fresh_record(data_dir: &Path, disk: &str) -> Result<Option<FreshRecord>> {
+        let Some(index) = Self::read_index(data_dir)? else {
+            return Ok(None);
+        };
         Ok(index.disks.get(disk).and_then(DiskEntry::live_fresh))
     }
 
@@ -540,15 +551,9 @@ impl LocalBackend {
     /// of `dev` and of `kms --authorizer local` decides by. Read from
     /// `index.json` as it is now (atomic renames: one whole version).
     pub fn published_key_scope(data_dir: &Path, id: &VolumeId) -> Result<Option<(String, String)>> {
-        let path = data_dir.join(INDEX_FILE);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        let Some(index) = Self::read_index(data_dir)? else {
+            return Ok(None);
         };
-        let index: Index = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::FailedPrecondition(format!("index {} is unreadable: {e}", path.display()))
-        })?;
         if id.backend() != BackendKind::Local || id.location() != index.location {
             return Ok(None);
         }
