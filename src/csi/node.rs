@@ -34,10 +34,7 @@ use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::csi::*;
 use crate::volume::{BackendKind, FreshRecord, VolumeId, fresh};
 
-/// Publish-context key of the local backend: the image file to attach.
-pub const LOCAL_IMAGE_PATH: &str = "localImagePath";
-/// Topology key of the local backend: the machine its images live on.
-pub const TOPOLOGY_NODE: &str = "topology.cryptdisk.csi.io/node";
+use super::contract::LOCAL_IMAGE_PATH;
 
 pub struct NodeConfig {
     pub node_id: String,

@@ -71,8 +71,7 @@ use crate::volume::{BackendKind, FreshRecord, SnapshotId, VolumeId, fresh};
 pub const DISKS_API_VERSION: &str = "2024-03-02";
 /// api-version of Microsoft.Compute virtualMachines.
 pub const VM_API_VERSION: &str = "2024-07-01";
-/// Publish-context key of the data disk's LUN (as Azure's disk CSI driver names it).
-pub const PUBLISH_LUN: &str = "LUN";
+pub use crate::csi::contract::AZURE_LUN as PUBLISH_LUN;
 pub use disks::TOPOLOGY_ZONE;
 
 pub struct AzureBackend {
