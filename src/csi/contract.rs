@@ -23,3 +23,9 @@ pub const GCP_DEVICE_NAME: &str = "gcpDeviceName";
 /// Publish-context key that carries the controller's fresh-disk record to the
 /// node (see [`crate::volume::fresh`]).
 pub const FRESH_RECORD: &str = "cryptdisk.csi.io/fresh";
+
+/// PersistentVolume `spec.csi.volumeAttributes` key (set by the controller in
+/// the volume context, read by the KMS's authorizer) that holds a volume's key
+/// scope. Absent on volumes made before v2 keys: their scope is their own
+/// volume id.
+pub const KEY_SCOPE: &str = "cryptdisk.csi.io/key-scope";

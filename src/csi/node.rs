@@ -43,7 +43,7 @@ pub struct NodeConfig {
     /// Segments NodeGetInfo reports.
     pub topology: BTreeMap<String, String>,
     /// Most volumes this node takes (0: no limit).
-    pub max_volumes: i64,
+    pub max_volumes: u64,
     /// Crypt and mkfs operations allowed to run at once.
     pub max_parallel_work: usize,
     /// How long a stage waits for an integrity volume's initial wipe before it
@@ -1076,7 +1076,8 @@ impl Node for NodeService {
         });
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.config.node_id.clone(),
-            max_volumes_per_node: self.config.max_volumes,
+            // CSI carries the limit as int64; no real limit comes near its end.
+            max_volumes_per_node: i64::try_from(self.config.max_volumes).unwrap_or(i64::MAX),
             accessible_topology: topology,
         }))
     }
