@@ -21,6 +21,7 @@ use cryptdisk_csi::csi::node::{NodeConfig, NodeService};
 use cryptdisk_csi::kms::local_authz::LocalAuthorizer;
 use cryptdisk_csi::kms::server::MasterSecret;
 use cryptdisk_csi::kms::{KeySource, LocalKeySource};
+use cryptdisk_csi::mount::device::NodeDevices;
 use cryptdisk_csi::mount::device::identity::{self, Given, NodeIdentity};
 use cryptdisk_csi::proto::csi::controller_server::ControllerServer;
 use cryptdisk_csi::proto::csi::identity_server::IdentityServer;
@@ -219,6 +220,7 @@ fn node_service(
         topology.insert(TOPOLOGY_NODE.to_string(), node.node_id.clone());
     }
     tracing::info!(node_id = %node.node_id, "node plugin");
+    let devices = Arc::new(NodeDevices::host(local_data_dir.clone()));
     NodeService::new(
         NodeConfig {
             node_id: node.node_id,
@@ -229,6 +231,7 @@ fn node_service(
             wipe_budget: std::time::Duration::from_secs(args.wipe_budget_seconds),
         },
         keys,
+        devices,
     )
 }
 

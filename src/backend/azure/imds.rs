@@ -1,7 +1,7 @@
 //! The node plugin's view of its VM, from the Azure Instance Metadata Service:
 //! the VM name (the node id the controller attaches to), its zone (accessible
 //! topology), its size (how many data disks it takes) and its data disks (which
-//! managed disk is at which LUN, see [`super::device::check_disk_at_lun`]).
+//! managed disk is at which LUN, see [`crate::mount::device::azure::check_disk_at_lun`]).
 
 use std::time::Duration;
 

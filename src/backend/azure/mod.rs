@@ -41,7 +41,6 @@
 pub mod arm;
 pub mod auth;
 pub mod config;
-pub mod device;
 pub mod disks;
 pub mod imds;
 mod vm;
