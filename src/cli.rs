@@ -578,3 +578,290 @@ pub struct KmsArgs {
     #[arg(long, env = "CRYPTDISK_KMS_LOCAL_STATE")]
     pub local_state: Option<PathBuf>,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use clap::error::ErrorKind;
+
+    use super::*;
+
+    /// clap reads the environment while parsing: tests that set a variable
+    /// hold this so that no other parse sees it.
+    static ENV: Mutex<()> = Mutex::new(());
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cryptdisk-csi").chain(args.iter().copied()))
+            .map(|cli| cli.command)
+    }
+
+    fn parse_ok(args: &[&str]) -> Command {
+        let _held = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    fn parse_err(args: &[&str]) -> ErrorKind {
+        let _held = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        match parse(args) {
+            Ok(_) => panic!("{args:?} parsed"),
+            Err(e) => e.kind(),
+        }
+    }
+
+    /// Parses with `vars` set in the environment, then removes them.
+    fn parse_with_env(vars: &[(&str, &str)], args: &[&str]) -> Command {
+        let _held = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in vars {
+            // SAFETY: every parse in these tests holds ENV, and nothing else
+            // in the test binary reads these variables.
+            unsafe { std::env::set_var(k, v) };
+        }
+        let got = parse(args);
+        for (k, _) in vars {
+            // SAFETY: as above.
+            unsafe { std::env::remove_var(k) };
+        }
+        got.unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn controller_defaults() {
+        let Command::Controller(c) = parse_ok(&["controller"]) else {
+            panic!("not controller")
+        };
+        assert_eq!(c.backend, BackendKind::Local);
+        assert_eq!(c.csi.endpoint.to_string(), "unix:///csi/csi.sock");
+        assert_eq!(c.csi.driver_name.to_string(), "cryptdisk.csi.io");
+        assert_eq!(c.csi.metrics_address, None);
+        assert_eq!(c.azure_config_file, PathBuf::from(AZURE_CONFIG_FILE));
+        assert_eq!(c.local.data_dir, PathBuf::from("/var/lib/cryptdisk"));
+        assert_eq!(c.local.capacity_bytes, None);
+        assert_eq!(c.max_volumes_per_node, 0);
+        assert_eq!((c.gcp.gcp_project, c.gcp.gcp_zone), (None, None));
+    }
+
+    #[test]
+    fn backend_and_cloud_are_one_choice() {
+        for (name, kind) in [
+            ("local", BackendKind::Local),
+            ("azure", BackendKind::Azure),
+            ("gcp", BackendKind::Gcp),
+        ] {
+            let Command::Controller(c) = parse_ok(&["controller", "--backend", name]) else {
+                panic!("not controller")
+            };
+            assert_eq!(c.backend, kind);
+            let Command::Node(n) = parse_ok(&["node", "--kms=unix:///k.sock", "--cloud", name])
+            else {
+                panic!("not node")
+            };
+            assert_eq!(n.serve.cloud, kind);
+        }
+        assert_eq!(
+            parse_err(&["controller", "--backend", "aws"]),
+            ErrorKind::InvalidValue
+        );
+        assert_eq!(
+            parse_err(&["node", "--kms=unix:///k.sock", "--cloud", "aws"]),
+            ErrorKind::InvalidValue
+        );
+    }
+
+    #[test]
+    fn environment_variables_set_flags() {
+        let Command::Controller(c) = parse_with_env(
+            &[
+                ("CRYPTDISK_BACKEND", "gcp"),
+                ("CRYPTDISK_GCP_ZONE", "europe-west1-b"),
+                ("CRYPTDISK_MAX_VOLUMES_PER_NODE", "12"),
+                ("CRYPTDISK_ENDPOINT", "tcp://127.0.0.1:10000"),
+            ],
+            &["controller"],
+        ) else {
+            panic!("not controller")
+        };
+        assert_eq!(c.backend, BackendKind::Gcp);
+        assert_eq!(c.gcp.gcp_zone.as_deref(), Some("europe-west1-b"));
+        assert_eq!(c.max_volumes_per_node, 12);
+        assert_eq!(c.csi.endpoint.to_string(), "tcp://127.0.0.1:10000");
+
+        let Command::Node(n) = parse_with_env(
+            &[
+                ("CRYPTDISK_KMS", "unix:///run/kms.sock"),
+                ("CRYPTDISK_CLOUD", "azure"),
+                ("CRYPTDISK_MAX_VOLUMES", "5"),
+                ("CRYPTDISK_NODE_ID", "vm-1"),
+            ],
+            &["node"],
+        ) else {
+            panic!("not node")
+        };
+        assert_eq!(n.serve.cloud, BackendKind::Azure);
+        assert_eq!(n.serve.node.max_volumes, Some(5));
+        assert_eq!(n.serve.node.node_id.as_deref(), Some("vm-1"));
+        assert_eq!(
+            n.serve.kms.map(|k| k.to_string()).as_deref(),
+            Some("unix:///run/kms.sock")
+        );
+    }
+
+    #[test]
+    fn node_needs_a_kms_to_serve_but_not_for_status() {
+        assert_eq!(parse_err(&["node"]), ErrorKind::MissingRequiredArgument);
+        let Command::Node(n) = parse_ok(&["node", "--kms=unix:///k.sock"]) else {
+            panic!("not node")
+        };
+        assert!(n.action.is_none());
+        assert_eq!(n.serve.cloud, BackendKind::Local);
+        assert_eq!(n.serve.node.node_id, None);
+        assert_eq!(n.serve.node.max_volumes, None);
+        assert_eq!(n.serve.node.max_parallel_work, 4);
+        assert_eq!(n.serve.node.wipe_budget_seconds, 60);
+        assert_eq!(n.serve.local_data_dir, None);
+
+        let Command::Node(n) = parse_ok(&["node", "status", "--json"]) else {
+            panic!("not node")
+        };
+        let Some(NodeAction::Status(s)) = n.action else {
+            panic!("not status")
+        };
+        assert!(s.json);
+        assert_eq!(
+            s.staging_root,
+            PathBuf::from("/var/lib/kubelet/plugins/kubernetes.io/csi/cryptdisk.csi.io")
+        );
+        assert_eq!(
+            (s.sys_root, s.dev_root, s.mountinfo),
+            (
+                PathBuf::from("/sys"),
+                PathBuf::from("/dev"),
+                PathBuf::from("/proc/self/mountinfo")
+            )
+        );
+        // A volume limit is a count: never negative.
+        assert_eq!(
+            parse_err(&["node", "--kms=unix:///k.sock", "--max-volumes=-1"]),
+            ErrorKind::ValueValidation
+        );
+    }
+
+    #[test]
+    fn kms_client_tls_flags_come_together() {
+        assert_eq!(
+            parse_err(&[
+                "node",
+                "--kms=https://kms:9000",
+                "--kms-ca-file=/ca.pem",
+                "--kms-cert-file=/c.pem",
+            ]),
+            ErrorKind::MissingRequiredArgument
+        );
+        let Command::Node(n) = parse_ok(&[
+            "node",
+            "--kms=https://kms:9000",
+            "--kms-ca-file=/ca.pem",
+            "--kms-cert-file=/c.pem",
+            "--kms-key-file=/k.pem",
+        ]) else {
+            panic!("not node")
+        };
+        assert_eq!(
+            n.serve.kms_client.kms_key_file,
+            Some(PathBuf::from("/k.pem"))
+        );
+        assert!(!n.serve.kms_client.kms_insecure);
+    }
+
+    #[test]
+    fn kms_flags_and_their_authorizer() {
+        let base = ["kms", "--master-secret-file=/m", "--salt-file=/s"];
+        let Command::Kms(k) = parse_ok(&base) else {
+            panic!("not kms")
+        };
+        assert_eq!(k.listen.to_string(), "tcp://0.0.0.0:9000");
+        assert_eq!(k.authorizer, AuthorizerKind::Kubernetes);
+        assert_eq!(k.token_audience, "cryptdisk-kms");
+        assert_eq!(k.node_service_account, "kube-system/cryptdisk-node");
+        assert_eq!(k.driver_name.to_string(), "cryptdisk.csi.io");
+        assert_eq!(k.authorization_max_staleness, 30);
+        assert_eq!(k.tls_handshake_timeout_seconds, 10);
+        assert_eq!(k.max_connections, server::accept::DEFAULT_MAX_CONNECTIONS);
+        assert!(!k.insecure && !k.allow_v1_keys);
+        assert_eq!((k.kubeconfig, k.local_state), (None, None));
+
+        let Command::Kms(k) = parse_ok(
+            &[
+                &base[..],
+                &["--authorizer=local", "--local-state=/var/lib/cryptdisk"],
+            ]
+            .concat(),
+        ) else {
+            panic!("not kms")
+        };
+        assert_eq!(k.authorizer, AuthorizerKind::Local);
+        assert_eq!(k.local_state, Some(PathBuf::from("/var/lib/cryptdisk")));
+        let Command::Kms(k) = parse_ok(&[&base[..], &["--authorizer", "none"]].concat()) else {
+            panic!("not kms")
+        };
+        assert_eq!(k.authorizer, AuthorizerKind::None);
+        assert_eq!(
+            parse_err(&[&base[..], &["--authorizer=anyone"]].concat()),
+            ErrorKind::InvalidValue
+        );
+
+        // --insecure and a TLS certificate contradict each other.
+        assert_eq!(
+            parse_err(
+                &[
+                    &base[..],
+                    &[
+                        "--insecure",
+                        "--tls-cert-file=/c",
+                        "--tls-key-file=/k",
+                        "--client-ca-file=/ca"
+                    ]
+                ]
+                .concat()
+            ),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            parse_err(&[&base[..], &["--tls-cert-file=/c"]].concat()),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(parse_err(&["kms"]), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn dev_needs_the_secret_and_salt_together() {
+        assert_eq!(
+            parse_err(&["dev", "--master-secret-file=/m"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        let Command::Dev(d) = parse_ok(&["dev"]) else {
+            panic!("not dev")
+        };
+        assert_eq!((d.master_secret_file, d.salt_file), (None, None));
+        assert_eq!(d.local.data_dir, PathBuf::from("/var/lib/cryptdisk"));
+    }
+
+    #[test]
+    fn recover_and_verify_flags() {
+        let Command::Recover(r) = parse_ok(&[
+            "recover",
+            "--master-secret-file=/m",
+            "--salt-file=/s",
+            "/dev/sdb",
+        ]) else {
+            panic!("not recover")
+        };
+        assert_eq!(r.name, "cryptdisk-recovered");
+        assert_eq!(r.device, PathBuf::from("/dev/sdb"));
+        assert!(!r.show_key && !r.readonly && r.open.is_none());
+        assert_eq!(
+            parse_err(&["verify", "--kms=unix:///k.sock", "/dev/sdb"]),
+            ErrorKind::MissingRequiredArgument
+        );
+    }
+}

@@ -46,7 +46,7 @@ pub mod imds;
 mod vm;
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;
 

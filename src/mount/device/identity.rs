@@ -146,3 +146,140 @@ pub async fn gcp(
         max_volumes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn given(node_id: Option<&str>, max_volumes: Option<u64>) -> Given {
+        Given {
+            node_id: node_id.map(str::to_string),
+            max_volumes,
+        }
+    }
+
+    #[test]
+    fn local_takes_what_was_given_or_the_host_name() {
+        let got = local(given(Some("node-1"), Some(7))).unwrap();
+        assert_eq!(
+            got,
+            NodeIdentity {
+                node_id: "node-1".into(),
+                topology: BTreeMap::new(),
+                max_volumes: 7,
+            }
+        );
+        let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        let got = local(Given::default()).unwrap();
+        assert_eq!((got.node_id, got.max_volumes), (host, 0));
+        let e = local(given(Some(""), None)).unwrap_err();
+        assert_eq!(e.to_string(), "--node-id must not be empty");
+    }
+
+    #[test]
+    fn the_hint_of_a_missing_cloud_names_every_backend() {
+        let e = not_built("--cloud", BackendKind::Gcp).to_string();
+        assert!(
+            e.starts_with("--cloud gcp: this build has no gcp support"),
+            "{e}"
+        );
+        assert!(e.contains("local, azure and gcp"), "{e}");
+    }
+
+    #[cfg(feature = "azure")]
+    #[tokio::test]
+    async fn azure_from_imds_with_overrides() {
+        use crate::backend::azure::fake::FakeArm;
+        let fake = FakeArm::start().await;
+        fake.add_vm("aks-pool-vm1", "Standard_D4s_v5");
+        fake.with(|s| s.imds_vm = Some("aks-pool-vm1".into()));
+        let got = azure(&fake.base, Given::default()).await.unwrap();
+        assert_eq!(
+            got,
+            NodeIdentity {
+                node_id: "aks-pool-vm1".into(),
+                // A VM in no zone reports the zone key with an empty value.
+                topology: BTreeMap::from([(
+                    crate::csi::contract::TOPOLOGY_ZONE.to_string(),
+                    String::new()
+                )]),
+                max_volumes: 8,
+            }
+        );
+        let got = azure(&fake.base, given(Some("n1"), Some(3))).await.unwrap();
+        assert_eq!((got.node_id.as_str(), got.max_volumes), ("n1", 3));
+        let e = azure(&fake.base, given(Some("a b"), None))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().starts_with("--cloud azure: node id"), "{e}");
+        assert!(fake.problems().is_empty(), "{:?}", fake.problems());
+    }
+
+    /// A metadata server that knows one VM, as the GCE metadata server answers
+    /// `/computeMetadata/v1/instance/...` (header `Metadata-Flavor: Google`).
+    #[cfg(feature = "gcp")]
+    async fn metadata_server() -> crate::backend::gcp::metadata::Metadata {
+        use crate::test_http::{Answer, serve};
+        let base = serve(|_| {
+            |seen: crate::test_http::Exchange| {
+                let text = match seen.path.as_str() {
+                    _ if seen.header("metadata-flavor") != "Google" => None,
+                    "/computeMetadata/v1/instance/zone" => {
+                        Some("projects/123/zones/europe-west1-b")
+                    }
+                    "/computeMetadata/v1/instance/name" => Some("gke-pool-1"),
+                    "/computeMetadata/v1/instance/machine-type" => {
+                        Some("projects/123/machineTypes/e2-medium")
+                    }
+                    _ => None,
+                };
+                Answer {
+                    status: if text.is_some() { 200 } else { 404 },
+                    headers: vec![("metadata-flavor".into(), "Google".into())],
+                    body: text.unwrap_or("not found").as_bytes().to_vec(),
+                }
+            }
+        })
+        .await;
+        crate::backend::gcp::metadata::Metadata::new(&base).unwrap()
+    }
+
+    #[cfg(feature = "gcp")]
+    #[tokio::test]
+    async fn gcp_from_the_metadata_server_with_overrides() {
+        let metadata = metadata_server().await;
+        let zone = |z: &str| {
+            BTreeMap::from([(
+                crate::csi::contract::TOPOLOGY_ZONE.to_string(),
+                z.to_string(),
+            )])
+        };
+        let got = gcp(&metadata, Given::default()).await.unwrap();
+        assert_eq!(
+            got,
+            NodeIdentity {
+                node_id: "europe-west1-b.gke-pool-1".into(),
+                topology: zone("europe-west1-b"),
+                // A shared-core machine type.
+                max_volumes: 15,
+            }
+        );
+        let got = gcp(&metadata, given(Some("us-east1-c.vm-2"), Some(9)))
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            NodeIdentity {
+                node_id: "us-east1-c.vm-2".into(),
+                topology: zone("us-east1-c"),
+                max_volumes: 9,
+            }
+        );
+        let e = gcp(&metadata, given(Some("vm-2"), None)).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--node-id \"vm-2\": with --cloud gcp a node id is <zone>.<instance>, which the \
+             controller needs to attach disks"
+        );
+    }
+}
