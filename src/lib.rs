@@ -7,6 +7,7 @@
 //! - [`server`] serves gRPC on unix sockets; [`config`] parses what comes from flags.
 
 pub mod backend;
+pub mod cli;
 pub mod client;
 pub mod cloud;
 pub mod config;

@@ -74,11 +74,9 @@ use super::{
 use crate::volume::id::{Excerpt, check_location};
 use crate::volume::{BackendKind, FreshRecord, SnapshotId, VolumeId};
 
-/// The topology key of a local disk: the location (node) whose data directory
-/// holds it.
-pub const TOPOLOGY_NODE_KEY: &str = "topology.cryptdisk.csi.io/node";
-/// The publish-context key carrying the image's absolute path.
-pub const PUBLISH_IMAGE_PATH: &str = "localImagePath";
+pub use crate::csi::contract::{
+    LOCAL_IMAGE_PATH as PUBLISH_IMAGE_PATH, TOPOLOGY_NODE as TOPOLOGY_NODE_KEY,
+};
 /// Disk sizes are rounded up to a multiple of this.
 pub const GRANULARITY: u64 = 1024 * 1024;
 

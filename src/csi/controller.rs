@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::contract::KEY_SCOPE as SCOPE_ATTRIBUTE;
 use super::guard::Guards;
 use super::params::VolumeOptions;
 use super::validate;
@@ -16,7 +17,6 @@ use crate::backend::{
     Disk, DiskBackend, DiskSource, DiskSpec, Snapshot as BackendSnapshot, TopologyRequirement,
 };
 use crate::crypt::{Integrity, LUKS2_HEADER_BYTES};
-use crate::kms::authz::SCOPE_ATTRIBUTE;
 use crate::proto::csi::controller_server::Controller;
 use crate::proto::csi::controller_service_capability::{self, rpc::Type as Rpc};
 use crate::proto::csi::volume_content_source::{self, SnapshotSource, VolumeSource};

@@ -1,5 +1,6 @@
 //! The CSI services, one file each.
 
+pub mod contract;
 pub mod controller;
 pub mod guard;
 pub mod identity;

@@ -27,17 +27,13 @@ use crate::crypt::{
 };
 use crate::failpoint;
 use crate::kms::{DEFAULT_KEY_LEN, DataKey, Derivation, KeyRequest, KeySource};
+use crate::mount::device::DeviceLocator;
 use crate::mount::{self, FsProbe, FsType, Unmounted};
 use crate::proto::csi::node_server::Node;
 use crate::proto::csi::node_service_capability::{self, rpc::Type as Rpc};
 use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::csi::*;
 use crate::volume::{BackendKind, FreshRecord, VolumeId, fresh};
-
-/// Publish-context key of the local backend: the image file to attach.
-pub const LOCAL_IMAGE_PATH: &str = "localImagePath";
-/// Topology key of the local backend: the machine its images live on.
-pub const TOPOLOGY_NODE: &str = "topology.cryptdisk.csi.io/node";
 
 pub struct NodeConfig {
     pub node_id: String,
@@ -46,7 +42,7 @@ pub struct NodeConfig {
     /// Segments NodeGetInfo reports.
     pub topology: BTreeMap<String, String>,
     /// Most volumes this node takes (0: no limit).
-    pub max_volumes: i64,
+    pub max_volumes: u64,
     /// Crypt and mkfs operations allowed to run at once.
     pub max_parallel_work: usize,
     /// How long a stage waits for an integrity volume's initial wipe before it
@@ -82,6 +78,8 @@ pub enum DiskOrigin {
 pub struct NodeService {
     config: NodeConfig,
     keys: Arc<dyn KeySource>,
+    /// Where each volume's block device is.
+    devices: Arc<dyn DeviceLocator>,
     guards: Guards,
     work: Arc<Semaphore>,
     wipes: Wipes,
@@ -131,12 +129,17 @@ fn volume_id(value: &str) -> Result<VolumeId, Status> {
 }
 
 impl NodeService {
-    pub fn new(config: NodeConfig, keys: Arc<dyn KeySource>) -> Self {
+    pub fn new(
+        config: NodeConfig,
+        keys: Arc<dyn KeySource>,
+        devices: Arc<dyn DeviceLocator>,
+    ) -> Self {
         let work = Arc::new(Semaphore::new(config.max_parallel_work.max(1)));
         let wipes = Wipes::new(config.wipe_budget);
         NodeService {
             config,
             keys,
+            devices,
             guards: Guards::default(),
             work,
             wipes,
@@ -176,77 +179,13 @@ impl NodeService {
         Ok(record.map_or(DiskOrigin::NoRecord, DiskOrigin::Fresh))
     }
 
-    /// The image file of a local-backend volume: computed from the volume id, so
-    /// nothing a request says can point the node at another file.
-    fn local_image(&self, id: &VolumeId) -> Result<PathBuf, Status> {
-        let dir = self.config.local_data_dir.as_ref().ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "volume {id} is on the local backend, which this node does not serve"
-            ))
-        })?;
-        Ok(crate::backend::LocalBackend::disk_image_path(
-            dir,
-            id.disk(),
-        ))
-    }
-
     /// Finds (for the local backend: attaches) the volume's block device.
     async fn block_device(
         &self,
         id: &VolumeId,
         publish_context: &HashMap<String, String>,
     ) -> Result<PathBuf, Status> {
-        match id.backend() {
-            BackendKind::Local => {
-                let image = self.local_image(id)?;
-                if let Some(given) = publish_context.get(LOCAL_IMAGE_PATH)
-                    && Path::new(given) != image
-                {
-                    return Err(Status::invalid_argument(format!(
-                        "publish_context {LOCAL_IMAGE_PATH} {given:?} is not this volume's image"
-                    )));
-                }
-                if !image.exists() {
-                    return Err(Status::not_found(format!(
-                        "volume {id}: image {} does not exist",
-                        image.display()
-                    )));
-                }
-                Ok(mount::loopdev::attach(&image).await?)
-            }
-            #[cfg(feature = "azure")]
-            BackendKind::Azure => {
-                use crate::backend::azure::device;
-                let lun = device::lun_from_context(publish_context)?;
-                // The LUN comes from the request: only IMDS can say whose disk
-                // is there, which `verified_device` asks before handing it out.
-                Ok(device::verified_device(
-                    &device::DeviceRoots::host(),
-                    &device::ImdsCheck::from_env(),
-                    id,
-                    lun,
-                    Duration::from_secs(60),
-                    Duration::from_millis(250),
-                )
-                .await?)
-            }
-            #[cfg(feature = "gcp")]
-            BackendKind::Gcp => {
-                crate::backend::gcp::node::block_device(
-                    &crate::backend::gcp::node::DeviceRoots::default(),
-                    id,
-                    publish_context,
-                    crate::backend::gcp::node::DEVICE_WAIT,
-                )
-                .await
-            }
-            // A volume of a cloud this build left out (Cargo features).
-            #[allow(unreachable_patterns)]
-            other => Err(Status::failed_precondition(format!(
-                "volume {id}: this build has no {other} backend (built without the Cargo \
-                 feature `{other}`)"
-            ))),
-        }
+        self.devices.locate(id, publish_context).await
     }
 
     /// Formats a blank device or accepts one of ours; returns its header and,
@@ -421,8 +360,7 @@ impl NodeService {
             && id.backend() == BackendKind::Local
             && self.config.local_data_dir.is_some()
             && matches!(crypt::status(name).await, Ok(None))
-            && let Ok(image) = self.local_image(id)
-            && let Err(e) = mount::loopdev::detach(&image).await
+            && let Err(e) = self.devices.release(id).await
         {
             tracing::warn!(volume_id = %id, error = %e, "cannot detach the loop device of a refused stage");
         }
@@ -603,9 +541,7 @@ impl NodeService {
         let name = MapperName::for_volume(&id.to_string());
         crypt::close(&name).await?;
         failpoint::hit("unstage:closed");
-        if id.backend() == BackendKind::Local && self.config.local_data_dir.is_some() {
-            mount::loopdev::detach(&self.local_image(&id)?).await?;
-        }
+        self.devices.release(&id).await?;
         Ok(())
     }
 
@@ -1079,7 +1015,8 @@ impl Node for NodeService {
         });
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.config.node_id.clone(),
-            max_volumes_per_node: self.config.max_volumes,
+            // CSI carries the limit as int64; no real limit comes near its end.
+            max_volumes_per_node: i64::try_from(self.config.max_volumes).unwrap_or(i64::MAX),
             accessible_topology: topology,
         }))
     }

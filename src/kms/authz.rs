@@ -7,10 +7,15 @@
 //! PersistentVolumes for the decision), one for a single machine without
 //! Kubernetes (`dev`: the volumes the local backend has published to this node).
 
-/// PersistentVolume `spec.csi.volumeAttributes` key (set by the controller in
-/// the volume context) that holds a volume's key scope. Absent on volumes made
-/// before v2 keys: their scope is their own volume id.
-pub const SCOPE_ATTRIBUTE: &str = "cryptdisk.csi.io/key-scope";
+pub use crate::csi::contract::KEY_SCOPE as SCOPE_ATTRIBUTE;
+
+/// `--authorizer`: who decides which node may have which volume's key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthorizerKind {
+    Kubernetes,
+    Local,
+    None,
+}
 
 /// What an authorizer grants: the node the caller proved to be, and the key
 /// scope of the volume, read from the volume's own record (never from the

@@ -10,6 +10,7 @@ pub mod client;
 pub mod kube;
 pub mod local_authz;
 pub mod locked;
+pub mod serve;
 pub mod server;
 pub mod tls;
 pub mod wrap;

@@ -17,6 +17,7 @@
 //! blocking pool behind the `async fn`s; the plain `fn`s are cheap reads of `/proc`,
 //! `/sys` or one ioctl, and may be called from blocking code as they are.
 
+pub mod device;
 mod fs;
 pub mod loopdev;
 pub mod mountinfo;

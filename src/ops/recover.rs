@@ -169,6 +169,49 @@ pub async fn open(
     Ok(())
 }
 
+/// `recover`: finds the key that opens the device and hands it over as the
+/// flags ask (a key file, an open mapping, or hex on standard output).
+pub async fn run(args: crate::cli::RecoverArgs) -> Result<(), Box<dyn std::error::Error>> {
+    // Checked before any key is derived, so a typo costs nothing.
+    crate::crypt::MapperName::operator(&args.name).map_err(|e| format!("--name: {e}"))?;
+    if let Some(name) = &args.open {
+        crate::crypt::MapperName::operator(name).map_err(|e| format!("--open: {e}"))?;
+    }
+    let master = crate::kms::serve::load_master(
+        &args.master_secret_file,
+        &args.salt_file,
+        args.master_secret_wrapped_by.as_ref(),
+    )
+    .await?;
+    let found = find_key(&args.device, &master, args.scope.as_deref()).await?;
+    for line in &found.lines {
+        println!("{line}");
+    }
+    println!(
+        "recovered the key of master-secret version {} (keyslot {})",
+        found.version, found.keyslot
+    );
+    if let Some(path) = &args.key_file {
+        write_key_file(path, &found.key)?;
+        println!(
+            "wrote the key to {} (mode 0600); open the volume with:",
+            path.display()
+        );
+        println!(
+            "{}",
+            open_command(path, &args.device, &args.name, args.readonly)
+        );
+    }
+    if let Some(name) = &args.open {
+        open(&args.device, name, &found.key, args.readonly).await?;
+        println!("opened /dev/mapper/{name}");
+    }
+    if args.show_key {
+        println!("key (hex): {}", found.key_hex().as_str());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -387,6 +387,24 @@ impl Status {
     }
 }
 
+/// `node status`: prints what this node's driver holds and exits 6 when
+/// something is stale.
+pub fn run(args: crate::cli::NodeStatusArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let status = status(&Roots {
+        sys: args.sys_root,
+        dev: args.dev_root,
+        mountinfo: args.mountinfo,
+        staging: Some(args.staging_root),
+        local_data_dir: args.local_data_dir,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.human());
+    }
+    Ok(status.outcome()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

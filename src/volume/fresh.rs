@@ -55,8 +55,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// The publish-context key that carries the record to the node.
-pub const PUBLISH_KEY: &str = "cryptdisk.csi.io/fresh";
+pub use crate::csi::contract::FRESH_RECORD as PUBLISH_KEY;
 /// The Azure tag and GCP label that hold the record on the disk. GCP label keys
 /// take lower-case letters, digits, `-` and `_` only, which this is.
 pub const DISK_KEY: &str = "cryptdisk-fresh";

@@ -28,14 +28,16 @@ pub const ECHO_LIMIT: usize = 64;
 /// The characters a location, disk or snapshot name may hold, for messages.
 const ALLOWED: &str = "[A-Za-z0-9._-]";
 
-/// Which disk backend owns a volume.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Which disk backend owns a volume; also the controller's `--backend` and the
+/// node's `--cloud`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
 pub enum BackendKind {
-    /// Sparse image files in a data directory, attached as loop devices.
+    /// Sparse image files in a data directory on one machine, attached as loop
+    /// devices.
     Local,
-    /// Azure managed disks.
+    /// Azure managed disks of Azure VMs.
     Azure,
-    /// GCP persistent disks.
+    /// Compute Engine persistent disks of GCE VMs.
     Gcp,
 }
 

@@ -11,9 +11,7 @@ use crate::backend::{Disk, DiskSource, Error, Snapshot, Topology};
 use crate::volume::{BackendKind, SnapshotId, VolumeId, fresh};
 
 pub const GIB: u64 = 1 << 30;
-/// Topology key of a disk's and a node's zone (`<location>-<zone>`, as Azure's
-/// disk CSI driver writes it).
-pub const TOPOLOGY_ZONE: &str = "topology.cryptdisk.csi.io/zone";
+pub use crate::csi::contract::TOPOLOGY_ZONE;
 
 /// Tag: the CO's name of the volume or snapshot (the idempotency key).
 pub const TAG_NAME: &str = "kubernetes.io-created-for-pv-name";

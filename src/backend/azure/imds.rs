@@ -1,7 +1,7 @@
 //! The node plugin's view of its VM, from the Azure Instance Metadata Service:
 //! the VM name (the node id the controller attaches to), its zone (accessible
 //! topology), its size (how many data disks it takes) and its data disks (which
-//! managed disk is at which LUN, see [`super::device::check_disk_at_lun`]).
+//! managed disk is at which LUN, see [`crate::mount::device::azure::check_disk_at_lun`]).
 
 use std::time::Duration;
 
@@ -261,7 +261,7 @@ pub struct NodeFacts {
     pub node_id: String,
     /// `<location>-<zone>`, for [`super::TOPOLOGY_ZONE`]; `None` outside zones.
     pub zone: Option<String>,
-    pub max_volumes: i64,
+    pub max_volumes: u64,
 }
 
 impl NodeFacts {
@@ -281,7 +281,7 @@ impl NodeFacts {
 pub async fn node_facts(
     endpoint: &str,
     node_id: Option<String>,
-    max_volumes: Option<i64>,
+    max_volumes: Option<u64>,
 ) -> Result<NodeFacts, String> {
     let vm = instance(endpoint, 5, Duration::from_secs(1))
         .await
@@ -289,14 +289,14 @@ pub async fn node_facts(
     let max_volumes = match max_volumes {
         Some(m) => m,
         None => match max_data_disks(&vm.vm_size) {
-            Some(n) => i64::from(n),
+            Some(n) => u64::from(n),
             None => {
                 tracing::warn!(
                     vm_size = %vm.vm_size,
                     assumed = DEFAULT_MAX_DATA_DISKS,
                     "unknown VM size: assuming its data-disk limit; set --max-volumes to override"
                 );
-                i64::from(DEFAULT_MAX_DATA_DISKS)
+                u64::from(DEFAULT_MAX_DATA_DISKS)
             }
         },
     };

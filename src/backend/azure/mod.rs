@@ -41,13 +41,12 @@
 pub mod arm;
 pub mod auth;
 pub mod config;
-pub mod device;
 pub mod disks;
 pub mod imds;
 mod vm;
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;
 
@@ -71,8 +70,7 @@ use crate::volume::{BackendKind, FreshRecord, SnapshotId, VolumeId, fresh};
 pub const DISKS_API_VERSION: &str = "2024-03-02";
 /// api-version of Microsoft.Compute virtualMachines.
 pub const VM_API_VERSION: &str = "2024-07-01";
-/// Publish-context key of the data disk's LUN (as Azure's disk CSI driver names it).
-pub const PUBLISH_LUN: &str = "LUN";
+pub use crate::csi::contract::AZURE_LUN as PUBLISH_LUN;
 pub use disks::TOPOLOGY_ZONE;
 
 pub struct AzureBackend {

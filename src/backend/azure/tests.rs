@@ -1049,7 +1049,7 @@ async fn snapshots_restore_into_their_usable_size() {
 /// the disks the controller attached to it.
 mod lun_identity {
     use super::*;
-    use crate::backend::azure::device::{ImdsCheck, check_disk_at_lun};
+    use crate::mount::device::azure::{ImdsCheck, check_disk_at_lun};
     use crate::volume::VolumeId;
 
     fn imds(fake: &FakeArm) -> ImdsCheck {
@@ -1074,8 +1074,9 @@ mod lun_identity {
     /// instance, lists the volume's disk at that LUN.
     #[tokio::test]
     async fn nvme_devices_of_a_scale_set_instance_are_checked_against_imds() {
-        use crate::backend::azure::device::{
-            AZURE_NVME_REMOTE_MODEL, DeviceRoots, fake_nvme_namespace, verified_device,
+        use crate::mount::device::HostRoots;
+        use crate::mount::device::azure::{
+            AZURE_NVME_REMOTE_MODEL, fake_nvme_namespace, verified_device,
         };
         let env = setup_with(|c| c.vm_type = VmType::Vmss).await;
         env.fake
@@ -1093,10 +1094,7 @@ mod lun_identity {
             let ns = format!("nvme0n{}", l + 2);
             fake_nvme_namespace(t.path(), "nvme0", AZURE_NVME_REMOTE_MODEL, &ns, l + 2);
         }
-        let roots = DeviceRoots {
-            dev: t.path().join("dev"),
-            sys: t.path().join("sys"),
-        };
+        let roots = HostRoots::under(t.path());
         let wait = |id: VolumeId, l: u32| {
             let roots = roots.clone();
             let check = imds(&env.fake);

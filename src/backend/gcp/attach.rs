@@ -37,8 +37,7 @@ use super::metadata::last_segment;
 use super::{machine, params};
 use crate::volume::VolumeId;
 
-/// Publish-context key: the device name the disk is attached under.
-pub const PUBLISH_DEVICE_NAME: &str = "gcpDeviceName";
+pub use crate::csi::contract::GCP_DEVICE_NAME as PUBLISH_DEVICE_NAME;
 
 /// A VM as a node id names it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -13,7 +13,12 @@
 /// `pkg/constants/constants.go`), which are Compute Engine's documented limits
 /// less the boot disk. A type of a tabulated series whose vCPU count cannot be
 /// read gets the general limit, as there.
-pub fn max_volumes_for(machine_type: &str) -> i64 {
+pub fn max_volumes_for(machine_type: &str) -> u64 {
+    // Every row of the tables is positive.
+    u64::try_from(signed_limit(machine_type)).unwrap_or(0)
+}
+
+fn signed_limit(machine_type: &str) -> i64 {
     const SHARED_CORE: [&str; 5] = ["e2-micro", "e2-small", "e2-medium", "f1-micro", "g1-small"];
     const GENERAL: i64 = 127;
     if SHARED_CORE.contains(&machine_type) {

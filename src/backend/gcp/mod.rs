@@ -27,7 +27,6 @@ pub mod config;
 pub mod disks;
 pub mod machine;
 pub mod metadata;
-pub mod node;
 pub mod params;
 
 #[cfg(test)]

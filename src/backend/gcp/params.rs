@@ -7,8 +7,7 @@ use sha2::{Digest, Sha256};
 
 use super::super::{Error, Result, Topology, TopologyRequirement};
 
-/// The topology key of zones, shared with the Azure backend.
-pub const TOPOLOGY_ZONE: &str = "topology.cryptdisk.csi.io/zone";
+pub use crate::csi::contract::TOPOLOGY_ZONE;
 
 pub const PARAM_TYPE: &str = "type";
 pub const PARAM_REPLICATION: &str = "replication-type";

@@ -26,24 +26,49 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::PUBLISH_LUN;
-use super::imds::{self, DataDisk, Instance};
+use super::{DeviceLocator, HostRoots};
 use crate::backend::Error;
+use crate::backend::azure::imds::{self, DataDisk, Instance};
+use crate::csi::contract::AZURE_LUN as PUBLISH_LUN;
 use crate::volume::VolumeId;
 
-/// Where `/dev` and `/sys` are.
+/// Azure data disks: found by the LUN the controller publishes, then confirmed
+/// through IMDS to be the volume's disk.
 #[derive(Clone, Debug)]
-pub struct DeviceRoots {
-    pub dev: PathBuf,
-    pub sys: PathBuf,
+pub struct AzureLocator {
+    pub roots: HostRoots,
+    pub imds: ImdsCheck,
 }
 
-impl DeviceRoots {
-    pub fn host() -> Self {
-        DeviceRoots {
-            dev: PathBuf::from("/dev"),
-            sys: PathBuf::from("/sys"),
+impl AzureLocator {
+    /// The host's trees and the IMDS the environment names.
+    pub fn from_env() -> Self {
+        AzureLocator {
+            roots: HostRoots::host(),
+            imds: ImdsCheck::from_env(),
         }
+    }
+}
+
+#[tonic::async_trait]
+impl DeviceLocator for AzureLocator {
+    async fn locate(
+        &self,
+        id: &VolumeId,
+        publish_context: &HashMap<String, String>,
+    ) -> Result<PathBuf, tonic::Status> {
+        let lun = lun_from_context(publish_context)?;
+        // The LUN comes from the request: only IMDS can say whose disk is
+        // there, which `verified_device` asks before handing it out.
+        Ok(verified_device(
+            &self.roots,
+            &self.imds,
+            id,
+            lun,
+            Duration::from_secs(60),
+            Duration::from_millis(250),
+        )
+        .await?)
     }
 }
 
@@ -78,7 +103,7 @@ const NVME_NSID_OF_LUN0: u32 = 2;
 /// The device of LUN `lun`, if it is there now: Azure's udev links for SCSI
 /// (`scsi1/lun<N>`) and NVMe (`data/by-lun/<N>`) data disks, else a scan of
 /// the SCSI devices, else of the Azure NVMe controller's namespaces.
-pub fn find_by_lun(roots: &DeviceRoots, lun: u32) -> Result<Option<PathBuf>, Error> {
+pub fn find_by_lun(roots: &HostRoots, lun: u32) -> Result<Option<PathBuf>, Error> {
     for link in [
         roots.dev.join(format!("disk/azure/scsi1/lun{lun}")),
         roots.dev.join(format!("disk/azure/data/by-lun/{lun}")),
@@ -97,7 +122,7 @@ pub fn find_by_lun(roots: &DeviceRoots, lun: u32) -> Result<Option<PathBuf>, Err
 /// The data disk at NVMe namespace `lun + 2` of an Azure remote-disk NVMe
 /// controller (`/sys/class/nvme/nvme<C>` with that model); several candidates
 /// are an error.
-fn find_nvme(roots: &DeviceRoots, lun: u32) -> Result<Option<PathBuf>, Error> {
+fn find_nvme(roots: &HostRoots, lun: u32) -> Result<Option<PathBuf>, Error> {
     let Ok(controllers) = std::fs::read_dir(roots.sys.join("class/nvme")) else {
         return Ok(None);
     };
@@ -139,7 +164,7 @@ fn find_nvme(roots: &DeviceRoots, lun: u32) -> Result<Option<PathBuf>, Error> {
 }
 
 /// The SCSI data disk at LUN `lun` (see [`find_by_lun`]).
-fn find_scsi(roots: &DeviceRoots, lun: u32) -> Result<Option<PathBuf>, Error> {
+fn find_scsi(roots: &HostRoots, lun: u32) -> Result<Option<PathBuf>, Error> {
     let excluded = os_and_resource_disks(roots);
     let dir = roots.sys.join("class/scsi_device");
     let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -191,7 +216,7 @@ fn find_scsi(roots: &DeviceRoots, lun: u32) -> Result<Option<PathBuf>, Error> {
 }
 
 /// Kernel names of the OS and resource disks, as Azure's udev rules link them.
-fn os_and_resource_disks(roots: &DeviceRoots) -> BTreeSet<String> {
+fn os_and_resource_disks(roots: &HostRoots) -> BTreeSet<String> {
     ["root", "resource", "os"]
         .iter()
         .filter_map(|l| std::fs::canonicalize(roots.dev.join("disk/azure").join(l)).ok())
@@ -201,7 +226,7 @@ fn os_and_resource_disks(roots: &DeviceRoots) -> BTreeSet<String> {
 
 /// Asks every SCSI host and NVMe controller to scan for new devices (what udev
 /// does on a hot-add; a no-op where hot-add already worked).
-pub fn rescan(roots: &DeviceRoots) {
+pub fn rescan(roots: &HostRoots) {
     if let Ok(hosts) = std::fs::read_dir(roots.sys.join("class/scsi_host")) {
         for host in hosts.flatten() {
             let scan = host.path().join("scan");
@@ -225,7 +250,7 @@ pub fn rescan(roots: &DeviceRoots) {
 /// Waits up to `timeout` for LUN `lun` to appear, rescanning once when it is
 /// not there at first.
 pub async fn wait_for_lun(
-    roots: &DeviceRoots,
+    roots: &HostRoots,
     lun: u32,
     timeout: Duration,
     poll: Duration,
@@ -270,7 +295,7 @@ pub async fn wait_for_lun(
 /// [`check_disk_at_lun`] does, so that a device found by LUN is used only when
 /// the disk the controller attached there is the volume's.
 pub async fn verified_device(
-    roots: &DeviceRoots,
+    roots: &HostRoots,
     check: &ImdsCheck,
     id: &VolumeId,
     lun: u32,
@@ -295,11 +320,11 @@ pub struct ImdsCheck {
 
 impl ImdsCheck {
     /// The endpoint `node --cloud azure` reads its identity from
-    /// ([`super::config::imds_endpoint`]), a few tries a second apart: the
+    /// ([`crate::backend::azure::config::imds_endpoint`]), a few tries a second apart: the
     /// kubelet retries NodeStage anyway.
     pub fn from_env() -> Self {
         ImdsCheck {
-            endpoint: super::config::imds_endpoint(|k| std::env::var(k).ok()),
+            endpoint: crate::backend::azure::config::imds_endpoint(|k| std::env::var(k).ok()),
             attempts: 3,
             delay: Duration::from_secs(1),
         }
@@ -470,11 +495,8 @@ mod tests {
         assert!(e.message().contains("nvme2n5"), "{}", e.message());
     }
 
-    fn roots(dir: &Path) -> DeviceRoots {
-        DeviceRoots {
-            dev: dir.join("dev"),
-            sys: dir.join("sys"),
-        }
+    fn roots(dir: &Path) -> HostRoots {
+        HostRoots::under(dir)
     }
 
     fn link(dir: &Path, name: &str, target: &str) {

@@ -1,5 +1,4 @@
-//! The node side of the GCP backend: which block device a published disk is,
-//! and what this VM is (node id, zone, attach limit).
+//! The node side of GCP: which block device a published disk is.
 //!
 //! A disk attached with device name `N` appears as `/dev/disk/by-id/google-N`,
 //! a link that the guest environment's udev rules make. The device the link
@@ -30,8 +29,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::attach::PUBLISH_DEVICE_NAME;
-use super::params;
+use super::{DeviceLocator, HostRoots};
+use crate::backend::gcp::params;
+use crate::csi::contract::GCP_DEVICE_NAME as PUBLISH_DEVICE_NAME;
 use crate::volume::VolumeId;
 
 /// How long a stage waits for an attached disk's device to appear.
@@ -40,21 +40,33 @@ pub const DEVICE_WAIT: Duration = Duration::from_secs(30);
 /// Reads the 4096-byte Identify Namespace data of an NVMe namespace device.
 pub type NvmeIdentify = Arc<dyn Fn(&Path) -> io::Result<Vec<u8>> + Send + Sync>;
 
-/// Where to look for devices.
+/// GCP persistent disks: found by the device name the controller attaches
+/// them under, in the trees of `roots`, with NVMe identify data read by
+/// `nvme_identify`.
 #[derive(Clone)]
-pub struct DeviceRoots {
-    pub dev: PathBuf,
-    pub sys: PathBuf,
+pub struct GcpLocator {
+    pub roots: HostRoots,
     pub nvme_identify: NvmeIdentify,
 }
 
-impl Default for DeviceRoots {
-    fn default() -> Self {
-        DeviceRoots {
-            dev: PathBuf::from("/dev"),
-            sys: PathBuf::from("/sys"),
+impl GcpLocator {
+    /// The host's trees and the real NVMe ioctl.
+    pub fn host() -> Self {
+        GcpLocator {
+            roots: HostRoots::host(),
             nvme_identify: Arc::new(nvme_identify_namespace),
         }
+    }
+}
+
+#[tonic::async_trait]
+impl DeviceLocator for GcpLocator {
+    async fn locate(
+        &self,
+        id: &VolumeId,
+        publish_context: &std::collections::HashMap<String, String>,
+    ) -> Result<PathBuf, tonic::Status> {
+        block_device(self, id, publish_context, DEVICE_WAIT).await
     }
 }
 
@@ -62,7 +74,7 @@ impl Default for DeviceRoots {
 const NVME_VENDOR_OFFSET: usize = 384;
 
 /// The block device of the disk attached under `device_name`, if present now.
-pub fn find_device(roots: &DeviceRoots, device_name: &str) -> io::Result<Option<PathBuf>> {
+pub fn find_device(roots: &GcpLocator, device_name: &str) -> io::Result<Option<PathBuf>> {
     if !params::is_resource_name(device_name) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -70,6 +82,7 @@ pub fn find_device(roots: &DeviceRoots, device_name: &str) -> io::Result<Option<
         ));
     }
     let link = roots
+        .roots
         .dev
         .join("disk/by-id")
         .join(format!("google-{device_name}"));
@@ -93,7 +106,7 @@ pub fn find_device(roots: &DeviceRoots, device_name: &str) -> io::Result<Option<
             ),
         }
     }
-    let block = roots.sys.join("block");
+    let block = roots.roots.sys.join("block");
     let entries = match std::fs::read_dir(&block) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -106,7 +119,7 @@ pub fn find_device(roots: &DeviceRoots, device_name: &str) -> io::Result<Option<
     names.sort();
     for name in names {
         if reports_device_name(roots, &name, device_name) {
-            let dev = roots.dev.join(&name);
+            let dev = roots.roots.dev.join(&name);
             if dev.exists() {
                 return Ok(Some(dev));
             }
@@ -121,11 +134,11 @@ pub fn find_device(roots: &DeviceRoots, device_name: &str) -> io::Result<Option<
 /// `google_nvme_id` reads; the controller serial in sysfs is the same for
 /// every disk of the VM and names none). A device that reports nothing
 /// does not match.
-fn reports_device_name(roots: &DeviceRoots, name: &str, device_name: &str) -> bool {
+fn reports_device_name(roots: &GcpLocator, name: &str, device_name: &str) -> bool {
     if name.starts_with("sd") {
-        scsi_device_name_matches(&roots.sys.join("block").join(name), device_name)
+        scsi_device_name_matches(&roots.roots.sys.join("block").join(name), device_name)
     } else if name.starts_with("nvme") {
-        let dev = roots.dev.join(name);
+        let dev = roots.roots.dev.join(name);
         match (roots.nvme_identify)(&dev) {
             Ok(data) => nvme_device_name(&data).as_deref() == Some(device_name),
             Err(e) => {
@@ -140,7 +153,7 @@ fn reports_device_name(roots: &DeviceRoots, name: &str, device_name: &str) -> bo
 
 /// Waits up to `timeout` for the device of `device_name` to appear.
 pub async fn wait_for_device(
-    roots: &DeviceRoots,
+    roots: &GcpLocator,
     device_name: &str,
     timeout: Duration,
 ) -> io::Result<Option<PathBuf>> {
@@ -161,7 +174,7 @@ pub async fn wait_for_device(
 /// The block device of a published gcp volume, from its publish context
 /// ([`PUBLISH_DEVICE_NAME`]); waits up to `timeout` for it to appear.
 pub async fn block_device(
-    roots: &DeviceRoots,
+    roots: &GcpLocator,
     id: &VolumeId,
     publish_context: &std::collections::HashMap<String, String>,
     timeout: Duration,
@@ -348,9 +361,6 @@ fn nvme_identify_namespace(dev: &Path) -> io::Result<Vec<u8>> {
     Ok(data)
 }
 
-/// The attach limit of a machine type (see [`super::machine`]).
-pub use super::machine::max_volumes_for;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,12 +369,11 @@ mod tests {
     fn roots(
         dir: &Path,
         nvme: impl Fn(&Path) -> io::Result<Vec<u8>> + Send + Sync + 'static,
-    ) -> DeviceRoots {
+    ) -> GcpLocator {
         std::fs::create_dir_all(dir.join("dev/disk/by-id")).unwrap();
         std::fs::create_dir_all(dir.join("sys/block")).unwrap();
-        DeviceRoots {
-            dev: dir.join("dev"),
-            sys: dir.join("sys"),
+        GcpLocator {
+            roots: HostRoots::under(dir),
             nvme_identify: Arc::new(nvme),
         }
     }
@@ -450,7 +459,10 @@ mod tests {
             Some(pg83(&[(2, "0Google  PersistentDisk pvc-1")])),
         );
         symlink("../../sdc", t.path().join("dev/disk/by-id/google-pvc-1")).unwrap();
-        assert_eq!(find_device(&r, "pvc-1").unwrap(), Some(r.dev.join("sdd")));
+        assert_eq!(
+            find_device(&r, "pvc-1").unwrap(),
+            Some(r.roots.dev.join("sdd"))
+        );
         // A link to a device without identifiers, and no other: nothing.
         std::fs::write(t.path().join("dev/sdz"), b"").unwrap();
         symlink("../../sdz", t.path().join("dev/disk/by-id/google-pvc-3")).unwrap();
@@ -467,7 +479,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             find_device(&r, "pvc-n").unwrap(),
-            Some(r.dev.join("nvme0n3"))
+            Some(r.roots.dev.join("nvme0n3"))
         );
         // And a link to the right namespace is used as it is.
         symlink(
@@ -477,7 +489,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             find_device(&r, "pvc-other").unwrap(),
-            Some(std::fs::canonicalize(r.dev.join("nvme0n2")).unwrap())
+            Some(std::fs::canonicalize(r.roots.dev.join("nvme0n2")).unwrap())
         );
     }
 
@@ -488,8 +500,14 @@ mod tests {
         scsi(t.path(), "sda", Some(pg80("persistent-disk-0")), None);
         scsi(t.path(), "sdb", Some(pg80("pvc-1")), None);
         scsi(t.path(), "sdc", Some(pg80("pvc-10")), None);
-        assert_eq!(find_device(&r, "pvc-1").unwrap(), Some(r.dev.join("sdb")));
-        assert_eq!(find_device(&r, "pvc-10").unwrap(), Some(r.dev.join("sdc")));
+        assert_eq!(
+            find_device(&r, "pvc-1").unwrap(),
+            Some(r.roots.dev.join("sdb"))
+        );
+        assert_eq!(
+            find_device(&r, "pvc-10").unwrap(),
+            Some(r.roots.dev.join("sdc"))
+        );
         assert_eq!(find_device(&r, "pvc-3").unwrap(), None);
     }
 
@@ -509,7 +527,10 @@ mod tests {
             None,
             Some(pg83(&[(2, "Google  PersistentDisk xpvc-7")])),
         );
-        assert_eq!(find_device(&r, "pvc-7").unwrap(), Some(r.dev.join("sdd")));
+        assert_eq!(
+            find_device(&r, "pvc-7").unwrap(),
+            Some(r.roots.dev.join("sdd"))
+        );
         // A name that is only the tail of another's does not match.
         assert_eq!(find_device(&r, "vc-7").unwrap(), None);
     }
@@ -548,15 +569,15 @@ mod tests {
         // The whole names still match, in each of GCE's forms.
         assert_eq!(
             find_device(&r, "persistent-disk-0").unwrap(),
-            Some(r.dev.join("sda"))
+            Some(r.roots.dev.join("sda"))
         );
         assert_eq!(
             find_device(&r, "google-disk-0").unwrap(),
-            Some(r.dev.join("sdb"))
+            Some(r.roots.dev.join("sdb"))
         );
         assert_eq!(
             find_device(&r, "my-disk-0").unwrap(),
-            Some(r.dev.join("sdc"))
+            Some(r.roots.dev.join("sdc"))
         );
         assert!(designator_names("disk-0", "disk-0"));
         assert!(!designator_names(" disk-0", "disk-0"));
@@ -628,7 +649,7 @@ mod tests {
         }
         assert_eq!(
             find_device(&r, "pvc-9").unwrap(),
-            Some(r.dev.join("nvme0n2"))
+            Some(r.roots.dev.join("nvme0n2"))
         );
         assert_eq!(find_device(&r, "pvc-8").unwrap(), None);
     }
@@ -677,7 +698,7 @@ mod tests {
         let short = Duration::from_millis(50);
         assert_eq!(
             block_device(&r, &id, &ctx("pvc-1"), short).await.unwrap(),
-            r.dev.join("sdb")
+            r.roots.dev.join("sdb")
         );
         let code = |c: &std::collections::HashMap<String, String>| {
             let r = r.clone();
