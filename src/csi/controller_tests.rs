@@ -407,6 +407,43 @@ async fn snapshots_are_idempotent_and_listed() {
         .map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone())
         .collect();
     assert_eq!(ids, vec![first.snapshot_id.clone()]);
+    let get = |id: &str| {
+        ctl.get_snapshot(Request::new(GetSnapshotRequest {
+            snapshot_id: id.into(),
+            ..Default::default()
+        }))
+    };
+    let got = get(&first.snapshot_id)
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(got.snapshot_id, first.snapshot_id);
+    // Moved from the VM case node_attach_limit_get_snapshot_and_layout_checks.
+    let cases = [
+        ("GetSnapshot of an unknown id", "nonsense", Code::NotFound),
+        ("GetSnapshot without an id", "", Code::InvalidArgument),
+    ];
+    for (what, id, want) in cases {
+        assert_eq!(code(get(id).await), want, "{what}");
+    }
+    // A restore keeps its source's layout: an integrity restore of a plain
+    // snapshot is refused (also from that VM case).
+    let mut restore = create_req("pvc-restore", 128 * MIB);
+    restore
+        .parameters
+        .insert("cryptdisk.csi.io/integrity".into(), "true".into());
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(SnapshotSource {
+            snapshot_id: first.snapshot_id.clone(),
+        })),
+    });
+    assert_eq!(
+        code(create(&ctl, restore).await),
+        Code::InvalidArgument,
+        "integrity restore of a plain snapshot"
+    );
     let delete = |id: &str| {
         ctl.delete_snapshot(Request::new(DeleteSnapshotRequest {
             snapshot_id: id.into(),

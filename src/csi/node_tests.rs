@@ -399,6 +399,9 @@ async fn stats_and_health_validation() {
             health("", TARGET, ""),
             Code::InvalidArgument,
         ),
+        // As the VM case node_volume_health_sees_unmounts_and_closed_mappings
+        // sent it: every field empty.
+        ("empty request", health("", "", ""), Code::InvalidArgument),
         (
             "relative publish path",
             health(FAKE_ID, "rel", ""),
