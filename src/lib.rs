@@ -23,6 +23,7 @@ pub mod ops;
 pub mod privileges;
 pub mod proto;
 pub mod server;
-#[cfg(test)]
-pub(crate) mod test_http;
+#[cfg(any(test, feature = "test-support"))]
+#[doc(hidden)]
+pub mod test_http;
 pub mod volume;

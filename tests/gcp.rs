@@ -4,7 +4,6 @@
 //! endpoint, and Compute calls to a fake (CRYPTDISK_GCP_COMPUTE_ENDPOINT)
 //! carrying that token.
 
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -15,8 +14,7 @@ use cryptdisk_csi::config::Endpoint;
 use cryptdisk_csi::proto::csi::controller_client::ControllerClient;
 use cryptdisk_csi::proto::csi::node_client::NodeClient;
 use cryptdisk_csi::proto::csi::{ListVolumesRequest, NodeGetInfoRequest};
-use http_body_util::Full;
-use hyper::body::Bytes;
+use cryptdisk_csi::test_http::{self, Answer, Exchange};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cryptdisk-csi");
 
@@ -25,80 +23,56 @@ type Log = Arc<Mutex<Vec<(String, String, String)>>>;
 
 /// One fake for both the metadata server and Compute (they differ by path).
 async fn fake() -> (String, Log) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let log: Log = Arc::default();
     let seen = log.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |req: http::Request<hyper::body::Incoming>| {
-                        let seen = seen.clone();
-                        async move {
-                            let path = req.uri().path().to_string();
-                            let header = |n: &str| {
-                                req.headers()
-                                    .get(n)
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("")
-                                    .to_string()
-                            };
-                            seen.lock().unwrap().push((
-                                req.method().to_string(),
-                                path.clone(),
-                                header("authorization"),
-                            ));
-                            let metadata = path.starts_with("/computeMetadata/v1/");
-                            let (status, body) = if metadata
-                                && header("metadata-flavor") != "Google"
-                            {
-                                (403, "Missing Metadata-Flavor header".to_string())
-                            } else {
-                                match path.as_str() {
-                                "/computeMetadata/v1/project/project-id" => (200, "meta-project".into()),
-                                "/computeMetadata/v1/instance/zone" => {
-                                    (200, "projects/1234/zones/us-central1-f".into())
-                                }
-                                "/computeMetadata/v1/instance/name" => (200, "vm-7".into()),
-                                "/computeMetadata/v1/instance/machine-type" => {
-                                    (200, "projects/1234/machineTypes/e2-medium".into())
-                                }
-                                "/computeMetadata/v1/universe/universe-domain" => {
-                                    (200, "googleapis.com".into())
-                                }
-                                "/computeMetadata/v1/instance/service-accounts/default/token" => (
-                                    200,
-                                    r#"{"access_token":"tok-from-metadata","expires_in":3599,"token_type":"Bearer"}"#
-                                        .into(),
-                                ),
-                                p if p.starts_with("/compute/v1/projects/") && p.ends_with("/aggregated/disks") => {
-                                    if authorised(&header("authorization")) {
-                                        (200, r#"{"kind":"compute#diskAggregatedList","items":{}}"#.into())
-                                    } else {
-                                        (401, r#"{"error":{"code":401,"message":"Request is missing required authentication credential.","errors":[{"reason":"required"}]}}"#.into())
-                                    }
-                                }
-                                _ => (404, r#"{"error":{"code":404,"message":"not found"}}"#.into()),
-                            }
-                            };
-                            Ok::<_, Infallible>(
-                                http::Response::builder()
-                                    .status(status)
-                                    .body(Full::new(Bytes::from(body)))
-                                    .unwrap(),
-                            )
+    let base = test_http::serve(move |_| {
+        move |x: Exchange| {
+            let path = x.path.clone();
+            seen.lock().unwrap().push((
+                x.method.clone(),
+                path.clone(),
+                x.header("authorization").to_string(),
+            ));
+            let metadata = path.starts_with("/computeMetadata/v1/");
+            let (status, body) = if metadata && x.header("metadata-flavor") != "Google" {
+                (403, "Missing Metadata-Flavor header".to_string())
+            } else {
+                match path.as_str() {
+                    "/computeMetadata/v1/project/project-id" => (200, "meta-project".into()),
+                    "/computeMetadata/v1/instance/zone" => {
+                        (200, "projects/1234/zones/us-central1-f".into())
+                    }
+                    "/computeMetadata/v1/instance/name" => (200, "vm-7".into()),
+                    "/computeMetadata/v1/instance/machine-type" => {
+                        (200, "projects/1234/machineTypes/e2-medium".into())
+                    }
+                    "/computeMetadata/v1/universe/universe-domain" => {
+                        (200, "googleapis.com".into())
+                    }
+                    "/computeMetadata/v1/instance/service-accounts/default/token" => (
+                        200,
+                        r#"{"access_token":"tok-from-metadata","expires_in":3599,"token_type":"Bearer"}"#
+                            .into(),
+                    ),
+                    p if p.starts_with("/compute/v1/projects/") && p.ends_with("/aggregated/disks") => {
+                        if authorised(x.header("authorization")) {
+                            (200, r#"{"kind":"compute#diskAggregatedList","items":{}}"#.into())
+                        } else {
+                            (401, r#"{"error":{"code":401,"message":"Request is missing required authentication credential.","errors":[{"reason":"required"}]}}"#.into())
                         }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
+                    }
+                    _ => (404, r#"{"error":{"code":404,"message":"not found"}}"#.into()),
+                }
+            };
+            Answer {
+                status,
+                headers: vec![],
+                body: body.into_bytes(),
+            }
         }
-    });
-    (addr.to_string(), log)
+    })
+    .await;
+    (base.trim_start_matches("http://").to_string(), log)
 }
 
 /// The metadata server's token, or a self-signed JWT of the fixture key.

@@ -1,17 +1,18 @@
 //! The real binary serving CSI Identity over a unix socket: info, capabilities,
 //! probe, socket handling and graceful shutdown.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::BIN;
 use cryptdisk_csi::client;
 use cryptdisk_csi::config::Endpoint;
 use cryptdisk_csi::proto::csi::identity_client::IdentityClient;
 use cryptdisk_csi::proto::csi::plugin_capability;
 use cryptdisk_csi::proto::csi::{GetPluginCapabilitiesRequest, GetPluginInfoRequest, ProbeRequest};
-
-const BIN: &str = env!("CARGO_BIN_EXE_cryptdisk-csi");
 
 struct Plugin {
     child: Child,
@@ -37,15 +38,7 @@ impl Plugin {
     }
 
     fn wait_for_socket(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "socket {} never accepted",
-                self.socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_for_socket(&self.socket, None);
     }
 
     fn endpoint(&self) -> Endpoint {

@@ -401,62 +401,35 @@ async fn versions_the_current_one_for_new_keys_and_version_one_for_get_data_key(
 /// bytes. Any other key gets Cloud KMS's 403 error shape.
 async fn gcp_fake() -> std::net::SocketAddr {
     use base64::Engine;
-    use http_body_util::{BodyExt, Full};
-    use hyper::body::Bytes;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    |req: http::Request<hyper::body::Incoming>| async move {
-                        let reply = |status: u16, body: String| {
-                            Ok::<_, std::convert::Infallible>(
-                                http::Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from(body)))
-                                    .unwrap(),
-                            )
-                        };
-                        let path = req.uri().path().to_string();
-                        let header = |name: &str| {
-                            req.headers()
-                                .get(name)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or_default()
-                                .to_string()
-                        };
-                        if path == "/computeMetadata/v1/instance/service-accounts/default/token" {
-                            if header("metadata-flavor") != "Google" {
-                                return reply(403, "missing Metadata-Flavor".into());
-                            }
-                            return reply(200, r#"{"access_token":"fake-token","expires_in":3599,"token_type":"Bearer"}"#.into());
-                        }
-                        let auth = header("authorization");
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        if path != "/v1/projects/p/locations/global/keyRings/r/cryptoKeys/k:decrypt"
-                        {
-                            return reply(403, r#"{"error":{"code":403,"message":"Permission 'cloudkms.cryptoKeyVersions.useToDecrypt' denied","status":"PERMISSION_DENIED"}}"#.into());
-                        }
-                        if auth != "Bearer fake-token" {
-                            return reply(401, r#"{"error":{"code":401,"message":"no token","status":"UNAUTHENTICATED"}}"#.into());
-                        }
-                        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                        let b64 = base64::engine::general_purpose::STANDARD;
-                        let mut bytes = b64.decode(json["ciphertext"].as_str().unwrap()).unwrap();
-                        bytes.reverse();
-                        reply(200, format!(r#"{{"plaintext":"{}"}}"#, b64.encode(bytes)))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
+    use cryptdisk_csi::test_http::{self, Answer, Exchange};
+    let base = test_http::serve(|_| {
+        |x: Exchange| {
+            let reply = |status: u16, body: String| Answer {
+                status,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: body.into_bytes(),
+            };
+            if x.path == "/computeMetadata/v1/instance/service-accounts/default/token" {
+                if x.header("metadata-flavor") != "Google" {
+                    return reply(403, "missing Metadata-Flavor".into());
+                }
+                return reply(200, r#"{"access_token":"fake-token","expires_in":3599,"token_type":"Bearer"}"#.into());
+            }
+            if x.path != "/v1/projects/p/locations/global/keyRings/r/cryptoKeys/k:decrypt" {
+                return reply(403, r#"{"error":{"code":403,"message":"Permission 'cloudkms.cryptoKeyVersions.useToDecrypt' denied","status":"PERMISSION_DENIED"}}"#.into());
+            }
+            if x.header("authorization") != "Bearer fake-token" {
+                return reply(401, r#"{"error":{"code":401,"message":"no token","status":"UNAUTHENTICATED"}}"#.into());
+            }
+            let json: serde_json::Value = serde_json::from_slice(&x.body).unwrap();
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let mut bytes = b64.decode(json["ciphertext"].as_str().unwrap()).unwrap();
+            bytes.reverse();
+            reply(200, format!(r#"{{"plaintext":"{}"}}"#, b64.encode(bytes)))
         }
-    });
-    addr
+    })
+    .await;
+    base.trim_start_matches("http://").parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

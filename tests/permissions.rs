@@ -3,11 +3,14 @@
 //! private to the driver's user, and the node plugin refuses to start without
 //! the capabilities it needs (src/privileges.rs lists them).
 
+mod common;
+
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::{BIN, Process};
 use cryptdisk_csi::client;
 use cryptdisk_csi::config::Endpoint;
 use cryptdisk_csi::proto::csi::controller_client::ControllerClient;
@@ -16,39 +19,14 @@ use cryptdisk_csi::proto::csi::{
     CapacityRange, CreateSnapshotRequest, CreateVolumeRequest, VolumeCapability,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_cryptdisk-csi");
 const NOBODY: libc::uid_t = 65534;
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start(args: &[String]) -> Process {
-    Process(
-        Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start cryptdisk-csi"),
-    )
+    Process::spawn(args, Stdio::null())
 }
 
 fn wait_for_socket(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(path).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never accepted",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_socket(path, None);
 }
 
 /// Connects to `path` from a thread that has become user and group `nobody`

@@ -7,40 +7,18 @@
 //! Needs python3 with grpcio ≥ 1.57 (hack/deps installs it); the calls are made
 //! with `channel.unary_unary` on hand-encoded protobuf, so no generated stubs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cryptdisk-csi");
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Process;
+
 const KEY_ID: &str = "6f2a7c54-2d39-4c4e-9b0e-1a3d5f7b9c11";
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(args: &[String], socket: &Path, log: &Path) -> Server {
-    let child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never accepted: {}",
-            socket.display(),
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn start(args: &[String], socket: &Path, log: &Path) -> Process {
+    let server = Process::spawn(args, std::fs::File::create(log).unwrap());
+    common::wait_for_socket(socket, Some(log));
     server
 }
 

@@ -8,3 +8,8 @@ pub mod node;
 pub mod params;
 pub mod validate;
 pub mod wipe;
+
+#[cfg(test)]
+mod controller_tests;
+#[cfg(test)]
+mod node_tests;

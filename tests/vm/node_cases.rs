@@ -1,7 +1,7 @@
 //! Node behaviour that csi-sanity found wrong or that the conformance runs
-//! depend on, each pinned by its own case: request fields checked before the
-//! volume id, SINGLE_NODE_SINGLE_WRITER published once, and the resumable
-//! initial wipe of integrity volumes.
+//! depend on, each pinned by its own case: SINGLE_NODE_SINGLE_WRITER published
+//! once and the resumable initial wipe of integrity volumes. Request fields
+//! checked before the volume id are tested on the host (src/csi/node_tests.rs).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -26,10 +26,6 @@ use crate::{Case, CaseResult, Ctx, check, ensure, expect_code};
 
 pub fn cases() -> Vec<Case> {
     vec![
-        Case {
-            name: "node_fields_are_checked_before_the_volume_id",
-            run: |c| Box::pin(fields_before_id(c)),
-        },
         Case {
             name: "node_single_writer_is_published_once",
             run: |c| Box::pin(single_writer(c)),
@@ -232,89 +228,6 @@ async fn restore_size(_ctx: &mut Ctx) -> CaseResult {
         delete(&mut d, &r.volume.volume_id).await?;
         delete(&mut d, &s.volume.volume_id).await?;
     }
-    Ok(())
-}
-
-/// csi-sanity sends made-up ids with a field missing and expects INVALID_ARGUMENT
-/// for the missing field, not NOT_FOUND for the id.
-async fn fields_before_id(_ctx: &mut Ctx) -> CaseResult {
-    let mut d = Driver::start("node-fields").await?;
-    let fake = "fake-vol-id-1234".to_string();
-    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let staging = d.dir.join("staging").display().to_string();
-    let target = d.dir.join("target").display().to_string();
-    let stage_req = NodeStageVolumeRequest {
-        volume_id: fake.clone(),
-        staging_target_path: staging.clone(),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    };
-    let publish_req = NodePublishVolumeRequest {
-        volume_id: fake.clone(),
-        staging_target_path: staging.clone(),
-        target_path: target.clone(),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    };
-    expect_code!(
-        d.node.node_stage_volume(NodeStageVolumeRequest {
-            staging_target_path: String::new(),
-            ..stage_req.clone()
-        }),
-        Code::InvalidArgument,
-        "stage without staging path"
-    );
-    expect_code!(
-        d.node.node_stage_volume(NodeStageVolumeRequest {
-            volume_capability: None,
-            ..stage_req.clone()
-        }),
-        Code::InvalidArgument,
-        "stage without capability"
-    );
-    expect_code!(
-        d.node.node_publish_volume(NodePublishVolumeRequest {
-            target_path: String::new(),
-            ..publish_req.clone()
-        }),
-        Code::InvalidArgument,
-        "publish without target"
-    );
-    expect_code!(
-        d.node.node_publish_volume(NodePublishVolumeRequest {
-            volume_capability: None,
-            ..publish_req.clone()
-        }),
-        Code::InvalidArgument,
-        "publish without capability"
-    );
-    expect_code!(
-        d.node.node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: fake.clone(),
-            staging_target_path: String::new(),
-        }),
-        Code::InvalidArgument,
-        "unstage without staging path"
-    );
-    expect_code!(
-        d.node.node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: fake.clone(),
-            target_path: String::new(),
-        }),
-        Code::InvalidArgument,
-        "unpublish without target"
-    );
-    // With every field present, the made-up id is what is wrong.
-    expect_code!(
-        d.node.node_stage_volume(stage_req),
-        Code::NotFound,
-        "stage of an unknown id"
-    );
-    expect_code!(
-        d.node.node_publish_volume(publish_req),
-        Code::NotFound,
-        "publish of an unknown id"
-    );
     Ok(())
 }
 
@@ -822,34 +735,6 @@ async fn limits_and_snapshots(_ctx: &mut Ctx) -> CaseResult {
         got.snapshot_id == snap.snapshot_id && got.source_volume_id == ids[0] && got.ready_to_use,
         "GetSnapshot gave {got:?}"
     );
-    expect_code!(
-        d.controller.get_snapshot(GetSnapshotRequest {
-            snapshot_id: "nonsense".into(),
-            ..Default::default()
-        }),
-        Code::NotFound,
-        "GetSnapshot of an unknown id"
-    );
-    expect_code!(
-        d.controller.get_snapshot(GetSnapshotRequest::default()),
-        Code::InvalidArgument,
-        "GetSnapshot without an id"
-    );
-
-    // A restore must keep the source's layout.
-    let mut restore = integrity_req("pvc-restore");
-    restore.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(volume_content_source::Type::Snapshot(
-            volume_content_source::SnapshotSource {
-                snapshot_id: snap.snapshot_id.clone(),
-            },
-        )),
-    });
-    expect_code!(
-        d.controller.create_volume(restore),
-        Code::InvalidArgument,
-        "integrity restore of a plain snapshot"
-    );
 
     // Integrity volumes keep their size.
     let integrity = check!(d.controller.create_volume(integrity_req("pvc-int")).await)
@@ -987,12 +872,6 @@ async fn volume_health(_ctx: &mut Ctx) -> CaseResult {
     ensure!(
         r == vec![(inaccessible, "MappingClosed".to_string())],
         "after closing the mapping: {r:?}"
-    );
-    expect_code!(
-        d.node
-            .node_get_volume_health(NodeGetVolumeHealthRequest::default()),
-        Code::InvalidArgument,
-        "health without a volume id"
     );
     // The driver cleans up what is left.
     release(&mut d, &s).await?;
