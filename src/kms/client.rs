@@ -16,14 +16,14 @@ use crate::proto::kms::{
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts per key request when the KMS is unreachable or slow.
 pub const ATTEMPTS: u32 = 3;
-/// Attempts and pauses of a key request: a random pause of up to 400 ms, then
-/// up to 800 ms (the bounds of the former 200 ms doubling plus as much again
-/// of jitter), so that nodes retrying after a KMS restart do not all come back
-/// at once.
+/// Attempts and pauses of a key request. Each pause is at least the backoff
+/// (200 ms, then 400 ms: waited in the call itself, so that a restarting KMS
+/// gets its breath) plus the policy's jitter of up to as much again, so that
+/// nodes retrying after a KMS restart do not all come back at once.
 const KMS_RETRY: Retry = Retry {
     max_attempts: ATTEMPTS,
-    base_delay: Duration::from_millis(400),
-    max_delay: Duration::from_millis(800),
+    base_delay: Duration::from_millis(200),
+    max_delay: Duration::from_millis(400),
 };
 
 /// Where the node reaches the KMS.
@@ -292,6 +292,9 @@ impl KeySource for GrpcKeySource {
         let (len, version) = (request.len, request.version);
         let (key, got_version) = KMS_RETRY
             .run("a KMS request", |attempt| async move {
+                if attempt > 1 {
+                    tokio::time::sleep(KMS_RETRY.backoff(attempt - 1)).await;
+                }
                 // Read again on every attempt: a retry may follow the kubelet's refresh.
                 let authorization = match self.authorization().await {
                     Ok(a) => a,
