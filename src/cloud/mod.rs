@@ -2,6 +2,7 @@
 //! kept apart from both so that neither depends on the other and a build
 //! without a cloud backend (Cargo features `azure`, `gcp`) still has it.
 
+pub mod error_body;
 pub mod gcp_metadata;
 pub mod retry;
 

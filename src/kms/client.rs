@@ -5,6 +5,7 @@ use std::time::Duration;
 use tonic::transport::Channel;
 
 use super::{DataKey, Derivation, KeyError, KeyRequest, KeySource};
+use crate::cloud::retry::{Retry, Step};
 use crate::config::Endpoint;
 use crate::proto::kms::api_client::ApiClient;
 use crate::proto::kms::{
@@ -15,8 +16,15 @@ use crate::proto::kms::{
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts per key request when the KMS is unreachable or slow.
 pub const ATTEMPTS: u32 = 3;
-/// First pause between attempts; it doubles, with up to as much again of jitter.
-const BACKOFF: Duration = Duration::from_millis(200);
+/// Attempts and pauses of a key request. Each pause is at least the backoff
+/// (200 ms, then 400 ms: waited in the call itself, so that a restarting KMS
+/// gets its breath) plus the policy's jitter of up to as much again, so that
+/// nodes retrying after a KMS restart do not all come back at once.
+const KMS_RETRY: Retry = Retry {
+    max_attempts: ATTEMPTS,
+    base_delay: Duration::from_millis(200),
+    max_delay: Duration::from_millis(400),
+};
 
 /// Where the node reaches the KMS.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -278,59 +286,49 @@ fn transient(code: tonic::Code) -> bool {
     )
 }
 
-/// `BACKOFF * 2^attempt`, plus up to as much again at random, so that nodes
-/// retrying after a KMS restart do not all come back at once.
-fn backoff(attempt: u32) -> Duration {
-    use rand_core::RngCore;
-    let base = BACKOFF * 2u32.pow(attempt);
-    let jitter = rand_core::OsRng.next_u64() % (base.as_millis() as u64 + 1);
-    base + Duration::from_millis(jitter)
-}
-
 #[tonic::async_trait]
 impl KeySource for GrpcKeySource {
     async fn volume_key(&self, request: &KeyRequest<'_>) -> Result<(DataKey, u32), KeyError> {
         let (len, version) = (request.len, request.version);
-        let mut attempt = 0;
-        let (key, got_version) = loop {
-            // Read again on every attempt: a retry may follow the kubelet's refresh.
-            let authorization = self.authorization().await?;
-            match self.attempt(request, authorization.as_ref()).await {
-                Ok(got) => break got,
-                Err(s) if transient(s.code()) && attempt + 1 < ATTEMPTS => {
-                    let pause = backoff(attempt);
-                    tracing::warn!(kms = %self.identity, code = ?s.code(), attempt = attempt + 1, ?pause, "KMS request failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    attempt += 1;
+        let (key, got_version) = KMS_RETRY
+            .run("a KMS request", |attempt| async move {
+                if attempt > 1 {
+                    tokio::time::sleep(KMS_RETRY.backoff(attempt - 1)).await;
                 }
-                Err(s) => {
-                    let mut msg = format!(
-                        "{} ({:?}) after {} attempt(s): {}",
-                        self.identity,
-                        s.code(),
-                        attempt + 1,
-                        s.message()
-                    );
-                    // A refused TLS handshake says why only in the source chain.
-                    let mut source = std::error::Error::source(&s);
-                    while let Some(e) = source {
-                        msg.push_str(": ");
-                        msg.push_str(&e.to_string());
-                        source = e.source();
-                    }
-                    return Err(if transient(s.code()) {
-                        KeyError::Unavailable(msg)
-                    } else if matches!(
-                        s.code(),
-                        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
-                    ) {
-                        KeyError::Denied(msg)
-                    } else {
-                        KeyError::Refused(msg)
-                    });
+                // Read again on every attempt: a retry may follow the kubelet's refresh.
+                let authorization = match self.authorization().await {
+                    Ok(a) => a,
+                    Err(e) => return Step::Fail(e),
+                };
+                let s = match self.attempt(request, authorization.as_ref()).await {
+                    Ok(got) => return Step::Done(got),
+                    Err(s) => s,
+                };
+                let mut msg = format!(
+                    "{} ({:?}) after {attempt} attempt(s): {}",
+                    self.identity,
+                    s.code(),
+                    s.message()
+                );
+                // A refused TLS handshake says why only in the source chain.
+                let mut source = std::error::Error::source(&s);
+                while let Some(e) = source {
+                    msg.push_str(": ");
+                    msg.push_str(&e.to_string());
+                    source = e.source();
                 }
-            }
-        };
+                if transient(s.code()) {
+                    Step::retry(KeyError::Unavailable(msg))
+                } else if matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                ) {
+                    Step::Fail(KeyError::Denied(msg))
+                } else {
+                    Step::Fail(KeyError::Refused(msg))
+                }
+            })
+            .await?;
         if key.len() != len {
             return Err(KeyError::Refused(format!(
                 "{} returned a {}-byte key; asked for {len}",

@@ -27,9 +27,10 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use crate::cloud::error_body::ErrorBody;
 use crate::cloud::gcp_metadata as metadata;
 pub use crate::cloud::retry::Retry;
-use crate::cloud::retry::{clean, retry_after};
+use crate::cloud::retry::{Step, clean, retry_after};
 
 /// Key Vault REST API version used for `unwrapKey`.
 pub const AZURE_KEYVAULT_API_VERSION: &str = "7.4";
@@ -544,47 +545,40 @@ async fn send(
     cfg: &WrapConfig,
     imds: bool,
 ) -> Result<Zeroizing<Vec<u8>>, WrapError> {
-    let max_attempts = cfg.retry.max_attempts.max(1);
-    let mut attempt = 1;
-    loop {
-        let this = req
-            .try_clone()
-            .expect("every request here has a buffered body, so it clones");
-        let (err, retry_after) = match this.send().await {
-            Ok(resp) => {
-                let status = resp.status();
-                let retry_after = retry_after(resp.headers());
-                match resp.bytes().await {
-                    Ok(body) if status.is_success() => return Ok(Zeroizing::new(body.into())),
-                    Ok(body) => {
-                        let err = http_error(op, url, status.as_u16(), &body);
-                        let transient = status.as_u16() == 429
-                            || status.is_server_error()
-                            || (imds && matches!(status.as_u16(), 404 | 410));
-                        if !transient {
-                            return Err(err);
+    cfg.retry
+        .run("a cloud KMS request", |_| {
+            let this = req
+                .try_clone()
+                .expect("every request here has a buffered body, so it clones");
+            async move {
+                match this.send().await {
+                    Ok(resp) => {
+                        let status = resp.status();
+                        let after = retry_after(resp.headers());
+                        match resp.bytes().await {
+                            Ok(body) if status.is_success() => {
+                                Step::Done(Zeroizing::new(body.into()))
+                            }
+                            Ok(body) => {
+                                let error = http_error(op, url, status.as_u16(), &body);
+                                let transient = status.as_u16() == 429
+                                    || status.is_server_error()
+                                    || (imds && matches!(status.as_u16(), 404 | 410));
+                                if transient {
+                                    Step::Retry { error, after }
+                                } else {
+                                    Step::Fail(error)
+                                }
+                            }
+                            Err(e) => Step::retry(transport(op, url, e)),
                         }
-                        (err, retry_after)
                     }
-                    Err(e) => (transport(op, url, e), None),
+                    Err(e) if e.is_builder() => Step::Fail(transport(op, url, e)),
+                    Err(e) => Step::retry(transport(op, url, e)),
                 }
             }
-            Err(e) if e.is_builder() => return Err(transport(op, url, e)),
-            Err(e) => (transport(op, url, e), None),
-        };
-        if attempt >= max_attempts {
-            return Err(err);
-        }
-        let delay = cfg.retry.delay(attempt, retry_after);
-        tracing::warn!(
-            attempt,
-            delay_ms = delay.as_millis() as u64,
-            error = %err,
-            "retrying a cloud KMS request"
-        );
-        tokio::time::sleep(delay).await;
-        attempt += 1;
-    }
+        })
+        .await
 }
 
 fn transport(op: Op, url: &str, e: reqwest::Error) -> WrapError {
@@ -614,35 +608,16 @@ fn transport(op: Op, url: &str, e: reqwest::Error) -> WrapError {
 /// (Google; `status` is the readable code), `{"error","error_description"}`
 /// (OAuth: Entra ID, IMDS), or else a line of plain text (metadata servers).
 fn http_error(op: Op, url: &str, status: u16, body: &[u8]) -> WrapError {
-    #[derive(Deserialize)]
-    struct ErrorBody {
-        error: serde_json::Value,
-        error_description: Option<String>,
-    }
-    let (code, message) = match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(ErrorBody {
-            error: serde_json::Value::Object(error),
-            ..
-        }) => {
-            let text = |key: &str| match error.get(key) {
-                Some(serde_json::Value::String(s)) => Some(s.clone()),
-                Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-                _ => None,
-            };
-            (text("status").or_else(|| text("code")), text("message"))
-        }
-        Ok(ErrorBody {
-            error: serde_json::Value::String(code),
-            error_description,
-        }) => (Some(code), error_description),
-        _ => (None, Some(String::from_utf8_lossy(body).into_owned())),
-    };
+    let ErrorBody { code, message } = ErrorBody::parse(body).unwrap_or_else(|| ErrorBody {
+        code: None,
+        message: Some(clean(&String::from_utf8_lossy(body), 400)),
+    });
     WrapError::Http {
         op,
         url: url.to_string(),
         status,
-        code: code.map(|c| clean(&c, 100)).filter(|c| !c.is_empty()),
-        message: message.map(|m| clean(&m, 400)).filter(|m| !m.is_empty()),
+        code: code.filter(|c| !c.is_empty()),
+        message: message.filter(|m| !m.is_empty()),
     }
 }
 

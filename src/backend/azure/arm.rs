@@ -17,7 +17,8 @@ use serde_json::Value;
 
 use super::auth;
 use crate::backend::Error;
-use crate::cloud::retry::{Retry, clean, retry_after};
+use crate::cloud::error_body::ErrorBody;
+use crate::cloud::retry::{Retry, Step, clean, retry_after};
 
 /// An ARM response body that is not an error.
 pub type Json = Value;
@@ -317,104 +318,107 @@ impl ArmClient {
         body: Option<&Value>,
         etag: Option<&str>,
     ) -> Result<Answer, Error> {
-        let max_attempts = self.retry.max_attempts.max(1);
-        let mut attempt = 1;
-        loop {
-            if let Some(left) = self.gate_closed_for(&method) {
-                return Err(Error::Unavailable(format!(
-                    "ARM throttled this subscription's {}; not sending {method} {} for another {}s \
-                     (its Retry-After); retry later",
-                    if method == Method::GET {
-                        "reads"
-                    } else {
-                        "writes"
-                    },
+        self.retry
+            .run("an ARM request", |_| {
+                let method = method.clone();
+                async move { self.try_send(method, url, body, etag).await }
+            })
+            .await
+    }
+
+    /// One try of [`send_if`](Self::send_if): the answer, or how its failure
+    /// counts for the retry policy.
+    async fn try_send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+        etag: Option<&str>,
+    ) -> Step<Answer, Error> {
+        if let Some(left) = self.gate_closed_for(&method) {
+            return Step::Fail(Error::Unavailable(format!(
+                "ARM throttled this subscription's {}; not sending {method} {} for another {}s \
+                 (its Retry-After); retry later",
+                if method == Method::GET {
+                    "reads"
+                } else {
+                    "writes"
+                },
+                strip_query(url),
+                left.as_secs_f64().ceil() as u64
+            )));
+        }
+        let token = match auth::token(self.credential.as_ref(), &self.scope).await {
+            Ok(token) => token,
+            Err(e) => return Step::Fail(e),
+        };
+        let mut req = self
+            .http
+            .request(method.clone(), url)
+            .bearer_auth(token.as_str())
+            .header("accept", "application/json");
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        if let Some(etag) = etag {
+            req = req.header("if-match", etag);
+        }
+        let resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(e) => {
+                return Step::retry(Error::Unavailable(format!(
+                    "{method} {}: {}",
                     strip_query(url),
-                    left.as_secs_f64().ceil() as u64
+                    if e.is_timeout() {
+                        "timed out".to_string()
+                    } else {
+                        e.without_url().to_string()
+                    }
                 )));
             }
-            let token = auth::token(self.credential.as_ref(), &self.scope).await?;
-            let mut req = self
-                .http
-                .request(method.clone(), url)
-                .bearer_auth(token.as_str())
-                .header("accept", "application/json");
-            if let Some(body) = body {
-                req = req.json(body);
-            }
-            if let Some(etag) = etag {
-                req = req.header("if-match", etag);
-            }
-            let (err, wait) = match req.send().await {
-                Ok(resp) => {
-                    let status = resp.status();
-                    let headers = resp.headers().clone();
-                    let bytes = resp.bytes().await.unwrap_or_default();
-                    let json: Value = if bytes.is_empty() {
-                        Value::Null
-                    } else {
-                        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
-                    };
-                    if status.is_success()
-                        || (status == StatusCode::PRECONDITION_FAILED && etag.is_some())
-                    {
-                        return Ok(Answer {
-                            status,
-                            headers,
-                            body: json,
-                        });
-                    }
-                    let err = arm_error(&method, url, status.as_u16(), &json, &bytes);
-                    // A 409 for another operation in progress on the resource (a
-                    // VM being updated by someone else) clears by itself.
-                    let busy = status == StatusCode::CONFLICT
-                        && matches!(
-                            code_and_message(&json).0.as_deref(),
-                            Some("Conflict" | "AnotherOperationInProgress" | "OperationPreempted")
-                        );
-                    if status == StatusCode::TOO_MANY_REQUESTS {
-                        // The whole Retry-After, however long: the gate stays
-                        // closed for every request of this kind meanwhile.
-                        let wait = retry_after(&headers).unwrap_or(self.retry.max_delay);
-                        self.close_gate(&method, wait);
-                        tracing::warn!(
-                            %method,
-                            retry_after_s = wait.as_secs(),
-                            "ARM throttled the subscription; holding back requests of this kind"
-                        );
-                        return Err(err);
-                    }
-                    let transient = status.is_server_error() || busy;
-                    if !transient {
-                        return Err(err);
-                    }
-                    (err, retry_after(&headers))
-                }
-                Err(e) => (
-                    Error::Unavailable(format!(
-                        "{method} {}: {}",
-                        strip_query(url),
-                        if e.is_timeout() {
-                            "timed out".to_string()
-                        } else {
-                            e.without_url().to_string()
-                        }
-                    )),
-                    None,
-                ),
-            };
-            if attempt >= max_attempts {
-                return Err(err);
-            }
-            let delay = self.retry.delay(attempt, wait);
-            tracing::warn!(
-                attempt,
-                delay_ms = delay.as_millis() as u64,
-                error = %err.message(),
-                "retrying an ARM request"
+        };
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let json: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
+        if status.is_success() || (status == StatusCode::PRECONDITION_FAILED && etag.is_some()) {
+            return Step::Done(Answer {
+                status,
+                headers,
+                body: json,
+            });
+        }
+        let err = arm_error(&method, url, status.as_u16(), &json, &bytes);
+        // A 409 for another operation in progress on the resource (a VM being
+        // updated by someone else) clears by itself.
+        let busy = status == StatusCode::CONFLICT
+            && matches!(
+                code_and_message(&json).0.as_deref(),
+                Some("Conflict" | "AnotherOperationInProgress" | "OperationPreempted")
             );
-            tokio::time::sleep(delay).await;
-            attempt += 1;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // The whole Retry-After, however long: the gate stays closed for
+            // every request of this kind meanwhile, and this one is not retried.
+            let wait = retry_after(&headers).unwrap_or(self.retry.max_delay);
+            self.close_gate(&method, wait);
+            tracing::warn!(
+                %method,
+                retry_after_s = wait.as_secs(),
+                "ARM throttled the subscription; holding back requests of this kind"
+            );
+            return Step::Fail(err);
+        }
+        if status.is_server_error() || busy {
+            Step::Retry {
+                error: err,
+                after: retry_after(&headers),
+            }
+        } else {
+            Step::Fail(err)
         }
     }
 }
@@ -424,16 +428,11 @@ fn strip_query(url: &str) -> &str {
     url.split('?').next().unwrap_or(url)
 }
 
-/// `{"error":{"code","message"}}` of an ARM answer, or of an operation status.
+/// `{"error":{"code","message"}}` of an ARM answer, or of an operation status
+/// (whose `error` member, or the body itself, is the error object).
 fn code_and_message(body: &Value) -> (Option<String>, Option<String>) {
-    let error = body.get("error").unwrap_or(body);
-    let text = |k: &str| error.get(k).and_then(Value::as_str).map(|s| clean(s, 100));
-    let code = text("code");
-    let message = error
-        .get("message")
-        .and_then(Value::as_str)
-        .map(|s| clean(s, 400));
-    (code, message)
+    let error = ErrorBody::of(body).unwrap_or_else(|| ErrorBody::fields(body));
+    (error.code, error.message)
 }
 
 fn operation_failed(body: &Value, state: &str) -> Error {

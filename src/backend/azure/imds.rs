@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cloud::retry::{clean, retry_after};
+use crate::cloud::retry::{Retry, Step, clean, retry_after};
 
 /// api-version of `GET /metadata/instance`.
 pub const IMDS_INSTANCE_API_VERSION: &str = "2021-02-01";
@@ -95,19 +95,44 @@ pub async fn instance(
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| ImdsError::Invalid(format!("cannot build an HTTP client: {e}")))?;
-    let mut last = String::new();
-    for attempt in 1..=attempts.max(1) {
-        if attempt > 1 {
-            tokio::time::sleep(delay).await;
-        }
-        let resp = client
-            .get(&url)
-            .query(&[("api-version", IMDS_INSTANCE_API_VERSION)])
-            .header("Metadata", "true")
-            .send()
-            .await;
-        match resp {
-            Ok(r) if r.status().is_success() => {
+    // `delay` between tries, doubling up to 5 s, the longest `Retry-After` of
+    // IMDS's that is waited for.
+    let policy = Retry {
+        max_attempts: attempts,
+        base_delay: delay,
+        max_delay: delay.max(IMDS_MAX_WAIT),
+    };
+    policy
+        .run("reading Azure instance metadata", |_| {
+            let req = client
+                .get(&url)
+                .query(&[("api-version", IMDS_INSTANCE_API_VERSION)])
+                .header("Metadata", "true");
+            let url = url.as_str();
+            async move {
+                let r = match req.send().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return Step::retry(ImdsError::Unavailable(format!(
+                            "{url}: {}",
+                            e.without_url()
+                        )));
+                    }
+                };
+                if !r.status().is_success() {
+                    let status = r.status().as_u16();
+                    let after = retry_after(r.headers());
+                    let body = r.text().await.unwrap_or_default();
+                    let last = format!("{url} answered HTTP {status}: {}", clean(&body, 200));
+                    return if matches!(status, 404 | 410 | 429 | 500..=599) {
+                        Step::Retry {
+                            error: ImdsError::Unavailable(last),
+                            after,
+                        }
+                    } else {
+                        Step::Fail(ImdsError::Invalid(last))
+                    };
+                }
                 #[derive(Deserialize)]
                 struct Metadata {
                     compute: Instance,
@@ -116,37 +141,33 @@ pub async fn instance(
                     Ok(b) => b,
                     // Cut off mid-answer: as transient as a refused connection.
                     Err(e) => {
-                        last = format!("reading {url}: {}", e.without_url());
-                        continue;
+                        return Step::retry(ImdsError::Unavailable(format!(
+                            "reading {url}: {}",
+                            e.without_url()
+                        )));
                     }
                 };
-                let m: Metadata = serde_json::from_slice(&body).map_err(|e| {
-                    ImdsError::Invalid(format!("{url} answered with unexpected JSON: {e}"))
-                })?;
+                let m: Metadata = match serde_json::from_slice(&body) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        return Step::Fail(ImdsError::Invalid(format!(
+                            "{url} answered with unexpected JSON: {e}"
+                        )));
+                    }
+                };
                 if m.compute.name.is_empty() {
-                    return Err(ImdsError::Invalid(format!(
+                    return Step::Fail(ImdsError::Invalid(format!(
                         "{url} answered without compute.name"
                     )));
                 }
-                return Ok(m.compute);
+                Step::Done(m.compute)
             }
-            Ok(r) => {
-                let status = r.status().as_u16();
-                let wait = retry_after(r.headers());
-                let body = r.text().await.unwrap_or_default();
-                last = format!("{url} answered HTTP {status}: {}", clean(&body, 200));
-                if !matches!(status, 404 | 410 | 429 | 500..=599) {
-                    return Err(ImdsError::Invalid(last));
-                }
-                if let Some(w) = wait {
-                    tokio::time::sleep(w.min(Duration::from_secs(5))).await;
-                }
-            }
-            Err(e) => last = format!("{url}: {}", e.without_url()),
-        }
-    }
-    Err(ImdsError::Unavailable(last))
+        })
+        .await
 }
+
+/// The longest wait between IMDS tries, also for its `Retry-After`.
+const IMDS_MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// Sizes whose data-disk limit no family rule below gives, as Azure's size
 /// pages (and the reference driver's table) list them: the small M sizes and

@@ -4,7 +4,8 @@
 //!
 //! - Retries are ours, not gax's (the clients are built with `NeverRetry`):
 //!   429, 5xx, 403 rate-limit and quota answers and failed connections are
-//!   retried with exponential backoff and jitter (a `Retry-After` is honoured),
+//!   retried under the crate's one policy ([`crate::cloud::retry::Retry`]:
+//!   exponential backoff with full jitter; a `Retry-After` is honoured),
 //!   then reported (throttling as `RESOURCE_EXHAUSTED`, the rest as
 //!   `UNAVAILABLE`). Mutating calls carry one `requestId` across their retries,
 //!   so Compute runs them once.
@@ -30,11 +31,11 @@ use google_cloud_compute_v1::model::operation::Status as OpStatus;
 use google_cloud_gax::error::Error as GaxError;
 use google_cloud_gax::error::rpc::StatusDetails;
 use google_cloud_gax::retry_policy::NeverRetry;
-use rand_core::{OsRng, RngCore};
 
 use super::super::{Error, Result};
 use super::config::{GcpConfig, Retry};
 use super::metadata::last_segment;
+use crate::cloud::retry::Step;
 
 /// What kind of failure a Compute answer is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +63,15 @@ pub struct ApiError {
     pub status: Option<u16>,
     pub message: String,
     retry_after: Option<Duration>,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.status {
+            Some(s) => write!(f, "HTTP {s}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
 }
 
 impl ApiError {
@@ -105,19 +115,6 @@ pub fn gone_is_done(result: Result<(), ApiError>, what: &str) -> Result<()> {
         Err(e) if e.kind != Kind::NotFound => Err(e.into_error(what)),
         _ => Ok(()),
     }
-}
-
-/// "Equal jitter" on a backoff: half of it fixed, half random, so that throttled
-/// callers spread out.
-fn jittered(full: Duration) -> Duration {
-    let half = full / 2;
-    let jitter_ms = half.as_millis() as u64;
-    let random = if jitter_ms == 0 {
-        0
-    } else {
-        OsRng.next_u64() % (jitter_ms + 1)
-    };
-    half + Duration::from_millis(random)
 }
 
 fn contains_any(text: &str, needles: &[&str]) -> bool {
@@ -345,30 +342,25 @@ impl Compute {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, GaxError>>,
     {
-        let attempts = self.retry.max_attempts.max(1);
-        let mut attempt = 1;
-        loop {
-            let err = match call().await {
-                Ok(v) => return Ok(v),
-                Err(e) => ApiError::from(e),
-            };
-            if !err.retryable() || attempt >= attempts {
-                return Err(err);
-            }
-            let delay = err
-                .retry_after
-                .unwrap_or_else(|| jittered(self.retry.backoff(attempt)))
-                .min(self.retry.max_delay);
-            tracing::warn!(
-                attempt,
-                delay_ms = delay.as_millis() as u64,
-                status = err.status,
-                error = %err.message,
-                "{what}: retrying Compute Engine call"
-            );
-            tokio::time::sleep(delay).await;
-            attempt += 1;
-        }
+        self.retry
+            .run(&format!("{what}: Compute Engine call"), |_| {
+                let fut = call();
+                async move {
+                    match fut.await {
+                        Ok(v) => Step::Done(v),
+                        Err(e) => {
+                            let err = ApiError::from(e);
+                            if err.retryable() {
+                                let after = err.retry_after;
+                                Step::Retry { error: err, after }
+                            } else {
+                                Step::Fail(err)
+                            }
+                        }
+                    }
+                }
+            })
+            .await
     }
 
     /// Runs a mutating call (retried with one request id) and waits for its
