@@ -45,6 +45,7 @@ fn node() -> NodeService {
             wipe_budget: Duration::from_secs(1),
         },
         Arc::new(NoKeys),
+        Arc::new(crate::mount::device::NodeDevices::host(None)),
     )
 }
 
